@@ -1,0 +1,116 @@
+# The RLHF platform's one entry point. `make help` lists the targets.
+#
+# Everything heavy is installed once per machine into a cache folder outside the checkout
+# (RLHF_CACHE), keyed by what pins it: the virtual environment by the hash of requirements.lock,
+# the Kafka jars by the Kafka version, helm and kubeconform by their versions. Re-running a target
+# when nothing changed takes seconds, and two clones on one machine share the same installs.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+RLHF_CACHE ?= $(HOME)/.cache/rlhf-platform
+PYTHON_BASE ?= python3.11
+LOCK := requirements.lock
+LOCK_HASH := $(shell sha256sum $(LOCK) | cut -c1-12)
+VENV := $(RLHF_CACHE)/venv-$(LOCK_HASH)
+PY := $(VENV)/bin/python
+
+KAFKA_VERSION := 4.1.1
+KAFKA_LIBS := $(RLHF_CACHE)/kafka-$(KAFKA_VERSION)/libs
+TOOLS := $(RLHF_CACHE)/tools
+HELM_VERSION := v3.19.0
+KUBECONFORM_VERSION := v0.7.0
+
+export PYTHONPATH := $(CURDIR)
+export RLHF_KAFKA_LIBS := $(KAFKA_LIBS)
+export RLHF_CACHE
+export PATH := $(VENV)/bin:$(TOOLS):$(PATH)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+PYTEST_ARGS ?=
+
+.PHONY: help
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: setup
+setup: $(VENV)/.installed $(KAFKA_LIBS)/.installed $(TOOLS)/.helm-$(HELM_VERSION) $(TOOLS)/.kubeconform-$(KUBECONFORM_VERSION) proto ## Install everything (idempotent): venv, Kafka jars, helm, kubeconform, generated code
+
+$(VENV)/.installed: $(LOCK)
+	@mkdir -p $(RLHF_CACHE)
+	@echo ">> virtual environment $(VENV)"
+	flock $(RLHF_CACHE)/.venv.lock bash -c '\
+	  test -f $@ && exit 0; \
+	  rm -rf $(VENV) && $(PYTHON_BASE) -m venv $(VENV) && \
+	  $(VENV)/bin/pip install -q --upgrade pip && \
+	  $(VENV)/bin/pip install -q --no-deps -r $(LOCK) && \
+	  touch $@'
+
+$(KAFKA_LIBS)/.installed: deploy/local/kafka/pom.xml
+	@echo ">> Apache Kafka $(KAFKA_VERSION) jars from Maven Central into $(KAFKA_LIBS)"
+	@mkdir -p $(KAFKA_LIBS)
+	mvn -q -B -f deploy/local/kafka/pom.xml -Dkafka.version=$(KAFKA_VERSION) \
+	  dependency:copy-dependencies -DoutputDirectory=$(KAFKA_LIBS) -DincludeScope=runtime
+	touch $@
+
+$(TOOLS)/.helm-$(HELM_VERSION):
+	@echo ">> helm $(HELM_VERSION) (go install)"
+	@mkdir -p $(TOOLS)
+	cd /tmp && GOBIN=$(TOOLS) GOFLAGS=-mod=mod go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+	touch $@
+
+$(TOOLS)/.kubeconform-$(KUBECONFORM_VERSION):
+	@echo ">> kubeconform $(KUBECONFORM_VERSION) (go install)"
+	@mkdir -p $(TOOLS)
+	cd /tmp && GOBIN=$(TOOLS) GOFLAGS=-mod=mod go install github.com/yannh/kubeconform/cmd/kubeconform@$(KUBECONFORM_VERSION)
+	touch $@
+
+PROTO_SRC := $(wildcard protos/rlhf/v1/*.proto)
+services/genproto/.stamp: $(PROTO_SRC) protos/generate.py $(VENV)/.installed
+	$(PY) protos/generate.py
+	touch $@
+
+.PHONY: proto
+proto: services/genproto/.stamp ## Generate Python code and .pyi stubs from protos/ into services/genproto
+
+.PHONY: proto-lint
+proto-lint: $(VENV)/.installed ## Lint the protos with buf (local config, STANDARD rules)
+	cd protos && buf lint
+
+.PHONY: lint
+lint: proto-lint ## All static checks
+
+.PHONY: test
+test: setup ## Run every test: unit, and integration on a real Kafka broker and Triton server
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: test-unit
+test-unit: setup ## Unit tests only (no broker, no Triton)
+	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+.PHONY: stack-up
+stack-up: setup ## Start the local Kafka broker and Triton server (state under .local/)
+	$(PY) -m deploy.local up
+
+.PHONY: stack-status
+stack-status: ## Show what the local stack runs
+	$(PY) -m deploy.local status
+
+.PHONY: stack-down
+stack-down: ## Stop the local stack
+	$(PY) -m deploy.local down
+
+.PHONY: demo
+demo: setup ## The main job: bring the local stack up, run one round trip through it, stop it
+	$(PY) -m deploy.local demo
+
+.PHONY: lock
+lock: ## Rewrite requirements.lock from the current environment (after changing requirements.in)
+	$(PY) -m pip freeze --exclude-editable | grep -v '^-e ' > $(LOCK)
+
+.PHONY: clean
+clean: ## Remove generated code and local stack state (not the machine-wide cache)
+	rm -rf services/genproto .local .pytest_cache

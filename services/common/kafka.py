@@ -1,0 +1,138 @@
+"""Kafka producer, consumer and admin helpers with the platform's delivery rules built in.
+
+Producers are idempotent with acks=all: a record is acknowledged only once every in-sync replica
+has it, and retries never duplicate it. Consumers never auto-commit: the caller commits offsets
+after the work those records feed is durable (see `commit`). Values are protobuf messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import TypeVar
+
+from google.protobuf.message import Message
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.serializer import Serializer
+
+from services.common.settings import KafkaSettings
+from services.common.topics import TOPICS, TopicSpec
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+
+
+def make_producer(settings: KafkaSettings, **overrides) -> KafkaProducer:
+    """An idempotent producer that waits for all in-sync replicas (acks=all)."""
+    config = dict(
+        bootstrap_servers=settings.servers,
+        client_id=settings.client_id,
+        acks="all",
+        enable_idempotence=True,
+        # Idempotence keeps order and uniqueness with up to 5 requests in flight.
+        max_in_flight_requests_per_connection=5,
+        # The client insists on delivery_timeout >= linger + request timeout.
+        request_timeout_ms=min(settings.request_timeout_ms, settings.delivery_timeout_ms - 10),
+        delivery_timeout_ms=settings.delivery_timeout_ms,
+        linger_ms=2,
+        key_serializer=KeySerializer(),
+        value_serializer=ProtobufSerializer(),
+    )
+    config.update(overrides)
+    return KafkaProducer(**config)
+
+
+def make_consumer(
+    settings: KafkaSettings, group_id: str, topics: Iterable[str] = (), **overrides
+) -> KafkaConsumer:
+    """A group consumer with manual commits, starting from the earliest unread offset."""
+    config = dict(
+        bootstrap_servers=settings.servers,
+        client_id=settings.client_id,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        request_timeout_ms=max(settings.request_timeout_ms, 40_000),
+        # Only records of committed transactions (and all non-transactional ones).
+        isolation_level="read_committed",
+    )
+    config.update(overrides)
+    consumer = KafkaConsumer(**config)
+    topics = list(topics)
+    if topics:
+        consumer.subscribe(topics)
+    return consumer
+
+
+def commit(consumer: KafkaConsumer, next_offsets: dict[TopicPartition, int]) -> None:
+    """Commits, for each partition, the offset of the next record to read.
+
+    Call it only after the effect of every record before those offsets is durable.
+    """
+    if next_offsets:
+        consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in next_offsets.items()})
+
+
+def decode(message_type: type[M], value: bytes) -> M:
+    """Parses a record value into `message_type`; raises `DecodeError` on garbage."""
+    msg = message_type()
+    msg.ParseFromString(value)
+    return msg
+
+
+def ensure_topics(settings: KafkaSettings, specs: Iterable[TopicSpec] = TOPICS) -> list[str]:
+    """Creates the missing topics; returns the names it created. Existing topics are kept."""
+    admin = connect_admin(settings)
+    try:
+        existing = set(admin.list_topics())
+        new = [
+            NewTopic(s.name, num_partitions=s.partitions, replication_factor=1, topic_configs=s.configs)
+            for s in specs
+            if s.name not in existing
+        ]
+        if new:
+            try:
+                admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass
+        return [t.name for t in new]
+    finally:
+        admin.close()
+
+
+def connect_admin(settings: KafkaSettings, timeout_s: float = 60.0) -> KafkaAdminClient:
+    """An admin client, retried until the cluster answers or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return KafkaAdminClient(
+                bootstrap_servers=settings.servers,
+                client_id=f"{settings.client_id}-admin",
+                request_timeout_ms=settings.request_timeout_ms,
+            )
+        except KafkaError as exc:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Kafka at {settings.bootstrap_servers} did not answer") from exc
+            time.sleep(0.5)
+
+
+class KeySerializer(Serializer):
+    """Keys are ids (response id, rollout id, prompt hash): UTF-8 text."""
+
+    def serialize(self, topic, headers, data: str | bytes | None) -> bytes | None:
+        if data is None or isinstance(data, bytes):
+            return data
+        return data.encode()
+
+
+class ProtobufSerializer(Serializer):
+    """Values are protobuf messages (already-encoded bytes pass through)."""
+
+    def serialize(self, topic, headers, data: Message | bytes) -> bytes:
+        if isinstance(data, bytes):
+            return data
+        return data.SerializeToString()

@@ -1,0 +1,1 @@
+"""The curator: joins feedback with generations into preference data, refreshes the reward model."""

@@ -1,0 +1,1 @@
+"""The FastAPI gateway: product-facing chat completions and the feedback endpoints."""

@@ -1,0 +1,1 @@
+"""The rollout worker: prompts -> policy -> reward + reference -> Kafka `rlhf.rollouts.v1`."""
