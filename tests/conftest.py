@@ -69,3 +69,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.section("real infrastructure used by this run")
         for line in _started.values():
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory) -> Path:
+    """A random 2-layer Llama causal LM with SmolLM2's real tokenizer (a Hugging Face folder)."""
+    from tests.support.tiny_models import tiny_causal_lm
+
+    return tiny_causal_lm(tmp_path_factory.mktemp("tiny-lm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_rm_dir(tmp_path_factory) -> Path:
+    """A random 2-layer BERT scalar reward model with MiniLM's real tokenizer."""
+    from tests.support.tiny_models import tiny_reward_model
+
+    return tiny_reward_model(tmp_path_factory.mktemp("tiny-rm"))
