@@ -1,0 +1,176 @@
+"""The gRPC server every model service runs: health and reflection on, message size limits, a
+bounded number of concurrent RPCs (beyond it, RESOURCE_EXHAUSTED at once instead of an unbounded
+pile-up), per-method metrics, and graceful shutdown on SIGTERM (NOT_SERVING, finish in-flight,
+stop).
+
+    server = ModelServer("policy", settings, registry)
+    server.add(policy_pb2_grpc.add_PolicyServiceServicer_to_server, servicer, "rlhf.v1.PolicyService")
+    server.start(); server.wait()
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import Field
+from pydantic_settings import BaseSettings
+from prometheus_client import CollectorRegistry
+
+from services.common.metrics import RpcMetrics
+
+log = logging.getLogger(__name__)
+
+
+class GrpcSettings(BaseSettings):
+    """Server knobs shared by the gRPC services (nested in each service's settings)."""
+
+    host: str = Field("0.0.0.0", description="Address to listen on.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus /metrics port; 0 disables.")
+    max_workers: int = Field(32, ge=1, description="Threads handling RPCs.")
+    max_concurrent_rpcs: int = Field(
+        64, ge=1, description="RPCs admitted at once; more get RESOURCE_EXHAUSTED immediately."
+    )
+    max_message_bytes: int = Field(
+        64 * 1024 * 1024, ge=4 * 1024 * 1024, description="Largest request or response message."
+    )
+    shutdown_grace_s: float = Field(30.0, ge=0, description="Time in-flight RPCs get on SIGTERM.")
+
+
+def message_size_options(limit: int) -> list[tuple[str, int]]:
+    """Channel/server options that raise gRPC's 4 MiB default on both directions."""
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Counts every RPC by method and final status code and times it."""
+
+    def __init__(self, metrics: RpcMetrics):
+        self.metrics = metrics
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        m = self.metrics
+
+        def finish(context, start: float, error: bool) -> None:
+            code = context.code() if hasattr(context, "code") else None
+            if code is None:
+                code = grpc.StatusCode.UNKNOWN if error else grpc.StatusCode.OK
+            name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+            m.requests.labels(method, name).inc()
+            m.latency.labels(method).observe(time.perf_counter() - start)
+            m.in_flight.dec()
+
+        def unary(behavior):
+            def wrapped(request, context):
+                start = time.perf_counter()
+                m.in_flight.inc()
+                error = True
+                try:
+                    response = behavior(request, context)
+                    error = False
+                    return response
+                finally:
+                    finish(context, start, error)
+
+            return wrapped
+
+        def streaming(behavior):
+            def wrapped(request, context):
+                start = time.perf_counter()
+                m.in_flight.inc()
+                error = True
+                try:
+                    yield from behavior(request, context)
+                    error = False
+                finally:
+                    finish(context, start, error)
+
+            return wrapped
+
+        if handler.unary_unary:
+            return handler._replace(unary_unary=unary(handler.unary_unary))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=unary(handler.stream_unary))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=streaming(handler.unary_stream))
+        if handler.stream_stream:
+            return handler._replace(stream_stream=streaming(handler.stream_stream))
+        return handler
+
+
+class ModelServer:
+    """Lifecycle of one gRPC service process: add servicers, start, serve, drain, stop."""
+
+    def __init__(self, service: str, settings: GrpcSettings, registry: CollectorRegistry | None = None):
+        self.service = service
+        self.settings = settings
+        self.registry = registry or CollectorRegistry()
+        self.metrics = RpcMetrics(service, self.registry)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self._service_names: list[str] = [health.SERVICE_NAME, reflection.SERVICE_NAME]
+        self._stopped = threading.Event()
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix=service),
+            interceptors=[MetricsInterceptor(self.metrics)],
+            options=message_size_options(settings.max_message_bytes),
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+
+    def add(self, register: Callable, servicer, full_service_name: str) -> None:
+        register(servicer, self.server)
+        self._service_names.append(full_service_name)
+
+    def start(self) -> int:
+        reflection.enable_server_reflection(self._service_names, self.server)
+        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        self.server.start()
+        if self.settings.metrics_port:
+            from services.common.metrics import serve_metrics
+
+            httpd, _ = serve_metrics(self.registry, self.settings.metrics_port)
+            self.metrics_port = httpd.server_port
+        self.set_serving(True)
+        log.info("serving", extra={"fields": {"port": self.port, "services": self._service_names}})
+        return self.port
+
+    def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self._service_names]:
+            self.health.set(name, status)
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING first (load balancers drain), then let in-flight RPCs finish."""
+        if self._stopped.is_set():
+            return
+        self.health.enter_graceful_shutdown()
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        self.server.stop(grace).wait()
+        self._stopped.set()
+
+    def install_signal_handlers(self) -> None:
+        def on_signal(signum, _frame):
+            log.info("shutting down", extra={"fields": {"signal": signum}})
+            threading.Thread(target=self.stop, daemon=True).start()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def wait(self) -> None:
+        self._stopped.wait()
