@@ -37,7 +37,18 @@ help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 .PHONY: setup
-setup: $(VENV)/.installed $(KAFKA_LIBS)/.installed $(TOOLS)/.helm-$(HELM_VERSION) $(TOOLS)/.kubeconform-$(KUBECONFORM_VERSION) proto ## Install everything (idempotent): venv, Kafka jars, helm, kubeconform, generated code
+setup: system-deps $(VENV)/.installed $(KAFKA_LIBS)/.installed $(TOOLS)/.helm-$(HELM_VERSION) $(TOOLS)/.kubeconform-$(KUBECONFORM_VERSION) proto ## Install everything (idempotent): venv, Kafka jars, helm, kubeconform, generated code
+
+# Debian packages the tests and benchmarks drive: headless Chromium for the chat page, wrk for load.
+SYSTEM_PACKAGES := chromium wrk
+.PHONY: system-deps
+system-deps: ## Install the Debian packages the tests need (chromium, wrk), when missing
+	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo ">> apt-get install$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 
 $(VENV)/.installed: $(LOCK)
 	@mkdir -p $(RLHF_CACHE)
@@ -84,12 +95,24 @@ proto-lint: $(VENV)/.installed ## Lint the protos with buf (local config, STANDA
 lint: proto-lint ## All static checks
 
 .PHONY: test
-test: setup ## Run every test: unit, and integration on a real Kafka broker and Triton server
+test: setup proto-lint ## Run every test: unit, and integration on a real Kafka broker and Triton server
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: test-unit
 test-unit: setup ## Unit tests only (no broker, no Triton)
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+.PHONY: reap
+reap: ## Stop every Kafka/Triton daemon a run left under .local/ (tests included)
+	@if [ -x $(PY) ]; then $(PY) -m deploy.local reap; fi
+
+.PHONY: helm-check
+helm-check: setup ## Lint the Helm chart, render it, validate every manifest offline
+	bash helm/check.sh
+
+.PHONY: bench
+bench: setup models ## Run the benchmarks; results as JSON under bench/results/ plus a table
+	$(PY) -m bench.run
 
 .PHONY: stack-up
 stack-up: setup ## Start the local Kafka broker and Triton server (state under .local/)

@@ -1,0 +1,69 @@
+"""Runs every benchmark module in bench/ (each writes bench/results/<name>.json) and prints a
+markdown table of the headline ratios against their goals.
+
+    python -m bench.run [name ...]
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+
+# name -> (headline key, goal, "min" when higher is better / "max" when lower is better, what)
+HEADLINES: dict[str, list[tuple[str, float, str, str]]] = {
+    "generation": [
+        ("ratio_vs_inprocess", 0.95, "min", "service tokens/s at batch 8 / in-process generate"),
+        ("batching_gain_16", 4.0, "min", "16 concurrent clients / same clients one at a time"),
+    ],
+    "weight_swap": [("ratio_vs_raw_copy", 2.0, "max", "push+verify+swap time / raw loopback TCP copy")],
+    "rollout_throughput": [("ratio_vs_in_process", 0.8, "min", "rollouts/s through Kafka / same loop in one process")],
+    "feedback_ingest": [
+        ("ratio_vs_noop", 0.5, "min", "feedback req/s (acks=all, p99<50ms) / no-op endpoint"),
+        ("lost", 0, "max", "acknowledged feedback events missing from Kafka"),
+    ],
+}
+
+
+def run(names: list[str]) -> int:
+    failed = 0
+    for name in names:
+        script = BENCH / f"{name}.py"
+        if not script.exists():
+            print(f"-- {name}: no bench/{name}.py", file=sys.stderr)
+            continue
+        print(f">> bench {name}", flush=True)
+        failed += subprocess.call([sys.executable, "-m", f"bench.{name}"]) != 0
+    return failed
+
+
+def table() -> str:
+    rows = ["| benchmark | figure | measured | goal | met |", "| --- | --- | --- | --- | --- |"]
+    for name, headlines in HEADLINES.items():
+        path = RESULTS / f"{name}.json"
+        result = json.loads(path.read_text()) if path.exists() else {}
+        for key, goal, sense, what in headlines:
+            value = result.get(key)
+            if value is None:
+                rows.append(f"| {name} | {what} | not run | {'>=' if sense == 'min' else '<='} {goal} | - |")
+                continue
+            met = value >= goal if sense == "min" else value <= goal
+            rows.append(
+                f"| {name} | {what} | {value:.3g} | {'>=' if sense == 'min' else '<='} {goal} | {'yes' if met else 'no'} |"
+            )
+    return "\n".join(rows)
+
+
+def main() -> int:
+    names = sys.argv[1:] or list(HEADLINES)
+    failed = run(names)
+    print(table())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
