@@ -1,0 +1,228 @@
+"""Atomic trainer checkpoints: the single source of truth a restarted trainer resumes from.
+
+A checkpoint is a folder `step-00000012/` holding
+    model.safetensors      the learner's tensors (policy weights, value head), safetensors
+    trainer_state.pt       optimizer, scheduler, RNG (torch.save; read back with weights_only=True)
+    consumer-rank-R.json   where each rank resumes reading Kafka, and the ids it must skip
+    state.json             step and weights version
+    MANIFEST.json          sha256 of every file above; written last
+It is written in `.tmp-step-00000012/`, every file fsynced, then renamed into place and the parent
+folder fsynced: a crash leaves either the whole checkpoint or only a `.tmp-` folder, which
+`latest` never reads. `latest` also re-checks every sha256, so a torn or rotten file is never
+loaded (the next older checkpoint is used instead).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "MANIFEST.json"
+MODEL_FILE = "model.safetensors"
+TRAINER_STATE_FILE = "trainer_state.pt"
+STATE_FILE = "state.json"
+PREFIX = "step-"
+
+
+@dataclass
+class ConsumerPosition:
+    """Where one rank resumes reading: per partition, the first offset not yet fully handled,
+    and the ids of records at or after it that were already handled (used or dropped)."""
+
+    offsets: dict[int, int] = field(default_factory=dict)
+    """Partition -> offset of the next record to read after a restart."""
+    skip_ids: list[str] = field(default_factory=list)
+    """Rollout ids at or after those offsets already used or dropped: skipped when re-read."""
+    recent_ids: list[str] = field(default_factory=list)
+    """A bounded window of recently handled ids, for de-duplicating re-sent rollouts."""
+
+    def to_json(self) -> dict:
+        return {
+            "offsets": {str(p): o for p, o in sorted(self.offsets.items())},
+            "skip_ids": list(self.skip_ids),
+            "recent_ids": list(self.recent_ids),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> ConsumerPosition:
+        return cls(
+            offsets={int(p): int(o) for p, o in data.get("offsets", {}).items()},
+            skip_ids=[str(i) for i in data.get("skip_ids", [])],
+            recent_ids=[str(i) for i in data.get("recent_ids", [])],
+        )
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds, in memory."""
+
+    step: int
+    """Updates done."""
+    weights_version: int
+    """Version of the weights in `tensors`."""
+    tensors: dict[str, torch.Tensor]
+    """Learner tensors (policy weights and any value head), by name."""
+    trainer_state: dict
+    """Optimizer, scheduler, RNG and the like: tensors, numbers, strings, lists, dicts only."""
+    positions: dict[int, ConsumerPosition]
+    """Rank -> that rank's consumer position."""
+    path: Path | None = None
+
+
+def sha256_file(path: Path, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` and fsyncs it (the folder is made durable by the final rename)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def step_dir_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def temp_dir(root: Path, step: int) -> Path:
+    return Path(root) / f".tmp-{step_dir_name(step)}"
+
+
+def begin(root: Path, step: int) -> Path:
+    """Creates an empty temp folder for checkpoint `step` (rank 0, before the ranks write)."""
+    tmp = temp_dir(root, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_position(tmp: Path, rank: int, position: ConsumerPosition) -> None:
+    """Each rank writes its own consumer position into the temp folder."""
+    write_durable(tmp / f"consumer-rank-{rank}.json", json.dumps(position.to_json()).encode())
+
+
+def finish(root: Path, checkpoint: Checkpoint, keep: int = 2) -> Path:
+    """Rank 0: writes the model and state, the manifest last, then renames the folder into place."""
+    root = Path(root)
+    tmp = temp_dir(root, checkpoint.step)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in checkpoint.tensors.items()}
+    write_durable(tmp / MODEL_FILE, save(tensors))
+    buffer = io.BytesIO()
+    torch.save(checkpoint.trainer_state, buffer)
+    write_durable(tmp / TRAINER_STATE_FILE, buffer.getvalue())
+    state = {"step": checkpoint.step, "weights_version": checkpoint.weights_version}
+    write_durable(tmp / STATE_FILE, json.dumps(state).encode())
+    files = sorted(p.name for p in tmp.iterdir() if p.name != MANIFEST)
+    manifest = {"step": checkpoint.step, "sha256": {name: sha256_file(tmp / name) for name in files}}
+    write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+    fsync_dir(tmp)
+    final = root / step_dir_name(checkpoint.step)
+    if final.exists():  # a rerun of a step after a crash that followed this rename: same content
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    fsync_dir(root)
+    prune(root, keep)
+    return final
+
+
+def write(root: Path, checkpoint: Checkpoint, keep: int = 2) -> Path:
+    """Single-process form: the whole checkpoint at once."""
+    tmp = begin(root, checkpoint.step)
+    for rank, position in checkpoint.positions.items():
+        write_position(tmp, rank, position)
+    return finish(root, checkpoint, keep)
+
+
+def verify(folder: Path) -> str | None:
+    """None if `folder` is a complete checkpoint whose files match its manifest, else why not."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as exc:
+        return f"no readable manifest ({exc.__class__.__name__})"
+    for required in (MODEL_FILE, TRAINER_STATE_FILE, STATE_FILE):
+        if required not in manifest.get("sha256", {}):
+            return f"manifest lacks {required}"
+    for name, digest in manifest["sha256"].items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if sha256_file(path) != digest:
+            return f"{name} does not match its sha256"
+    return None
+
+
+def load(folder: Path) -> Checkpoint:
+    """Reads a verified checkpoint folder; never unpickles arbitrary objects."""
+    folder = Path(folder)
+    problem = verify(folder)
+    if problem:
+        raise ValueError(f"checkpoint {folder} is not usable: {problem}")
+    state = json.loads((folder / STATE_FILE).read_text())
+    positions = {
+        int(p.stem.rsplit("-", 1)[1]): ConsumerPosition.from_json(json.loads(p.read_text()))
+        for p in folder.glob("consumer-rank-*.json")
+    }
+    return Checkpoint(
+        step=int(state["step"]),
+        weights_version=int(state["weights_version"]),
+        tensors=load_file(folder / MODEL_FILE),
+        trainer_state=torch.load(folder / TRAINER_STATE_FILE, weights_only=True, map_location="cpu"),
+        positions=positions,
+        path=folder,
+    )
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Renamed (so once complete) checkpoint folders, newest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)), reverse=True)
+
+
+def latest(root: Path, on_skip: Callable[[Path, str], None] | None = None) -> Checkpoint | None:
+    """The newest checkpoint that verifies, or None. Broken ones are reported and passed over."""
+    for folder in complete_checkpoints(root):
+        problem = verify(folder)
+        if problem is None:
+            return load(folder)
+        log.warning("skipping checkpoint", extra={"fields": {"path": str(folder), "why": problem}})
+        if on_skip:
+            on_skip(folder, problem)
+    return None
+
+
+def prune(root: Path, keep: int) -> None:
+    """Keeps the `keep` newest checkpoints and removes temp folders a crash left behind."""
+    kept = complete_checkpoints(root)
+    for old in kept[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    newest = kept[0].name if kept else ""
+    for tmp in Path(root).glob(f".tmp-{PREFIX}*"):
+        if tmp.name.removeprefix(".tmp-") <= newest:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,76 @@
+"""Settings of the trainer service (env prefix `RLHF_TRAINER_`), with the shared Kafka block.
+
+    RLHF_TRAINER_MODEL_DIR=/models/policy-init RLHF_TRAINER_ALGORITHM=grpo \
+    RLHF_TRAINER_POLICY_ADDRESSES=policy-0:50051,policy-1:50051 python -m services.trainer.server
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from services.common import topics
+from services.common.settings import KafkaSettings
+
+
+class TrainerSettings(BaseSettings):
+    """Everything the trainer service reads from its environment."""
+
+    model_config = SettingsConfigDict(env_prefix="RLHF_TRAINER_", extra="ignore")
+
+    model_dir: Path = Field(..., description="Hugging Face folder of the initial policy (safetensors).")
+    model_name: str = Field("policy", description="Model name: the Kafka key of weights events.")
+    algorithm: str = Field("grpo", description="RL algorithm name (ppo, grpo, rloo).")
+    learner: dict = Field(
+        default_factory=dict, description="Extra learner config fields (JSON), e.g. learning rate, KL coef."
+    )
+    batch_size: int = Field(8, ge=1, description="Rollouts per update and rank (whole groups).")
+    max_staleness: int = Field(
+        2, ge=0, description="Rollouts more than this many versions behind the trainer are dropped."
+    )
+    initial_weights_version: int = Field(1, ge=0, description="Version of the weights in model_dir.")
+    push_every: int = Field(1, ge=1, description="Publish a new weights version every k updates.")
+    checkpoint_every: int = Field(1, ge=1, description="Write a checkpoint every k updates.")
+    max_steps: int = Field(0, ge=0, description="Stop after this many updates; 0 runs forever.")
+    idle_exit_s: float = Field(0.0, ge=0, description="Exit after this long with no new rollouts; 0 never.")
+    state_dir: Path = Field(Path(".local/trainer"), description="Checkpoints, weights and the metrics log.")
+    keep_checkpoints: int = Field(2, ge=1, description="Completed checkpoints kept on disk.")
+    consumer_group: str = Field("rlhf-trainer", description="Kafka consumer group (offsets for lag).")
+    rollouts_topic: str = Field(topics.ROLLOUTS, description="Topic the rollouts arrive on.")
+    weights_topic: str = Field(topics.WEIGHTS, description="Topic new versions are announced on.")
+    policy_addresses: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="host:port of every policy replica (comma-separated in env)."
+    )
+    push_chunk_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Bytes per UpdateWeights chunk.")
+    push_timeout_s: float = Field(300.0, gt=0, description="Deadline of one push to one replica.")
+    max_message_bytes: int = Field(
+        64 * 1024 * 1024, ge=4 * 1024 * 1024, description="gRPC message limit on the push channel."
+    )
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 disables.")
+    seed: int = Field(0, description="Seed of torch, numpy and random at a fresh start.")
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
+    kafka: KafkaSettings = Field(
+        default_factory=KafkaSettings, description="Shared Kafka block (its own RLHF_KAFKA_ prefix)."
+    )
+
+    @field_validator("policy_addresses", mode="before")
+    @classmethod
+    def _split(cls, value):
+        if isinstance(value, str):
+            return [a.strip() for a in value.split(",") if a.strip()]
+        return value
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.state_dir / "checkpoints"
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.state_dir / "weights"
+
+    @property
+    def metrics_log(self) -> Path:
+        return self.state_dir / "metrics.jsonl"
