@@ -1,0 +1,174 @@
+"""The curator: joins `rlhf.feedback.v1` with `rlhf.generations.v1` and emits
+`rlhf.preferences.v1` (see `join.py` for what it emits). Run it with
+
+    RLHF_KAFKA_BOOTSTRAP_SERVERS=kafka:9092 RLHF_CURATOR_STATE_DIR=/var/lib/curator \
+        python -m services.curator.server
+
+Both inputs are keyed by response id with the same partition count, and the range assignor gives
+partition p of both topics to the same member, so the join is partition-local. One cycle:
+  1. poll a batch (generations first, so waiting feedback finds them);
+  2. join it in one sqlite transaction of the state store;
+  3. produce the preference records (idempotent, acks=all) and wait for every ack;
+  4. store the next offsets and commit the sqlite transaction;
+  5. commit the offsets to Kafka (the store's copy wins on restart; Kafka's is for monitoring).
+A failure at 3 rolls the transaction back and rewinds the consumer to the batch's start.
+The join state in the store covers the partitions this member holds; pairing of answers across
+partitions is complete when one member holds all partitions (the default single replica).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka.coordinator.assignors.range import RangePartitionAssignor
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from services.common import topics
+from services.common.kafka import commit, decode, make_consumer, make_producer
+from services.common.logging import configure_logging
+from services.common.metrics import serve_metrics
+from services.curator.join import JoinCounts, JoinLimits, expire_waiting, on_feedback, on_generation
+from services.curator.preferences import prompt_hash
+from services.curator.settings import CuratorSettings
+from services.curator.store import JoinStore
+from services.genproto.rlhf.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+
+class CuratorMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.consumed = Counter("rlhf_curator_records_consumed_total", "Records read, by topic.",
+                                ["topic"], registry=registry)
+        self.emitted = Counter("rlhf_curator_preferences_emitted_total",
+                               "Preference records produced, by kind (pair or label).",
+                               ["kind"], registry=registry)
+        self.duplicates = Counter("rlhf_curator_feedback_duplicate_total",
+                                  "Feedback skipped: its id was joined before.", registry=registry)
+        self.expired = Counter("rlhf_curator_feedback_expired_total",
+                               "Feedback that expired before its generation arrived.", registry=registry)
+        self.pending = Gauge("rlhf_curator_feedback_pending", "Feedback waiting for its generation.",
+                             registry=registry)
+
+
+class _SeekToStored(ConsumerRebalanceListener):
+    def __init__(self, worker: CuratorWorker):
+        self.worker = worker
+
+    def on_partitions_revoked(self, revoked):
+        pass
+
+    def on_partitions_assigned(self, assigned):
+        stored = self.worker.store.offsets()
+        for tp in assigned:
+            if (tp.topic, tp.partition) in stored:
+                self.worker.consumer.seek(tp, stored[(tp.topic, tp.partition)])
+
+
+class CuratorWorker:
+    """The join loop; `step()` runs one cycle (tests drive it), `run()` loops until stopped."""
+
+    def __init__(self, settings: CuratorSettings, registry: CollectorRegistry | None = None):
+        self.settings = settings
+        self.limits = JoinLimits(settings.max_pending_per_partition, settings.max_pending_age_s,
+                                 settings.max_pairs_per_answer)
+        self.metrics = CuratorMetrics(registry or CollectorRegistry())
+        self.store = JoinStore(settings.state_dir)
+        self.producer = make_producer(settings.kafka)
+        self.consumer = make_consumer(
+            settings.kafka, settings.group_id, max_poll_records=settings.max_poll_records,
+            partition_assignment_strategy=[RangePartitionAssignor],
+        )
+        self.consumer.subscribe([topics.GENERATIONS, topics.FEEDBACK], listener=_SeekToStored(self))
+        self.stopping = threading.Event()
+        self._last_prune = 0.0
+
+    def step(self) -> list[events_pb2.PreferenceRecord]:
+        """One poll-join-produce-commit cycle; returns the preference records it produced."""
+        batches = self.consumer.poll(timeout_ms=self.settings.poll_timeout_ms)
+        now = time.time()
+        counts = JoinCounts()
+        out: list[events_pb2.PreferenceRecord] = []
+        next_offsets: dict[TopicPartition, int] = {}
+        # 1-2. generations first, then feedback, each in offset order
+        ordered = sorted(batches.items(), key=lambda kv: kv[0].topic != topics.GENERATIONS)
+        try:
+            for tp, records in ordered:
+                self.metrics.consumed.labels(tp.topic).inc(len(records))
+                for record in records:
+                    if tp.topic == topics.GENERATIONS:
+                        gen = decode(events_pb2.GenerationRecord, record.value)
+                        out += on_generation(self.store, tp.partition, gen, now, self.limits, counts)
+                    else:
+                        fb = decode(events_pb2.FeedbackEvent, record.value)
+                        out += on_feedback(self.store, tp.partition, fb, now, self.limits, counts)
+                    next_offsets[tp] = record.offset + 1
+            expire_waiting(self.store, now, self.limits, counts)
+            if now - self._last_prune > 3600:
+                self.store.prune(now - self.settings.retention_s)
+                self._last_prune = now
+            # 3. every output acknowledged before the state that produced it is committed
+            futures = [self.producer.send(topics.PREFERENCES, key=prompt_hash(r.prompt), value=r)
+                       for r in out]
+            for future in futures:
+                future.get(timeout=self.settings.kafka.delivery_timeout_ms / 1000)
+            # 4.
+            for tp, offset in next_offsets.items():
+                self.store.set_offset(tp.topic, tp.partition, offset)
+            self.store.commit()
+        except Exception:
+            self.store.rollback()
+            for tp, records in batches.items():  # read this batch again next cycle
+                self.consumer.seek(tp, records[0].offset)
+            raise
+        # 5.
+        try:
+            commit(self.consumer, next_offsets)
+        except Exception as exc:  # a rebalance: the store's offsets are the truth
+            log.warning("kafka offset commit failed", extra={"fields": {"error": repr(exc)}})
+        self._count(out, counts)
+        return out
+
+    def _count(self, out: list[events_pb2.PreferenceRecord], counts: JoinCounts) -> None:
+        for record in out:
+            self.metrics.emitted.labels(record.WhichOneof("kind")).inc()
+        self.metrics.duplicates.inc(counts.duplicates)
+        self.metrics.expired.inc(counts.expired)
+        self.metrics.pending.set(self.store.pending_count())
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.step()
+            except Exception:
+                log.exception("curator cycle failed; retrying from the stored offsets")
+                time.sleep(1.0)
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
+        self.producer.close(timeout=10)
+        self.store.close()
+
+
+def main() -> None:
+    settings = CuratorSettings()
+    configure_logging("curator", settings.log_level)
+    registry = CollectorRegistry()
+    if settings.metrics_port:
+        serve_metrics(registry, settings.metrics_port)
+    worker = CuratorWorker(settings, registry)
+    signal.signal(signal.SIGTERM, lambda *_: worker.stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: worker.stopping.set())
+    log.info("curator started", extra={"fields": {"state_dir": str(settings.state_dir)}})
+    try:
+        worker.run()
+    finally:
+        worker.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The gateway: the platform's HTTP front door (FastAPI).
+
+    POST /v1/chat/completions   OpenAI-compatible, calls PolicyService over gRPC (stream: true -> SSE)
+    GET  /v1/models
+    POST /v1/feedback           thumbs / 1-5 rating of a response id  -> rlhf.feedback.v1
+    POST /v1/preferences        prompt, chosen, rejected              -> rlhf.preferences.v1
+    POST /v1/rankings           prompt, K responses best first        -> K(K-1)/2 pairs
+    GET  /healthz /readyz /metrics /docs      and the chat page at /
+
+An event is answered 202 only after Kafka acknowledged it (acks=all), else 503 with Retry-After.
+Run it (settings in `services/gateway/settings.py`):
+
+    RLHF_GATEWAY_API_KEY_SHA256=<sha256 hex of the key> python -m services.gateway.app
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CollectorRegistry
+
+from services.common.kafka import make_producer
+from services.common.logging import configure_logging
+from services.gateway.api_router import api, bench, ops
+from services.gateway.auth import ApiKeyVerifier, TokenBucket
+from services.gateway.chat_serving import PolicyClient
+from services.gateway.metrics import GatewayMetrics, MetricsMiddleware
+from services.gateway.publisher import EventPublisher, RecentEvents
+from services.gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state = app.state
+        state.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kafka-send")
+        state.producer = make_producer(settings.kafka, max_block_ms=settings.kafka_max_block_ms)
+        state.publisher = EventPublisher(state.producer, settings.publish_timeout_s, state.executor)
+        state.policy = PolicyClient(settings.policy_url, settings.policy_timeout_s)
+        log.info("gateway ready", extra={"fields": {"kafka": settings.kafka.bootstrap_servers,
+                                                    "policy": settings.policy_url}})
+        try:
+            yield
+        finally:
+            await state.policy.close()
+            # Flush what is buffered so that a late acknowledgement is not lost on shutdown.
+            state.producer.close(timeout=settings.publish_timeout_s)
+            state.executor.shutdown(wait=True)
+
+    app = FastAPI(
+        title="RLHF platform gateway",
+        version="1.0",
+        description="Chat completions from the policy, and human feedback into Kafka.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = GatewayMetrics(CollectorRegistry())
+    app.state.verifier = ApiKeyVerifier(settings.api_key_sha256)
+    app.state.rate_limiter = TokenBucket(settings.rate_limit_per_s, settings.rate_limit_burst)
+    app.state.recent = RecentEvents(settings.idempotency_cache_size)
+
+    app.include_router(api)
+    app.include_router(ops)
+    if settings.bench_noop_endpoint:
+        app.include_router(bench)
+    app.mount("/ui", StaticFiles(directory=STATIC, html=True), name="ui")
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        return RedirectResponse("/ui/")
+
+    routes = set(app.openapi()["paths"]) | {"/", "/docs", "/openapi.json"}
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=routes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
+        )
+    return app
+
+
+def main() -> None:
+    settings = GatewaySettings()
+    configure_logging("gateway", settings.log_level)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower(), access_log=False)
+
+
+if __name__ == "__main__":
+    main()
