@@ -1,0 +1,113 @@
+"""Checks a published reward-model version before it may replace the served one.
+
+Pure functions of files and bytes, used by the Triton model when it is told to reload:
+1. every file in the folder is listed in the manifest, and every listed file's sha256 matches
+   (an unlisted tokenizer or config could change scores as surely as new weights);
+2. the safetensors tensors have the same names, shapes and dtypes as the served version's
+   (read from the files' JSON headers, so a wrong architecture is refused before any weight is
+   loaded).
+Any failure raises `CheckpointRefused` whose message is the reason reported to the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from pathlib import Path
+
+TensorSpecs = dict[str, tuple[tuple[int, ...], str]]
+"""Tensor name -> (shape, safetensors dtype such as "F32")."""
+
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+class CheckpointRefused(ValueError):
+    """The new version fails a check; the message says which and why."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_verified(folder: Path, file_sha256: dict[str, str]) -> dict[str, bytes]:
+    """The bytes of every file in `folder`, each checked against the manifest."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointRefused(f"path {folder} is not a folder")
+    if not file_sha256:
+        raise CheckpointRefused("the manifest lists no files")
+    present = {p.name for p in folder.iterdir() if p.is_file()}
+    unlisted = sorted(present - set(file_sha256))
+    if unlisted:
+        raise CheckpointRefused(f"files not in the manifest: {', '.join(unlisted)}")
+    contents: dict[str, bytes] = {}
+    for name, expected in sorted(file_sha256.items()):
+        if "/" in name or name in ("", ".", ".."):
+            raise CheckpointRefused(f"manifest name {name!r} is not a plain file name")
+        if name not in present:
+            raise CheckpointRefused(f"{name} is listed but missing from {folder}")
+        data = (folder / name).read_bytes()
+        actual = sha256_bytes(data)
+        if actual != expected.lower():
+            raise CheckpointRefused(f"sha256 mismatch for {name}: expected {expected}, got {actual}")
+        contents[name] = data
+    return contents
+
+
+def header_specs(data: bytes) -> TensorSpecs:
+    """Tensor specs from a safetensors file's header (8-byte little-endian length, then JSON)."""
+    if len(data) < 8:
+        raise CheckpointRefused("safetensors file too short")
+    (length,) = struct.unpack("<Q", data[:8])
+    try:
+        header = json.loads(data[8 : 8 + length])
+    except ValueError as error:
+        raise CheckpointRefused(f"unreadable safetensors header: {error}") from None
+    return {
+        name: (tuple(entry["shape"]), entry["dtype"])
+        for name, entry in header.items()
+        if name != "__metadata__"
+    }
+
+
+def folder_specs(contents: dict[str, bytes]) -> TensorSpecs:
+    """Specs of all the safetensors files of one version (shards included)."""
+    specs: TensorSpecs = {}
+    for name, data in sorted(contents.items()):
+        if name.endswith(".safetensors"):
+            specs.update(header_specs(data))
+    if not specs:
+        raise CheckpointRefused("no .safetensors weights in the folder")
+    return specs
+
+
+def served_specs(folder: Path) -> TensorSpecs:
+    """Specs of the version being served, from the headers of its files on disk."""
+    specs: TensorSpecs = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            specs.update(header_specs(struct.pack("<Q", length) + f.read(length)))
+    return specs
+
+
+def compare_specs(served: TensorSpecs, new: TensorSpecs, limit: int = 3) -> None:
+    """Raises naming the first differences when the new tensors do not match the served ones."""
+    problems = [f"missing tensor {n}" for n in sorted(served.keys() - new.keys())]
+    problems += [f"unexpected tensor {n}" for n in sorted(new.keys() - served.keys())]
+    for name in sorted(served.keys() & new.keys()):
+        (s_shape, s_dtype), (n_shape, n_dtype) = served[name], new[name]
+        if s_shape != n_shape:
+            problems.append(f"{name} has shape {list(n_shape)}, served {list(s_shape)}")
+        if s_dtype != n_dtype:
+            problems.append(f"{name} has dtype {n_dtype}, served {s_dtype}")
+    if problems:
+        more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
+        raise CheckpointRefused("tensors do not match the served model: " + "; ".join(problems[:limit]) + more)
+
+
+def manifest(folder: Path) -> dict[str, str]:
+    """The sha256 of every file in `folder` (what a publisher sends with a new version)."""
+    return {p.name: sha256_bytes(p.read_bytes()) for p in sorted(Path(folder).iterdir()) if p.is_file()}

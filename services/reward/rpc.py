@@ -1,0 +1,52 @@
+"""gRPC plumbing both scoring services (reward, reference) share: field-naming validation errors,
+deadlines passed on to Triton, and Triton errors turned into gRPC status codes.
+
+(Generic enough for services/common; it lives here until it moves there.)
+"""
+
+from __future__ import annotations
+
+import grpc
+from tritonclient.utils import InferenceServerException
+
+
+class FieldError(ValueError):
+    """A request field is invalid; becomes INVALID_ARGUMENT with "field: problem"."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class DeadlineTooShort(Exception):
+    """The caller's deadline has already passed."""
+
+
+def remaining_s(context: grpc.ServicerContext, default_s: float) -> float:
+    """Seconds the caller still waits (the call's deadline), else the default; at most the default."""
+    left = context.time_remaining()
+    if left is None:
+        return default_s
+    if left <= 0.001:
+        raise DeadlineTooShort()
+    return min(left, default_s)
+
+
+def status_of(error: InferenceServerException) -> grpc.StatusCode:
+    """The gRPC status a Triton error maps to (DEADLINE_EXCEEDED, INVALID_ARGUMENT, ... else UNAVAILABLE)."""
+    name = (error.status() or "").rsplit(".", 1)[-1]
+    code = grpc.StatusCode.__members__.get(name)
+    if code in (None, grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED):
+        return grpc.StatusCode.UNAVAILABLE
+    return code
+
+
+def abort_for(context: grpc.ServicerContext, error: Exception, service: str) -> None:
+    """Ends the RPC with the status that `error` stands for (raises, as context.abort does)."""
+    if isinstance(error, FieldError):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    if isinstance(error, DeadlineTooShort):
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the model ran")
+    if isinstance(error, InferenceServerException):
+        context.abort(status_of(error), f"{service} model: {error.message()}")
+    raise error

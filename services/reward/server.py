@@ -1,0 +1,72 @@
+"""The reward service: gRPC `rlhf.v1.RewardService` in front of the Triton model `reward`.
+
+Start here. Score turns a batch of (prompt, response) pairs into one scalar each, computed inside
+Triton (services.reward.triton_model) and named with the reward-model version that produced it;
+ReloadModel swaps in a newly published version after checking its checksums and tensor shapes.
+
+    python -m services.reward.server        # settings from RLHF_REWARD_* (services.reward.settings)
+
+With RLHF_REWARD_MODEL_REPOSITORY set, the service writes its Triton model there and asks Triton
+(explicit model control) to load it; otherwise the deployment loads it.
+
+Files: settings.py (configuration), encoding.py (what the model reads), checkpoint.py (reload
+checks), triton_model.py (the model inside Triton), scorer.py (logic), servicer.py (gRPC).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+
+from services.common.grpc_server import ModelServer
+from services.common.logging import configure_logging
+from services.common.triton_client import connect
+from services.common.triton_repo import write_model
+from services.genproto.rlhf.v1 import reward_pb2_grpc
+from services.reward.scorer import RewardScorer
+from services.reward.servicer import RewardMetrics, RewardServicer
+from services.reward.settings import RewardSettings
+from services.reward.triton_model import reward_spec
+
+
+def prepare_triton_model(settings: RewardSettings) -> None:
+    """Writes the Triton model into `settings.model_repository` and loads it (when that is set)."""
+    if settings.model_repository is None:
+        return
+    spec = reward_spec(
+        settings.triton_model,
+        settings.model_dir,
+        settings.model_version,
+        max_length=settings.max_length,
+        max_batch_size=settings.triton_max_batch_size,
+        max_queue_delay_us=settings.triton_queue_delay_us,
+        device=settings.device,
+    )
+    write_model(settings.model_repository, spec)
+    client = connect(settings.triton)
+    try:
+        client.load_model(settings.triton_model)
+    finally:
+        client.close()
+
+
+def build_server(settings: RewardSettings, registry: CollectorRegistry | None = None) -> tuple[ModelServer, RewardScorer]:
+    """A ModelServer with the RewardService added (not started), and its Triton client to close."""
+    server = ModelServer("reward", settings.grpc, registry)
+    scorer = RewardScorer(settings)
+    servicer = RewardServicer(settings, scorer, RewardMetrics(server.registry))
+    server.add(reward_pb2_grpc.add_RewardServiceServicer_to_server, servicer, "rlhf.v1.RewardService")
+    return server, scorer
+
+
+def main() -> None:
+    configure_logging("reward")
+    settings = RewardSettings()
+    prepare_triton_model(settings)
+    server, _ = build_server(settings)
+    server.install_signal_handlers()
+    server.start()
+    server.wait()
+
+
+if __name__ == "__main__":
+    main()

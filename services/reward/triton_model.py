@@ -1,0 +1,197 @@
+"""The `reward` model inside Triton: text pairs in, one scalar each out; reloadable in place.
+
+Python backend, dynamic batching. Text arrives as BYTES and is tokenized here, with the tokenizer
+of the version being served, through the reward-model trainer's own encoding
+(services.reward.encoding). Whatever the batcher groups runs as one right-padded forward pass.
+
+Tensors (per request; first dimension is Triton's batch dimension, B pairs):
+    PROMPT         BYTES (B, 1)  rendered prompt text          } a scoring request
+    RESPONSE       BYTES (B, 1)  response text                 }
+    RELOAD         BYTES (1, 1)  JSON {version, path, file_sha256}: a control request
+    SCORE          FP32  (B, 1)
+    VERSION        UINT64 (B, 1) the reward-model version that produced the scores / now served
+    BATCH_SIZE     INT64 (B, 1)  pairs in the forward pass that served this request
+    RELOAD_RESULT  BYTES (1, 1)  JSON {accepted, version, reason}
+
+Reload: a control request is applied before the scoring requests of the same `execute`, so a
+swap happens between forward passes and every score names the version that produced it. The new
+version is checked first (services.reward.checkpoint: sha256 of every file, tensor names, shapes
+and dtypes); on any failure the old model keeps serving and the reason is returned. The model is
+built from the verified bytes, then the (model, tokenizer, version) triple is replaced at once.
+
+One instance per Triton model (reloads reach the instance that executes them); scale out with
+replicas. CUDA bf16 when Triton gives the instance a GPU, CPU float32 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from services.common.models import load_reward_model, load_tokenizer, select_dtype
+from services.common.triton_repo import PythonModelSpec, TensorIO
+from services.reward.checkpoint import CheckpointRefused, compare_specs, folder_specs, read_verified, served_specs
+from services.reward.encoding import reward_batch
+
+INPUTS = (
+    TensorIO("PROMPT", "TYPE_STRING", (1,), optional=True),
+    TensorIO("RESPONSE", "TYPE_STRING", (1,), optional=True),
+    TensorIO("RELOAD", "TYPE_STRING", (1,), optional=True),
+)
+OUTPUTS = (
+    TensorIO("SCORE", "TYPE_FP32", (1,)),
+    TensorIO("VERSION", "TYPE_UINT64", (1,)),
+    TensorIO("BATCH_SIZE", "TYPE_INT64", (1,)),
+    TensorIO("RELOAD_RESULT", "TYPE_STRING", (1,)),
+)
+
+
+def reward_spec(
+    name: str,
+    model_dir: Path,
+    version: int,
+    max_length: int = 512,
+    max_batch_size: int = 32,
+    max_queue_delay_us: int = 2_000,
+    device: str = "auto",
+) -> PythonModelSpec:
+    return PythonModelSpec(
+        name=name,
+        python_class="services.reward.triton_model:RewardTritonModel",
+        inputs=INPUTS,
+        outputs=OUTPUTS,
+        max_batch_size=max_batch_size,
+        max_queue_delay_us=max_queue_delay_us,
+        device=device,
+        parameters={"model_dir": str(model_dir), "version": str(version), "max_length": str(max_length)},
+    )
+
+
+def instance_device(args: dict) -> torch.device:
+    """The device Triton gave this instance (KIND_GPU -> its CUDA device, else CPU)."""
+    if args.get("model_instance_kind") == "GPU":
+        return torch.device(f"cuda:{int(args.get('model_instance_device_id', 0))}")
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    """Everything that must change together when a new version is swapped in."""
+
+    version: int
+    path: Path
+    model: torch.nn.Module
+    tokenizer: object
+    specs: dict
+
+
+def load_verified_version(
+    version: int, path: Path, file_sha256: dict[str, str], served: ServedVersion, device: torch.device
+) -> ServedVersion:
+    """A new version built from checked bytes; raises CheckpointRefused with the reason."""
+    from safetensors.torch import load as load_safetensors
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if version <= served.version:
+        raise CheckpointRefused(f"version {version} is not newer than the served version {served.version}")
+    contents = read_verified(path, file_sha256)
+    specs = folder_specs(contents)
+    compare_specs(served.specs, specs)
+    state = {}
+    for name, data in contents.items():
+        if name.endswith(".safetensors"):
+            state.update(load_safetensors(data))
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+        model = AutoModelForSequenceClassification.from_pretrained(
+            None, config=config, state_dict=state, dtype=select_dtype(device)
+        )
+        tokenizer = load_tokenizer(path)
+    except (OSError, ValueError) as error:
+        raise CheckpointRefused(f"cannot load the new version: {error}") from None
+    return ServedVersion(version, Path(path), model.to(device).eval(), tokenizer, specs)
+
+
+class RewardTritonModel:
+    """Triton Python-backend model (TritonPythonModel API) scoring (prompt, response) pairs."""
+
+    def initialize(self, args: dict) -> None:
+        params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
+        path = Path(params["model_dir"])
+        self.device = instance_device(args)
+        self.max_length = int(params["max_length"])
+        self.served = ServedVersion(
+            version=int(params["version"]),
+            path=path,
+            model=load_reward_model(path, self.device, select_dtype(self.device)),
+            tokenizer=load_tokenizer(path),
+            specs=served_specs(path),
+        )
+
+    def reload(self, order: dict) -> dict:
+        """Applies a reload order; returns {accepted, version, reason}."""
+        try:
+            self.served = load_verified_version(
+                int(order["version"]), Path(order["path"]), dict(order["file_sha256"]), self.served, self.device
+            )
+            return {"accepted": True, "version": self.served.version, "reason": ""}
+        except CheckpointRefused as refused:
+            return {"accepted": False, "version": self.served.version, "reason": str(refused)}
+
+    @torch.inference_mode()
+    def scores(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        served = self.served
+        inputs = reward_batch(served.tokenizer, prompts, responses, self.max_length)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        return served.model(**inputs).logits[:, 0].float().cpu().numpy()  # (B,)
+
+    def execute(self, requests: list) -> list:
+        import triton_python_backend_utils as pb_utils
+
+        def text(request, name: str) -> list[str] | None:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                return None
+            return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in tensor.as_numpy()[:, 0]]
+
+        responses: list = [None] * len(requests)
+        scoring: list[tuple[int, list[str], list[str]]] = []
+        for i, request in enumerate(requests):
+            reload_order, prompts, answers = text(request, "RELOAD"), text(request, "PROMPT"), text(request, "RESPONSE")
+            if reload_order is not None:  # control requests first: the swap precedes this batch's scores
+                result = self.reload(json.loads(reload_order[0]))
+                responses[i] = pb_utils.InferenceResponse(
+                    output_tensors=[
+                        pb_utils.Tensor("RELOAD_RESULT", np.array([[json.dumps(result)]], dtype=np.object_)),
+                        pb_utils.Tensor("VERSION", np.array([[result["version"]]], dtype=np.uint64)),
+                    ]
+                )
+            elif prompts is None or answers is None or len(prompts) != len(answers):
+                responses[i] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError("PROMPT and RESPONSE are both required, one per pair")
+                )
+            else:
+                scoring.append((i, prompts, answers))
+        if scoring:
+            prompts = [p for _, ps, _ in scoring for p in ps]
+            answers = [a for _, _, rs in scoring for a in rs]
+            scores, version, batch = self.scores(prompts, answers), self.served.version, len(prompts)
+            start = 0
+            for i, ps, _ in scoring:
+                n = len(ps)
+                responses[i] = pb_utils.InferenceResponse(
+                    output_tensors=[
+                        pb_utils.Tensor("SCORE", scores[start : start + n].reshape(n, 1).astype(np.float32)),
+                        pb_utils.Tensor("VERSION", np.full((n, 1), version, dtype=np.uint64)),
+                        pb_utils.Tensor("BATCH_SIZE", np.full((n, 1), batch, dtype=np.int64)),
+                    ]
+                )
+                start += n
+        return responses
+
+    def finalize(self) -> None:
+        self.served = None
