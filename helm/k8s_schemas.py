@@ -5,7 +5,9 @@ ships the strict ("additionalProperties: false") schemas of every Kubernetes min
 supports. Two things stop kubeconform from reading them as they are: each file carries an
 `$id` under https://kubernetes.io/, and references point at `/api/_definitions.json`; both make
 the JSON-schema compiler look on the network. The export drops `$id` and makes the references
-relative to the file, so everything resolves inside the exported folder.
+relative to the file, so everything resolves inside the exported folder. It also drops the
+draft 2020-12 `$schema` line: the schemas use no 2020-12 keyword, and kubeconform's default draft
+compiles them about three times faster (strictness is the same: unknown fields are refused).
 
     python helm/k8s_schemas.py OUT_DIR 1.28.0 1.33.0
 
@@ -13,7 +15,7 @@ prints the `-schema-location` template to pass to kubeconform:
 
     OUT_DIR/{{ .NormalizedKubernetesVersion }}-local{{ .StrictSuffix }}/{{ .ResourceKind }}{{ .KindSuffix }}.json
 
-A version already exported (a `.complete` marker in its folder) is not exported again.
+A version already exported (a `.complete` marker holding EXPORT_FORMAT) is not exported again.
 
 Custom resources (the Prometheus Operator's ServiceMonitor) are not in kubernetes-validate; their
 CustomResourceDefinition YAML (from the prometheus-operator Go module, fetched by helm/check.sh
@@ -36,6 +38,8 @@ from pathlib import Path
 TEMPLATE = "{{ .NormalizedKubernetesVersion }}-local{{ .StrictSuffix }}/{{ .ResourceKind }}{{ .KindSuffix }}.json"
 CRD_TEMPLATE = "crds/{{ .Group }}/{{ .ResourceKind }}_{{ .ResourceAPIVersion }}.json"
 REMOTE_DEFINITIONS = "/api/_definitions.json"
+EXPORT_FORMAT = "2"
+"""Bumped whenever the export changes, so cached folders are rewritten."""
 
 
 def package_schemas() -> Path:
@@ -66,7 +70,8 @@ def export_version(source: Path, out: Path, version: str) -> Path:
     """Exports the strict schemas of one Kubernetes version (e.g. 1.33.0); returns the folder."""
     name = f"v{version.lstrip('v')}-local-strict"
     target = out / name
-    if (target / ".complete").exists():
+    marker = target / ".complete"
+    if marker.exists() and marker.read_text() == EXPORT_FORMAT:
         return target
     folder = source / name
     if not folder.is_dir():
@@ -78,8 +83,9 @@ def export_version(source: Path, out: Path, version: str) -> Path:
     for path in folder.glob("*.json"):
         schema = json.loads(path.read_text())
         schema.pop("$id", None)
+        schema.pop("$schema", None)
         (tmp / path.name).write_text(json.dumps(localise(schema)))
-    (tmp / ".complete").write_text("")
+    (tmp / ".complete").write_text(EXPORT_FORMAT)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target

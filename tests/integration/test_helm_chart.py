@@ -1,0 +1,258 @@
+"""The Helm chart, checked with the real helm and kubeconform binaries (built by `make setup`).
+
+helm/check.sh runs once (lint, templates, strict offline schema validation); the tests below then
+render the chart themselves and assert facts about the manifests: what exists, what every
+container carries, what the GPU values change, and what is refused.
+
+    PYTHONPATH=. python -m pytest tests/integration/test_helm_chart.py -q
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "rlhf-platform"
+PRODUCTION = CHART / "ci" / "production-values.yaml"
+CACHE = Path(os.environ.get("RLHF_CACHE", Path.home() / ".cache" / "rlhf-platform"))
+KUBE_VERSION = "1.33.0"
+SECRET = ["--set", "gateway.apiKeys.existingSecret=rlhf-gateway-keys"]
+MODEL_SERVICES = ("policy", "reward", "reference")
+WORKLOADS = ("Deployment", "StatefulSet")
+
+
+def tool_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(CACHE / "tools"), str(Path(sys.executable).parent), env["PATH"]])
+    env["PYTHON"] = sys.executable
+    env["RLHF_CACHE"] = str(CACHE)
+    return env
+
+
+def run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(argv, capture_output=True, text=True, env=tool_env(), timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{argv[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def render(*args: str) -> list[dict]:
+    out = run(["helm", "template", "rlhf", str(CHART), "--namespace", "rlhf",
+               "--kube-version", KUBE_VERSION, *args]).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def find(docs: list[dict], kind: str, name: str) -> dict:
+    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name}: found {len(matches)}"
+    return matches[0]
+
+
+def pod_specs(docs: list[dict]) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs if d["kind"] in WORKLOADS}
+
+
+def env_of(container: dict) -> dict[str, object]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def container(spec: dict, name: str) -> dict:
+    return next(c for c in spec["containers"] + spec.get("initContainers", []) if c["name"] == name)
+
+
+@pytest.fixture(scope="module")
+def check_sh() -> subprocess.CompletedProcess:
+    for tool in ("helm", "kubeconform"):
+        assert (CACHE / "tools" / tool).exists(), f"{tool} missing from {CACHE / 'tools'}: run `make setup`"
+    return run(["bash", str(ROOT / "helm" / "check.sh")], check=False)
+
+
+@pytest.fixture(scope="module")
+def minimal() -> list[dict]:
+    return render(*SECRET)
+
+
+@pytest.fixture(scope="module")
+def production() -> list[dict]:
+    return render("-f", str(PRODUCTION))
+
+
+def test_check_script_lints_renders_and_validates_strictly(check_sh):
+    assert check_sh.returncode == 0, check_sh.stdout + check_sh.stderr
+    # Three renders (minimal, production, image models) validated against two Kubernetes versions,
+    # every resource valid and none skipped for want of a schema (the ServiceMonitor included).
+    summaries = [l for l in check_sh.stdout.splitlines() if l.startswith("Summary:")]
+    assert len(summaries) == 2, check_sh.stdout
+    for line in summaries:
+        assert "in 3 files" in line and "Invalid: 0, Errors: 0, Skipped: 0" in line, line
+
+
+def test_validation_refuses_an_unknown_field(check_sh, minimal, tmp_path):
+    assert check_sh.returncode == 0
+    locations = run([sys.executable, str(ROOT / "helm" / "k8s_schemas.py"), str(CACHE / "k8s-schemas"),
+                     KUBE_VERSION]).stdout.splitlines()
+    deployment = find(minimal, "Deployment", "rlhf-rlhf-platform-policy")
+    deployment["spec"]["template"]["spec"]["containers"][0]["resourcez"] = {}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(deployment))
+    result = run(["kubeconform", "-strict", "-kubernetes-version", KUBE_VERSION,
+                  "-schema-location", locations[0], str(bad)], check=False)
+    assert result.returncode == 1
+    assert "additional properties 'resourcez' not allowed" in result.stdout
+
+
+def test_policy_has_a_headless_service_over_its_replicas(minimal, production):
+    headless = find(minimal, "Service", "rlhf-rlhf-platform-policy-headless")
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"]["app.kubernetes.io/component"] == "policy"
+    assert [p["name"] for p in headless["spec"]["ports"]] == ["grpc"]
+    assert find(production, "Deployment", "rlhf-rlhf-platform-policy")["spec"]["replicas"] == 3
+    trainer = container(pod_specs(minimal)["rlhf-rlhf-platform-trainer"], "trainer")
+    assert env_of(trainer)["RLHF_TRAINER_POLICY_ADDRESSES"] == (
+        "rlhf-rlhf-platform-policy-headless.rlhf.svc.cluster.local:50051")
+
+
+def test_every_container_has_resources_probes_and_a_locked_down_context(minimal, production):
+    for docs in (minimal, production):
+        specs = pod_specs(docs)
+        assert len(specs) == 7  # policy reward reference rollout trainer gateway curator
+        for name, spec in specs.items():
+            assert spec["securityContext"]["runAsNonRoot"] is True, name
+            assert spec["automountServiceAccountToken"] is False, name
+            for c in spec["containers"] + spec.get("initContainers", []):
+                where = f"{name}/{c['name']}"
+                assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"], where
+                ctx = c["securityContext"]
+                assert ctx["capabilities"]["drop"] == ["ALL"], where
+                assert ctx["allowPrivilegeEscalation"] is False, where
+                assert ctx["readOnlyRootFilesystem"] is True, where
+            for c in spec["containers"]:
+                for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                    assert probe in c, f"{name}/{c['name']} lacks {probe}"
+
+
+def test_model_pods_run_the_service_beside_triton_on_a_generated_repository(minimal):
+    for component in MODEL_SERVICES:
+        spec = pod_specs(minimal)[f"rlhf-rlhf-platform-{component}"]
+        assert [c["name"] for c in spec["initContainers"]] == ["model-repository"]
+        assert [c["name"] for c in spec["containers"]] == ["service", "triton"]
+        init, service, triton = (container(spec, n) for n in ("model-repository", "service", "triton"))
+        assert init["command"] == ["python", "-m", f"services.{component}.repository"]
+        upper = component.upper()
+        assert env_of(init)[f"RLHF_{upper}_MODEL_REPOSITORY"] == "/model-repository"
+        # gRPC health probes on the service; Triton only on the pod's loopback, with no HTTP API.
+        port = service["ports"][0]["containerPort"]
+        assert service["readinessProbe"]["grpc"]["port"] == port == 50051
+        assert env_of(service)["RLHF_TRITON_URL"] == "127.0.0.1:8001"
+        assert env_of(service)["RLHF_KAFKA_BOOTSTRAP_SERVERS"] == "rlhf-kafka-bootstrap.rlhf.svc:9092"
+        assert "--grpc-address=127.0.0.1" in triton["args"] and "--allow-http=false" in triton["args"]
+        assert f"--load-model={component}" in triton["args"]
+        mounts = {m["name"]: m for m in triton["volumeMounts"]}
+        assert mounts["model-repository"]["readOnly"] is True
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert "emptyDir" in volumes["model-repository"] and volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+        assert find(minimal, "PodDisruptionBudget", f"rlhf-rlhf-platform-{component}")
+
+
+def test_gateway_probes_secret_reference_and_no_secret_rendered(minimal, production):
+    assert not [d for d in minimal + production if d["kind"] == "Secret"]
+    gateway = container(pod_specs(minimal)["rlhf-rlhf-platform-gateway"], "gateway")
+    assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    env = env_of(gateway)
+    assert env["RLHF_GATEWAY_API_KEY_SHA256"] == {
+        "secretKeyRef": {"name": "rlhf-gateway-keys", "key": "api-key-sha256"}}
+    assert env["RLHF_GATEWAY_CORS_ORIGINS"] == ""  # no origin allowed by default
+    assert env_of(container(pod_specs(production)["rlhf-rlhf-platform-gateway"], "gateway"))[
+        "RLHF_GATEWAY_CORS_ORIGINS"] == "https://chat.example.com"
+
+
+def test_rendering_fails_without_a_gateway_secret():
+    result = run(["helm", "template", "rlhf", str(CHART), "--kube-version", KUBE_VERSION], check=False)
+    assert result.returncode != 0
+    assert "gateway.apiKeys.existingSecret is required" in result.stderr
+    assert "ships no default key" in result.stderr
+    # With the gateway off, nothing needs the Secret.
+    docs = render("--set", "gateway.enabled=false")
+    assert not [d for d in docs if d["metadata"]["name"].endswith("-gateway")]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--set", "gateway.corsOrigins[0]=*"], "/gateway/corsOrigins/0"),
+        (["--set", "policy.extraEnv.PATH=/tmp"], "invalid propertyName 'PATH'"),
+        (["--set", "policy.replicaCount=0"], "/policy/replicaCount"),
+        (["--set", "trainer.algorithm=sac"], "/trainer/algorithm"),
+        (["--set", "kafka.bootstrapServers=no-port"], "/kafka/bootstrapServers"),
+        (["--set", "podSecurityContext.runAsNonRoot=false"], "/podSecurityContext/runAsNonRoot"),
+        (["--set", "policy.resources=null"], "policy"),
+    ],
+)
+def test_values_schema_refuses_bad_values(override, message):
+    result = run(["helm", "template", "rlhf", str(CHART), "--kube-version", KUBE_VERSION, *SECRET,
+                  *override], check=False)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+def test_gpu_values_add_gpu_limits_and_bf16(minimal, production):
+    def gpu_limits(docs):
+        return {f"{n}/{c['name']}": c["resources"]["limits"].get("nvidia.com/gpu")
+                for n, spec in pod_specs(docs).items() for c in spec["containers"]}
+
+    assert set(gpu_limits(minimal).values()) == {None}
+    limits = gpu_limits(production)
+    for component in MODEL_SERVICES:
+        assert limits[f"rlhf-rlhf-platform-{component}/triton"] == 1
+        assert limits[f"rlhf-rlhf-platform-{component}/service"] is None  # the model runs in Triton
+    assert limits["rlhf-rlhf-platform-trainer/trainer"] == 1
+    assert limits["rlhf-rlhf-platform-gateway/gateway"] is None
+    for docs, device, dtype in ((minimal, "cpu", "float32"), (production, "gpu", "bfloat16")):
+        spec = pod_specs(docs)["rlhf-rlhf-platform-policy"]
+        for name in ("model-repository", "service"):
+            env = env_of(container(spec, name))
+            assert (env["RLHF_POLICY_DEVICE"], env["RLHF_POLICY_DTYPE"]) == (device, dtype)
+    triton = container(pod_specs(production)["rlhf-rlhf-platform-policy"], "triton")
+    assert "--allow-gpu-metrics=true" in triton["args"]
+    assert pod_specs(production)["rlhf-rlhf-platform-policy"]["nodeSelector"] == {
+        "nvidia.com/gpu.present": "true"}
+
+
+def test_trainer_ranks_are_statefulset_pods_with_checkpoint_volumes(production):
+    sts = find(production, "StatefulSet", "rlhf-rlhf-platform-trainer")
+    assert sts["spec"]["replicas"] == 2 and sts["spec"]["podManagementPolicy"] == "Parallel"
+    assert sts["spec"]["serviceName"] == "rlhf-rlhf-platform-trainer-headless"
+    claim = sts["spec"]["volumeClaimTemplates"][0]
+    assert claim["metadata"]["name"] == "checkpoints"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "200Gi"
+    env = env_of(container(sts["spec"]["template"]["spec"], "trainer"))
+    assert env["WORLD_SIZE"] == "2"
+    assert env["RANK"] == {"fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}
+    assert env["MASTER_ADDR"] == (
+        "rlhf-rlhf-platform-trainer-0.rlhf-rlhf-platform-trainer-headless.rlhf.svc.cluster.local")
+    headless = find(production, "Service", "rlhf-rlhf-platform-trainer-headless")
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+
+
+def test_production_adds_ingress_autoscaling_network_policies_and_monitoring(minimal, production):
+    kinds = {d["kind"] for d in minimal}
+    assert not kinds & {"Ingress", "HorizontalPodAutoscaler", "NetworkPolicy", "ServiceMonitor"}
+    ingress = find(production, "Ingress", "rlhf-rlhf-platform-gateway")
+    assert ingress["spec"]["rules"][0]["host"] == "rlhf.example.com"
+    assert ingress["spec"]["tls"][0]["secretName"] == "rlhf-example-tls"
+    hpa = find(production, "HorizontalPodAutoscaler", "rlhf-rlhf-platform-gateway")
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 12)
+    assert "replicas" not in find(production, "Deployment", "rlhf-rlhf-platform-gateway")["spec"]
+    policies = {d["metadata"]["name"] for d in production if d["kind"] == "NetworkPolicy"}
+    assert len(policies) == 7
+    monitor = find(production, "ServiceMonitor", "rlhf-rlhf-platform")
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"metrics", "triton-metrics", "http"}
+    env = env_of(container(pod_specs(production)["rlhf-rlhf-platform-rollout"], "worker"))
+    assert env["RLHF_KAFKA_BOOTSTRAP_SERVERS"].count(":9092") == 3
