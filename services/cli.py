@@ -1,0 +1,193 @@
+"""The `rlhf` command line: the offline training stages.
+
+    python -m services.cli sft          --model M --data demos.jsonl --output runs/sft-1
+    python -m services.cli train-reward --data preferences.jsonl --output runs/rm-1
+    python -m services.cli dpo          --model runs/sft-1 --data preferences.jsonl --output runs/dpo-1
+    python -m services.cli kto          --model runs/sft-1 --data thumbs.jsonl --output runs/kto-1
+    python -m services.cli dpo --config dpo.yaml --set beta=0.2 --set epochs=3
+
+A stage's settings are its config dataclass (services/trainer/offline/<stage>.py): defaults,
+then the YAML file (keys are the field names), then the flags, then each `--set FIELD=VALUE`.
+`python -m services.cli <stage> --help` lists every field with its one-line description.
+Exit status: 0 done (the summary is printed as JSON), 2 bad data or configuration (the reason
+on stderr, naming file/row/column or field), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib
+import inspect
+import json
+import sys
+import textwrap
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+EXIT_BAD_INPUT = 2
+
+
+@dataclass(frozen=True)
+class Stage:
+    module: str
+    """Module holding the stage."""
+    config: str
+    """Name of its config dataclass."""
+    run: str
+    """Name of its run function: config -> summary dict."""
+    help: str
+
+
+STAGES: dict[str, Stage] = {
+    "sft": Stage("services.trainer.offline.sft", "SFTConfig", "run_sft", "supervised fine-tuning on demonstrations"),
+    "train-reward": Stage(
+        "services.trainer.offline.reward", "RewardConfig", "run_train_reward", "Bradley-Terry reward model on pairs and rankings"
+    ),
+    "dpo": Stage("services.trainer.offline.dpo", "DPOConfig", "run_dpo", "direct preference optimisation on pairs"),
+    "kto": Stage("services.trainer.offline.kto", "KTOConfig", "run_kto", "KTO on thumbs-up/down labels"),
+}
+PATH_FLAGS = ("model", "data", "eval_data", "output")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the docstring under it, for every dataclass in the class's MRO."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, following in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                docs[node.target.id] = following.value.value.strip()
+    return docs
+
+
+def coerce(name: str, hint: Any, value: Any) -> Any:
+    """A YAML or command-line value as the field's type; ConfigError naming the field otherwise."""
+    from services.trainer.offline.common import ConfigError
+
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    if value is None and type(None) in options:
+        return None
+    target = next(t for t in options if t is not type(None))
+    try:
+        if target is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise ValueError
+        if target is int and not isinstance(value, bool) and (isinstance(value, int) or isinstance(value, str)):
+            return int(value)
+        if target is float and not isinstance(value, bool) and isinstance(value, (int, float, str)):
+            return float(value)
+        if target in (str, Path) and isinstance(value, (str, Path)):
+            return target(value)
+        raise ValueError
+    except ValueError:
+        raise ConfigError(f"config field '{name}' must be {target.__name__}, got {value!r}") from None
+
+
+def build_config(cls: type, yaml_file: Path | None, flags: dict[str, Any], overrides: list[str]):
+    """defaults < YAML < flags < --set, checked against the dataclass's fields."""
+    import yaml
+
+    from services.trainer.offline.common import ConfigError
+
+    values: dict[str, Any] = {}
+    if yaml_file is not None:
+        try:
+            loaded = yaml.safe_load(Path(yaml_file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"config file {yaml_file}: {err}") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {yaml_file}: expected a mapping of field: value")
+        values |= loaded
+    values |= {k: v for k, v in flags.items() if v is not None}
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {override!r}: expected FIELD=VALUE")
+        values[key.strip().replace("-", "_")] = value
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {unknown}; known: {sorted(fields)}")
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"missing config field(s) {missing} (give them as --flags or in --config)")
+    return cls(**{name: coerce(name, hints[name], value) for name, value in values.items()})
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description="Offline RLHF training stages.")
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, stage in STAGES.items():
+        sub = stages.add_parser(name, help=stage.help, description=stage.help, formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.add_argument("--config", type=Path, help="YAML file of config fields (see below)")
+        for flag in PATH_FLAGS:
+            sub.add_argument(f"--{flag.replace('_', '-')}", dest=flag, help=f"config field {flag}")
+        sub.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="set any config field")
+        sub.set_defaults(_stage=stage)
+    return parser
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return f"{f.default_factory.__name__}()"
+    return "(required)"
+
+
+def _with_field_help(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Adds the chosen stage's fields and their docstrings to its --help."""
+    if len(argv) >= 2 and argv[0] in STAGES and ("-h" in argv or "--help" in argv):
+        stage = STAGES[argv[0]]
+        cls = getattr(importlib.import_module(stage.module), stage.config)
+        defaults = {f.name: _default_text(f) for f in dataclasses.fields(cls)}
+        lines = [f"  {name} = {defaults[name]}\n      {doc}" for name, doc in field_docs(cls).items()]
+        stages = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        stages.choices[argv[0]].epilog = "config fields:\n" + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = make_parser()
+    _with_field_help(parser, argv)
+    options = parser.parse_args(argv)
+    stage: Stage = options._stage
+    module = importlib.import_module(stage.module)
+    from services.trainer.offline.common import ConfigError
+    from services.trainer.offline.data import DataError
+
+    try:
+        config = build_config(
+            getattr(module, stage.config), options.config, {f: getattr(options, f) for f in PATH_FLAGS}, options.set
+        )
+        summary = getattr(module, stage.run)(config)
+    except (ConfigError, DataError) as err:
+        print(f"rlhf {options.stage}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps({"output": str(config.output), "metrics": summary["metrics"]}, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

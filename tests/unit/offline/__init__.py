@@ -1,0 +1,1 @@
+"""Tests of the offline training stages (services/trainer/offline) and the `rlhf` CLI."""
