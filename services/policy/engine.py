@@ -1,0 +1,175 @@
+"""The gRPC service's side of the Triton policy model: sends sequences on one decoupled stream
+and yields the model's responses as they arrive.
+
+Every call gets a client from a small pool (a stream per call: tritonclient allows one stream per
+client) and its own deadline; when the deadline passes or the caller cancels, the stream is
+cancelled, which Triton passes on to the model (`request.is_cancelled()`), so work stops.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from services.common.settings import TritonSettings
+from services.common.triton_client import connect, make_inputs
+
+GENERATION_OUTPUTS = ["TOKEN_IDS", "LOGPROBS", "FINISH_REASON", "WEIGHTS_VERSION", "BATCH_SIZE"]
+POLL_S = 0.05
+
+
+class GenerationTimeout(TimeoutError):
+    """The deadline passed before the model finished."""
+
+
+class GenerationCancelled(RuntimeError):
+    """The caller went away; the model was told to stop."""
+
+
+class ModelError(RuntimeError):
+    """Triton or the model reported an error."""
+
+
+@dataclass(frozen=True)
+class SequenceRequest:
+    """One sequence for the model: one sample of one prompt."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        arrays = {
+            "INPUT_IDS": np.asarray([self.prompt_ids], dtype=np.int64),
+            "MAX_NEW_TOKENS": np.array([[self.max_new_tokens]], dtype=np.int32),
+            "TEMPERATURE": np.array([[self.temperature]], dtype=np.float32),
+            "TOP_P": np.array([[self.top_p]], dtype=np.float32),
+            "TOP_K": np.array([[self.top_k]], dtype=np.int32),
+            "SEED": np.array([[self.seed & 0x7FFF_FFFF_FFFF_FFFF]], dtype=np.int64),
+            "STREAM": np.array([[self.stream]], dtype=np.bool_),
+        }
+        if self.stop:
+            arrays["STOP"] = np.array([[s.encode() for s in self.stop]], dtype=np.object_)
+        return arrays
+
+
+@dataclass(frozen=True)
+class SequenceEvent:
+    """A response of the model for sequence `index`: new tokens, or the end (`final`)."""
+
+    index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: int
+    weights_version: int
+    batch_size: int
+    final: bool
+
+
+class PolicyEngine:
+    """Talks to the `policy` Triton model."""
+
+    def __init__(self, settings: TritonSettings, model: str = "policy", pool_size: int = 8):
+        self.settings = settings
+        self.model = model
+        self._pool: queue.LifoQueue = queue.LifoQueue()
+        self._pool_size = pool_size
+
+    def _client(self) -> grpcclient.InferenceServerClient:
+        try:
+            return self._pool.get_nowait()
+        except queue.Empty:
+            return connect(self.settings)
+
+    def _release(self, client, healthy: bool) -> None:
+        if healthy and self._pool.qsize() < self._pool_size:
+            self._pool.put(client)
+        else:
+            client.close()
+
+    def run(
+        self,
+        sequences: list[SequenceRequest],
+        timeout_s: float | None = None,
+        cancelled: threading.Event | None = None,
+        outputs: list[str] = GENERATION_OUTPUTS,
+    ) -> Iterator[tuple[SequenceEvent, dict[str, np.ndarray]]]:
+        """Sends every sequence on one stream; yields (event, raw outputs) until all are final."""
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.settings.timeout_s)
+        responses: queue.Queue = queue.Queue()
+        client = self._client()
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        done, healthy = 0, False
+        try:
+            for i, seq in enumerate(sequences):
+                client.async_stream_infer(
+                    self.model, make_inputs(seq.arrays()), request_id=str(i),
+                    outputs=[grpcclient.InferRequestedOutput(o) for o in outputs],
+                    enable_empty_final_response=True,
+                )
+            while done < len(sequences):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise GenerationTimeout(f"no result within {timeout_s:.3f}s")
+                if cancelled is not None and cancelled.is_set():
+                    raise GenerationCancelled("caller cancelled")
+                try:
+                    result, error = responses.get(timeout=min(POLL_S, left))
+                except queue.Empty:
+                    continue
+                if error is not None:
+                    raise ModelError(str(error))
+                response = result.get_response()
+                params = response.parameters
+                final = "triton_final_response" in params and params["triton_final_response"].bool_param
+                done += final
+                if not response.outputs:
+                    continue
+                raw = {o: result.as_numpy(o) for o in outputs}
+                yield to_event(int(response.id), raw, final), raw
+            healthy = True
+        finally:
+            # A finished stream closes cleanly; anything else cancels what is still running.
+            client.stop_stream(cancel_requests=not healthy)
+            self._release(client, healthy)
+
+    def control(self, timeout_s: float | None = None) -> tuple[int, dict]:
+        """The served weights version and model facts; makes the model pick up new weights first."""
+        probe = SequenceRequest([0], 0, 0.0, 1.0, 0, 0)
+        for event, raw in self.run([probe], timeout_s, outputs=["WEIGHTS_VERSION", "INFO"]):
+            info = raw["INFO"].reshape(-1)[0]
+            return event.weights_version, json.loads(info.decode() if isinstance(info, bytes) else info)
+        raise ModelError("the policy model sent no control response")
+
+    def close(self) -> None:
+        while not self._pool.empty():
+            self._pool.get_nowait().close()
+
+
+def to_event(index: int, raw: dict[str, np.ndarray], final: bool) -> SequenceEvent:
+    def flat(name: str) -> list:
+        value = raw.get(name)
+        return [] if value is None else value.reshape(-1).tolist()
+
+    finish, version, batch = flat("FINISH_REASON"), flat("WEIGHTS_VERSION"), flat("BATCH_SIZE")
+    return SequenceEvent(
+        index=index,
+        token_ids=[int(t) for t in flat("TOKEN_IDS")],
+        logprobs=[float(x) for x in flat("LOGPROBS")],
+        finish_reason=int(finish[0]) if finish else 0,
+        weights_version=int(version[0]) if version else 0,
+        batch_size=int(batch[0]) if batch else 0,
+        final=final,
+    )

@@ -1,0 +1,125 @@
+"""The batched decoding loop the policy runs inside Triton: the rows Triton's dynamic batcher
+grouped are generated together in one forward loop with a KV cache.
+
+Rows have prompts of different lengths (left-padded, positions counted from each row's first
+real token), their own sampling parameters and seeds, and their own stop conditions (end of
+sequence, max_new_tokens, stop strings, cancellation); a finished row keeps its slot until the
+whole batch is done (it is fed its last token and its output ignored), as `generate` does.
+
+Legend: `B` rows, `P` longest prompt, `V` vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import torch
+
+from services.policy.sampling import RowSampling, first_stop_string, row_generators, sample_step
+
+
+class Finish(IntEnum):
+    """Mirrors rlhf.v1.FinishReason (0 = still generating)."""
+
+    NONE = 0
+    STOP = 1
+    LENGTH = 2
+    STOP_STRING = 3
+    CANCELLED = 4
+
+
+@dataclass
+class Row:
+    """One sequence to generate: one sample of one prompt."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: RowSampling
+    stop: list[str] = field(default_factory=list)
+    """Stop strings; the row finishes when one appears in its decoded output."""
+    tokens: list[int] = field(default_factory=list)
+    """Generated so far (the end-of-sequence token included when it ends the row)."""
+    logprobs: list[float] = field(default_factory=list)
+    finish: Finish = Finish.NONE
+
+
+OnToken = Callable[[int, int, float, Finish], None]
+"""(row index, token, log-prob, finish reason after it) for every generated token."""
+
+
+def left_pad(rows: list[Row], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (input_ids (B, P), attention_mask (B, P)), prompts right-aligned."""
+    width = max(len(r.prompt_ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids, dtype=torch.long)
+        mask[i, width - len(r.prompt_ids) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def finish_of(row: Row, token: int, eos_ids: set[int], decode: Callable[[list[int]], str]) -> Finish:
+    if token in eos_ids:
+        return Finish.STOP
+    if row.stop and first_stop_string(decode(row.tokens), row.stop) >= 0:
+        return Finish.STOP_STRING
+    if len(row.tokens) >= row.max_new_tokens:
+        return Finish.LENGTH
+    return Finish.NONE
+
+
+@torch.inference_mode()
+def generate_rows(
+    model,
+    rows: list[Row],
+    pad_id: int,
+    eos_ids: set[int],
+    decode: Callable[[list[int]], str],
+    on_token: OnToken | None = None,
+    cancelled: Callable[[int], bool] = lambda i: False,
+) -> list[Row]:
+    """Generates every row to its end; fills `tokens`, `logprobs` and `finish` in place.
+
+    `cancelled(i)` is asked before every step for every running row; a cancelled row stops at
+    once (Finish.CANCELLED), and when all rows are done the loop ends.
+    """
+    device = next(model.parameters()).device
+    ids, mask = left_pad(rows, pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+    temperature = torch.tensor([r.sampling.temperature for r in rows], device=device)
+    top_p = torch.tensor([r.sampling.top_p for r in rows], device=device)
+    top_k = torch.tensor([r.sampling.top_k for r in rows], device=device)
+    generators = row_generators([r.sampling for r in rows], device)
+
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    cache, logits = out.past_key_values, out.logits[:, -1, :]  # (B, V)
+    next_pos = positions[:, -1:] + 1  # (B, 1)
+    steps = max(r.max_new_tokens for r in rows)
+    for _ in range(steps):
+        for i, r in enumerate(rows):
+            if r.finish == Finish.NONE and cancelled(i):
+                r.finish = Finish.CANCELLED
+        running = [i for i, r in enumerate(rows) if r.finish == Finish.NONE]
+        if not running:
+            break
+        tokens, logprobs = sample_step(logits, temperature, top_k, top_p, generators)  # (B,), (B,)
+        tokens_list, logprobs_list = tokens.tolist(), logprobs.tolist()
+        for i in running:
+            r = rows[i]
+            r.tokens.append(tokens_list[i])
+            r.logprobs.append(logprobs_list[i])
+            r.finish = finish_of(r, tokens_list[i], eos_ids, decode)
+            if on_token is not None:
+                on_token(i, tokens_list[i], logprobs_list[i], r.finish)
+        if all(r.finish != Finish.NONE for r in rows):
+            break
+        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)  # (B, P + t)
+        out = model(
+            input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos,
+            past_key_values=cache, use_cache=True,
+        )
+        cache, logits = out.past_key_values, out.logits[:, -1, :]
+        next_pos = next_pos + 1
+    return rows

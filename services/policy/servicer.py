@@ -1,0 +1,219 @@
+"""rlhf.v1.PolicyService: converts messages, checks them (validation.py), runs the plan on the
+Triton model (engine.py), logs every served generation to Kafka, and hands weight pushes to
+updates.py.
+
+Generation log: every sample is produced to `rlhf.generations.v1` (key = response id) and the
+RPC waits for Kafka's acks=all before it returns (before the last chunk of a streamed sample):
+a response id a client holds is always joinable with the feedback that will name it. If Kafka
+does not acknowledge within `kafka_ack_timeout_s`, the call fails UNAVAILABLE rather than hand
+out an id the curator will never see. Cancelled streams are logged without waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from contextlib import contextmanager
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.common.topics import GENERATIONS
+from services.genproto.rlhf.v1 import events_pb2, policy_pb2, policy_pb2_grpc
+from services.policy.engine import GenerationCancelled, GenerationTimeout, ModelError, PolicyEngine
+from services.policy.metrics import PolicyMetrics
+from services.policy.sampling import first_stop_string
+from services.policy.updates import WeightsUpdater
+from services.policy.validation import GenerationPlan, InvalidArgument, Limits, plan_generation
+from services.policy.weights import WeightsRejected
+
+log = logging.getLogger(__name__)
+STOP_STRING = 3
+CANCELLED = 4
+
+
+class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
+    def __init__(
+        self, engine: PolicyEngine, tokenizer, limits: Limits, updater: WeightsUpdater,
+        metrics: PolicyMetrics, model_info: dict, max_queued_sequences: int,
+        producer=None, kafka_ack_timeout_s: float = 10.0, default_timeout_s: float = 60.0,
+    ):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.updater = updater
+        self.metrics = metrics
+        self.model_info = model_info
+        self.producer = producer
+        self.kafka_ack_timeout_s = kafka_ack_timeout_s
+        self.default_timeout_s = default_timeout_s
+        self._capacity = max_queued_sequences
+        self._queued = 0
+        self._queue_lock = threading.Lock()
+
+    # Generate -----------------------------------------------------------------------------
+
+    def Generate(self, request, context):
+        plan = self._plan(context, request.model, list(request.prompts), request.sampling, stream=False)
+        finals = {}
+        with self._admitted(context, plan), self._errors(context):
+            cancelled = self._cancel_event(context)
+            for event, _ in self.engine.run(plan.sequences, self._timeout(context), cancelled):
+                finals[event.index] = event
+        response = policy_pb2.GenerateResponse(model=self.limits.served_name)
+        pending = []
+        for p, prompt in enumerate(plan.prompts):
+            completion = response.completions.add(prompt_index=p, prompt_token_ids=prompt.prompt_ids)
+            for j in range(plan.n):
+                event = finals[p * plan.n + j]
+                sample = self._sample(
+                    event.token_ids, event.logprobs, event.finish_reason, event.weights_version,
+                    plan.sequences[0].stop,
+                )
+                completion.samples.append(sample)
+                self.metrics.batch_size.observe(event.batch_size)
+                pending.append(self._log(prompt, sample))
+        response.weights_version = max((e.weights_version for e in finals.values()), default=0)
+        self._wait_logged(context, pending)
+        return response
+
+    def GenerateStream(self, request, context):
+        plan = self._plan(context, request.model, [request.prompt], request.sampling, stream=True, field="prompt")
+        prompt = plan.prompts[0]
+        tokens = {j: [] for j in range(plan.n)}
+        logprobs = {j: [] for j in range(plan.n)}
+        texts = {j: "" for j in range(plan.n)}
+        ids = {j: str(uuid.uuid4()) for j in range(plan.n)}
+        with self._admitted(context, plan), self._errors(context):
+            cancelled = self._cancel_event(context)
+            for event, _ in self.engine.run(plan.sequences, self._timeout(context), cancelled):
+                j = event.index
+                tokens[j] += event.token_ids
+                logprobs[j] += event.logprobs
+                text = self._decode(tokens[j])
+                delta, texts[j] = text[len(texts[j]):] if text.startswith(texts[j]) else text, text
+                chunk = policy_pb2.GenerateStreamResponse(
+                    sample_index=j, response_id=ids[j], token_ids=event.token_ids, logprobs=event.logprobs,
+                    text_delta=delta, weights_version=event.weights_version,
+                )
+                if event.final:
+                    self.metrics.batch_size.observe(event.batch_size)
+                    sample = self._sample(
+                        tokens[j], logprobs[j], event.finish_reason, event.weights_version,
+                        plan.sequences[0].stop, ids[j],
+                    )
+                    self._wait_logged(context, [self._log(prompt, sample)])
+                    chunk.finish_reason = event.finish_reason
+                yield chunk
+
+    # Model info and weights ---------------------------------------------------------------
+
+    def GetModelInfo(self, request, context):
+        return policy_pb2.GetModelInfoResponse(
+            model=self.limits.served_name, weights_version=self.updater.version,
+            dtype=self.model_info.get("dtype", ""), parameter_count=int(self.model_info.get("parameter_count", 0)),
+            device=self.model_info.get("device", ""),
+        )
+
+    def UpdateWeights(self, request_iterator, context):
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "manifest":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "manifest: the first message must be the manifest")
+        chunks = (m.chunk for m in request_iterator if m.WhichOneof("part") == "chunk")
+        try:
+            version, received = self.updater.receive_push(first.manifest, chunks)
+        except WeightsRejected as exc:
+            log.warning("weights refused: %s", exc)
+            self.metrics.weights_updates.labels("push", "refused").inc()
+            return policy_pb2.UpdateWeightsResponse(accepted=False, weights_version=self.updater.version, reason=str(exc))
+        self.metrics.weights_updates.labels("push", "accepted").inc()
+        return policy_pb2.UpdateWeightsResponse(accepted=True, weights_version=version, bytes_received=received)
+
+    # Helpers ------------------------------------------------------------------------------
+
+    def _plan(self, context, model, prompts, sampling, stream: bool, field: str = "prompts") -> GenerationPlan:
+        try:
+            return plan_generation(model, prompts, sampling, self.tokenizer, self.limits, stream, field)
+        except InvalidArgument as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    @contextmanager
+    def _admitted(self, context, plan: GenerationPlan):
+        """The bounded queue in front of Triton: all of a request's sequences or none."""
+        size = len(plan.sequences)
+        with self._queue_lock:
+            if self._queued + size > self._capacity:
+                admitted = False
+            else:
+                admitted = True
+                self._queued += size
+                self.metrics.queue_depth.set(self._queued)
+        if not admitted:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"generation queue full ({self._capacity} sequences)")
+        try:
+            yield
+        finally:
+            with self._queue_lock:
+                self._queued -= size
+                self.metrics.queue_depth.set(self._queued)
+
+    @contextmanager
+    def _errors(self, context):
+        try:
+            yield
+        except GenerationTimeout as exc:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        except GenerationCancelled as exc:
+            context.abort(grpc.StatusCode.CANCELLED, str(exc))
+        except ModelError as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"policy model: {exc}")
+
+    def _timeout(self, context) -> float:
+        remaining = context.time_remaining()
+        return self.default_timeout_s if remaining is None else max(0.0, remaining)
+
+    @staticmethod
+    def _cancel_event(context) -> threading.Event:
+        event = threading.Event()
+        context.add_callback(event.set)  # runs when the RPC ends for any reason, cancel included
+        return event
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _sample(self, tokens, logprobs, finish, version, stop, response_id: str | None = None) -> policy_pb2.Sample:
+        text = self._decode(tokens)
+        if finish == STOP_STRING:
+            # The text ends before the stop string (OpenAI's convention); token_ids keep every
+            # generated token so that log-probs stay aligned with them.
+            text = text[: max(first_stop_string(text, list(stop)), 0)]
+        self.metrics.generated_tokens.inc(len(tokens))
+        return policy_pb2.Sample(
+            response_id=response_id or str(uuid.uuid4()), text=text, token_ids=tokens, logprobs=logprobs,
+            finish_reason=finish, weights_version=version,
+        )
+
+    def _log(self, prompt, sample: policy_pb2.Sample):
+        if self.producer is None:
+            return None
+        created = Timestamp()
+        created.GetCurrentTime()
+        record = events_pb2.GenerationRecord(
+            response_id=sample.response_id, prompt=prompt.prompt, prompt_text=prompt.prompt_text,
+            response_text=sample.text, prompt_token_ids=prompt.prompt_ids,
+            response_token_ids=sample.token_ids, logprobs=sample.logprobs,
+            weights_version=sample.weights_version, model=self.limits.served_name,
+            finish_reason=sample.finish_reason, created_at=created,
+        )
+        return self.producer.send(GENERATIONS, key=sample.response_id, value=record)
+
+    def _wait_logged(self, context, futures) -> None:
+        for future in futures:
+            if future is None:
+                continue
+            try:
+                future.get(timeout=self.kafka_ack_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - any Kafka failure means "not durable"
+                self.metrics.generation_log_errors.inc()
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"generation log (Kafka) did not acknowledge: {exc}")

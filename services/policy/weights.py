@@ -1,0 +1,193 @@
+"""Weights versions of the policy: the shared folder both containers see, the checks a new set
+must pass, and the receiving end of an UpdateWeights push.
+
+Layout of the shared weights folder (an emptyDir mounted by the gRPC and the Triton containers):
+
+    <root>/v00000002/model.safetensors ...   one folder per accepted version
+    <root>/CURRENT                           {"weights_version": 2, "files": ["v00000002/..."]}
+
+The gRPC service writes and verifies a version in a staging folder, renames it into place and
+then replaces CURRENT atomically (`os.replace`). The Triton model stats CURRENT at the start of
+every execute (one syscall) and, when it changed, copies the new tensors into its parameters
+before generating: the swap falls between two batches, and every response carries the version
+its batch used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TensorSpecs = dict[str, tuple[tuple[int, ...], str]]
+"""tensor name -> (shape, safetensors dtype name such as "F32")."""
+
+MARKER = "CURRENT"
+KEEP_VERSIONS = 3
+
+
+class WeightsRejected(ValueError):
+    """A weights set failed a check; the message is the reason reported to the pusher."""
+
+
+def safetensors_specs(path: Path) -> TensorSpecs:
+    """Tensor names, shapes and dtypes from a safetensors header (the data is not read)."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > 100 * 1024 * 1024:
+            raise WeightsRejected(f"{Path(path).name}: safetensors header of {length} bytes")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError as exc:
+            raise WeightsRejected(f"{Path(path).name}: unreadable safetensors header") from exc
+    return {
+        name: (tuple(int(d) for d in meta["shape"]), str(meta["dtype"]))
+        for name, meta in header.items()
+        if name != "__metadata__"
+    }
+
+
+def files_specs(paths: list[Path]) -> TensorSpecs:
+    specs: TensorSpecs = {}
+    for p in paths:
+        for name, spec in safetensors_specs(p).items():
+            if name in specs:
+                raise WeightsRejected(f"tensor {name} appears in more than one file")
+            specs[name] = spec
+    return specs
+
+
+def folder_weight_files(folder: Path) -> list[Path]:
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {folder}")
+    return files
+
+
+def compare_specs(expected: TensorSpecs, got: TensorSpecs, what: str) -> None:
+    """Raises WeightsRejected naming the first difference between two tensor sets."""
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    if missing:
+        raise WeightsRejected(f"{what}: missing tensor {missing[0]} ({len(missing)} missing)")
+    if extra:
+        raise WeightsRejected(f"{what}: unexpected tensor {extra[0]} ({len(extra)} unexpected)")
+    for name in sorted(expected):
+        if expected[name][0] != got[name][0]:
+            raise WeightsRejected(f"{what}: tensor {name} has shape {list(got[name][0])}, expected {list(expected[name][0])}")
+        if expected[name][1] != got[name][1]:
+            raise WeightsRejected(f"{what}: tensor {name} has dtype {got[name][1]}, expected {expected[name][1]}")
+
+
+def sha256_file(path: Path, block: int = 16 * 1024 * 1024) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_file_name(name: str) -> None:
+    if not name.endswith(".safetensors") or "/" in name or "\\" in name or name.startswith("."):
+        raise WeightsRejected(f"file name {name!r}: expected a plain *.safetensors name")
+
+
+@dataclass(frozen=True)
+class Marker:
+    weights_version: int
+    files: tuple[Path, ...]
+
+
+def read_marker(root: Path) -> Marker | None:
+    path = Path(root) / MARKER
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    return Marker(int(data["weights_version"]), tuple(Path(root) / f for f in data["files"]))
+
+
+@dataclass
+class WeightsStore:
+    """The shared weights folder: staging, atomic publication of a version, pruning."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def staging(self, version: int) -> Path:
+        path = self.root / f".staging-v{version:08d}-{os.getpid()}"
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir()
+        return path
+
+    def publish(self, version: int, staged: Path) -> Marker:
+        """Moves a verified staging folder into place and points CURRENT at it."""
+        final = self.root / f"v{version:08d}"
+        shutil.rmtree(final, ignore_errors=True)
+        staged.rename(final)
+        files = sorted(p.relative_to(self.root).as_posix() for p in final.glob("*.safetensors"))
+        tmp = self.root / f".{MARKER}.tmp{os.getpid()}"
+        tmp.write_text(json.dumps({"weights_version": version, "files": files}))
+        os.replace(tmp, self.root / MARKER)
+        self._prune(keep=version)
+        return read_marker(self.root)
+
+    def point(self, version: int) -> None:
+        """Points CURRENT back at an already published version (undo of a failed swap)."""
+        folder = self.root / f"v{version:08d}"
+        files = sorted(p.relative_to(self.root).as_posix() for p in folder.glob("*.safetensors"))
+        if not files:
+            (self.root / MARKER).unlink(missing_ok=True)
+            return
+        tmp = self.root / f".{MARKER}.tmp{os.getpid()}"
+        tmp.write_text(json.dumps({"weights_version": version, "files": files}))
+        os.replace(tmp, self.root / MARKER)
+
+    def _prune(self, keep: int) -> None:
+        versions = sorted(self.root.glob("v*"))
+        for old in versions[:-KEEP_VERSIONS]:
+            if old.name != f"v{keep:08d}":
+                shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class IncomingFile:
+    """One file of a push being received: written at its offsets, hashed as it streams in."""
+
+    path: Path
+    size: int
+    sha256: str
+    received: int = 0
+    _hash: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    _in_order: bool = True
+    _handle: object = None
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset + len(data) > self.size:
+            raise WeightsRejected(f"{self.path.name}: chunk at {offset} runs past the size {self.size}")
+        if self._handle is None:
+            self._handle = open(self.path, "wb")
+        if offset != self.received:
+            self._in_order = False
+            self._handle.seek(offset)
+        elif self._in_order:
+            self._hash.update(data)  # hashlib releases the GIL on large buffers
+        self._handle.write(data)
+        self.received += len(data)
+
+    def finish(self) -> None:
+        if self._handle is None:
+            self._handle = open(self.path, "wb")
+        self._handle.close()
+        if self.received != self.size:
+            raise WeightsRejected(f"{self.path.name}: received {self.received} bytes, manifest says {self.size}")
+        digest = self._hash.hexdigest() if self._in_order else sha256_file(self.path)
+        if digest != self.sha256.lower():
+            raise WeightsRejected(f"{self.path.name}: sha256 {digest} does not match the manifest's {self.sha256}")
