@@ -94,7 +94,7 @@ def load_verified_version(
 ) -> ServedVersion:
     """A new version built from checked bytes; raises CheckpointRefused with the reason."""
     from safetensors.torch import load as load_safetensors
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     if version <= served.version:
         raise CheckpointRefused(f"version {version} is not newer than the served version {served.version}")
@@ -106,13 +106,13 @@ def load_verified_version(
         if name.endswith(".safetensors"):
             state.update(load_safetensors(data))
     try:
-        config = AutoConfig.from_pretrained(str(path))
-        model = AutoModelForSequenceClassification.from_pretrained(
-            None, config=config, state_dict=state, dtype=select_dtype(device)
+        # The served model's own class, built from the verified bytes (not re-read from disk).
+        model = type(served.model).from_pretrained(
+            None, config=AutoConfig.from_pretrained(str(path)), state_dict=state, dtype=select_dtype(device)
         )
         tokenizer = load_tokenizer(path)
-    except (OSError, ValueError) as error:
-        raise CheckpointRefused(f"cannot load the new version: {error}") from None
+    except Exception as error:  # noqa: BLE001 - any failure is a refusal; the old version keeps serving
+        raise CheckpointRefused(f"cannot load the new version: {type(error).__name__}: {error}") from None
     return ServedVersion(version, Path(path), model.to(device).eval(), tokenizer, specs)
 
 
@@ -141,6 +141,8 @@ class RewardTritonModel:
             return {"accepted": True, "version": self.served.version, "reason": ""}
         except CheckpointRefused as refused:
             return {"accepted": False, "version": self.served.version, "reason": str(refused)}
+        except Exception as error:  # noqa: BLE001 - e.g. an unreadable file: refuse, keep serving
+            return {"accepted": False, "version": self.served.version, "reason": f"{type(error).__name__}: {error}"}
 
     @torch.inference_mode()
     def scores(self, prompts: list[str], responses: list[str]) -> np.ndarray:
