@@ -1,0 +1,277 @@
+"""The rollout worker: prompts -> policy (n samples each) -> reward and reference log-probs
+(fetched concurrently) -> one `rlhf.v1.Rollout` per sample on `rlhf.rollouts.v1`.
+
+    RLHF_ROLLOUT_DATASET=prompts.jsonl python -m services.rollout.worker
+
+One round, in order:
+  1. pick prompts: from the dataset file, and a share from recent live generations;
+  2. wait while backpressure says so (below);
+  3. Generate: n samples per prompt with the behaviour log-probs and weights version;
+  4. Score (reward) and ComputeLogprobs (reference) at the same time;
+  5. produce one Rollout per sample (idempotent, acks=all), keyed by rollout id; all samples
+     of a prompt share a group id and go to one partition (crc32(group id)), so a trainer rank
+     always holds whole groups.
+Backpressure: a rollout produced now is used once the trainer has worked through its backlog,
+at version trainer_version + backlog / rollouts_per_version, so its staleness then is that minus
+the policy's version. The worker pauses while that exceeds `max_staleness` (the trainer would
+only drop what it makes). The trainer's version comes from `rlhf.weights.v1`, its backlog from
+its consumer group's committed offsets.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+import time
+import uuid
+import zlib
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from kafka import TopicPartition
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.common.grpc_server import message_size_options
+from services.common.kafka import connect_admin, decode, make_consumer, make_producer
+from services.common.logging import configure_logging
+from services.common.metrics import LATENCY_BUCKETS, serve_metrics
+from services.genproto.rlhf.v1 import (
+    common_pb2,
+    events_pb2,
+    policy_pb2,
+    policy_pb2_grpc,
+    reference_pb2,
+    reference_pb2_grpc,
+    reward_pb2,
+    reward_pb2_grpc,
+)
+from services.rollout.dataset import load_prompts
+from services.rollout.settings import RolloutSettings
+
+log = logging.getLogger(__name__)
+
+
+def expected_staleness(policy_version: int, trainer_version: int, backlog: int, rollouts_per_version: int) -> float:
+    """Versions between the policy that makes a rollout now and the trainer when it uses it."""
+    return trainer_version + backlog / rollouts_per_version - policy_version
+
+
+def group_partition(group_id: str, partitions: int) -> int:
+    """All samples of a prompt go to one partition, so one trainer rank sees the whole group."""
+    return zlib.crc32(group_id.encode()) % partitions
+
+
+def build_rollouts(
+    completions: list[policy_pb2.Completion], scores: list[float], reference: list[list[float]]
+) -> list[events_pb2.Rollout]:
+    """One Rollout per sample; `scores` and `reference` are in sample order across completions."""
+    now = Timestamp()
+    now.GetCurrentTime()
+    rollouts, k = [], 0
+    for completion in completions:
+        group_id = uuid.uuid4().hex
+        for sample in completion.samples:
+            if len(reference[k]) != len(sample.token_ids):
+                raise ValueError(f"reference gave {len(reference[k])} log-probs for {len(sample.token_ids)} tokens")
+            rollouts.append(
+                events_pb2.Rollout(
+                    rollout_id=sample.response_id or uuid.uuid4().hex,
+                    group_id=group_id,
+                    group_size=len(completion.samples),
+                    prompt_token_ids=completion.prompt_token_ids,
+                    response_token_ids=sample.token_ids,
+                    behaviour_logprobs=sample.logprobs,
+                    reference_logprobs=reference[k],
+                    reward=scores[k],
+                    weights_version=sample.weights_version,
+                    finish_reason=sample.finish_reason,
+                    created_at=now,
+                )
+            )
+            k += 1
+    return rollouts
+
+
+class TopicTail:
+    """Follows a topic from a thread without a consumer group and hands each value to `on_value`."""
+
+    def __init__(self, settings, topic: str, on_value, from_beginning: bool):
+        self.consumer = make_consumer(settings, group_id=None, auto_offset_reset="earliest" if from_beginning else "latest")
+        self.topic, self.on_value = topic, on_value
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"tail-{topic}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        parts = self.consumer.partitions_for_topic(self.topic) or set()
+        self.consumer.assign([TopicPartition(self.topic, p) for p in parts])
+        while not self._stop.is_set():
+            for records in self.consumer.poll(timeout_ms=300).values():
+                for record in records:
+                    try:
+                        self.on_value(record.key, record.value)
+                    except Exception:  # noqa: BLE001 - one bad record must not stop the tail
+                        log.warning("unreadable record", extra={"fields": {"topic": self.topic}})
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.consumer.close()
+
+
+class RolloutWorker:
+    def __init__(self, settings: RolloutSettings, registry: CollectorRegistry | None = None):
+        self.settings = s = settings
+        self.prompts = load_prompts(s.dataset)
+        options = message_size_options(s.max_message_bytes)
+        self.channels = [grpc.insecure_channel(a, options=options) for a in (s.policy_address, s.reward_address, s.reference_address)]
+        self.policy = policy_pb2_grpc.PolicyServiceStub(self.channels[0])
+        self.reward = reward_pb2_grpc.RewardServiceStub(self.channels[1])
+        self.reference = reference_pb2_grpc.ReferenceServiceStub(self.channels[2])
+        self.producer = make_producer(s.kafka)
+        self.partitions = len(self.producer.partitions_for(s.rollouts_topic))
+        self.admin = connect_admin(s.kafka)
+        self.offsets = make_consumer(s.kafka, group_id=None)
+        self.trainer_version: int | None = None
+        self.live: deque[common_pb2.Prompt] = deque(maxlen=s.live_prompt_buffer)
+        self.tails = [TopicTail(s.kafka, s.weights_topic, self._on_weights, from_beginning=True)]
+        if s.live_prompt_fraction > 0:
+            self.tails.append(TopicTail(s.kafka, s.generations_topic, self._on_generation, from_beginning=False))
+        self.random = random.Random(s.seed)
+        self.stop_requested = threading.Event()
+        self.produced = 0
+        r = self.registry = registry or CollectorRegistry()
+        self.m_rollouts = Counter("rlhf_rollout_rollouts_total", "Rollouts produced.", registry=r)
+        self.m_round = Histogram("rlhf_rollout_round_duration_seconds", "Generate + score + produce.", buckets=LATENCY_BUCKETS, registry=r)
+        self.m_paused = Counter("rlhf_rollout_backpressure_seconds_total", "Time paused by backpressure.", registry=r)
+        self.m_staleness = Gauge("rlhf_rollout_expected_staleness_versions", "Staleness new rollouts would have.", registry=r)
+
+    # -- inputs -------------------------------------------------------------------------------
+    def _on_weights(self, key: bytes | None, value: bytes) -> None:
+        event = decode(events_pb2.WeightsVersionEvent, value)
+        if event.model == self.settings.model_name:
+            self.trainer_version = max(self.trainer_version or 0, event.weights_version)
+
+    def _on_generation(self, key: bytes | None, value: bytes) -> None:
+        record = decode(events_pb2.GenerationRecord, value)
+        if record.prompt.WhichOneof("kind"):
+            self.live.append(record.prompt)
+
+    def prompt_stream(self) -> Iterator[common_pb2.Prompt]:
+        epoch = 0
+        while not self.settings.epochs or epoch < self.settings.epochs:
+            order = list(range(len(self.prompts)))
+            self.random.shuffle(order)
+            for i in order:
+                if self.live and self.random.random() < self.settings.live_prompt_fraction:
+                    yield self.live[self.random.randrange(len(self.live))]
+                yield self.prompts[i]
+            epoch += 1
+
+    # -- backpressure -------------------------------------------------------------------------
+    def policy_version(self) -> int:
+        info = self.policy.GetModelInfo(policy_pb2.GetModelInfoRequest(), timeout=self.settings.timeout_s)
+        return info.weights_version
+
+    def trainer_backlog(self) -> int:
+        """Rollouts on the topic past the trainer group's committed offsets."""
+        s = self.settings
+        tps = [TopicPartition(s.rollouts_topic, p) for p in range(self.partitions)]
+        ends = self.offsets.end_offsets(tps)
+        starts = self.offsets.beginning_offsets(tps)
+        committed = self.admin.list_consumer_group_offsets(s.trainer_group)
+        return sum(ends[tp] - (committed[tp].offset if tp in committed else starts[tp]) for tp in tps)
+
+    def wait_for_trainer(self) -> None:
+        s = self.settings
+        started = time.monotonic()
+        while not self.stop_requested.is_set():
+            policy = self.policy_version()
+            trainer = self.trainer_version if self.trainer_version is not None else policy
+            staleness = expected_staleness(policy, max(trainer, policy), self.trainer_backlog(), s.rollouts_per_version)
+            self.m_staleness.set(staleness)
+            if staleness <= s.max_staleness:
+                break
+            time.sleep(0.2)
+        self.m_paused.inc(time.monotonic() - started)
+
+    # -- one round ----------------------------------------------------------------------------
+    def make_rollouts(self, prompts: list[common_pb2.Prompt]) -> list[events_pb2.Rollout]:
+        s = self.settings
+        sampling = policy_pb2.SamplingParams(
+            n=s.samples_per_prompt, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k
+        )
+        generated = self.policy.Generate(policy_pb2.GenerateRequest(prompts=prompts, sampling=sampling), timeout=s.timeout_s)
+        completions = sorted(generated.completions, key=lambda c: c.prompt_index)
+        pairs, sequences = [], []
+        for completion in completions:
+            for sample in completion.samples:
+                pairs.append(reward_pb2.ScoredPair(prompt=prompts[completion.prompt_index], response=sample.text))
+                sequences.append(reference_pb2.TokenSequence(prompt_token_ids=completion.prompt_token_ids, response_token_ids=sample.token_ids))
+        # Reward and reference at the same time: neither depends on the other.
+        score_call = self.reward.Score.future(reward_pb2.ScoreRequest(pairs=pairs), timeout=s.timeout_s)
+        ref_call = self.reference.ComputeLogprobs.future(reference_pb2.ComputeLogprobsRequest(sequences=sequences), timeout=s.timeout_s)
+        scores = list(score_call.result().scores)
+        reference = [list(r.logprobs) for r in ref_call.result().results]
+        if len(scores) != len(pairs) or len(reference) != len(sequences):
+            raise RuntimeError(f"asked for {len(pairs)} scores/log-probs, got {len(scores)}/{len(reference)}")
+        return build_rollouts(completions, scores, reference)
+
+    def publish(self, rollouts: list[events_pb2.Rollout]) -> None:
+        topic = self.settings.rollouts_topic
+        futures = [
+            self.producer.send(topic, key=r.rollout_id, value=r, partition=group_partition(r.group_id, self.partitions))
+            for r in rollouts
+        ]
+        for f in futures:
+            f.get(timeout=60)
+        self.produced += len(rollouts)
+        self.m_rollouts.inc(len(rollouts))
+
+    def run(self) -> int:
+        s = self.settings
+        stream = self.prompt_stream()
+        while not self.stop_requested.is_set() and not (s.max_rollouts and self.produced >= s.max_rollouts):
+            prompts = [p for _, p in zip(range(s.prompts_per_call), stream)]
+            if not prompts:
+                break
+            self.wait_for_trainer()
+            if self.stop_requested.is_set():
+                break
+            started = time.perf_counter()
+            self.publish(self.make_rollouts(prompts))
+            self.m_round.observe(time.perf_counter() - started)
+        return self.produced
+
+    def close(self) -> None:
+        for tail in self.tails:
+            tail.stop()
+        self.producer.close()
+        self.offsets.close()
+        self.admin.close()
+        for channel in self.channels:
+            channel.close()
+
+
+def main() -> None:
+    configure_logging("rollout")
+    settings = RolloutSettings()
+    worker = RolloutWorker(settings)
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop_requested.set())
+    signal.signal(signal.SIGINT, lambda *_: worker.stop_requested.set())
+    if settings.metrics_port:
+        serve_metrics(worker.registry, settings.metrics_port)
+    try:
+        produced = worker.run()
+    finally:
+        worker.close()
+    log.info("rollout worker stopped", extra={"fields": {"produced": produced}})
+
+
+if __name__ == "__main__":
+    main()
