@@ -12,6 +12,7 @@ or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT yourself for each process.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -86,3 +87,12 @@ def broadcast_int(value: int) -> int:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name and bytes in name order: equal digests, equal weights."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -49,6 +49,9 @@ class TrainerSettings(BaseSettings):
     max_message_bytes: int = Field(
         64 * 1024 * 1024, ge=4 * 1024 * 1024, description="gRPC message limit on the push channel."
     )
+    log_weights_digest: bool = Field(
+        False, description="Log a sha256 of the policy weights after every update (multi-rank checks)."
+    )
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 disables.")
     seed: int = Field(0, description="Seed of torch, numpy and random at a fresh start.")
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")

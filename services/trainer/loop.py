@@ -1,0 +1,238 @@
+"""The trainer service's loop: Kafka rollouts -> whole-group batches -> `Learner.step` ->
+checkpoint -> commit -> weights push. `server.py` builds it from settings and runs it.
+
+One turn, in order:
+  1. poll this rank's partitions; invalid or duplicate rollouts are handled (counted) at once;
+  2. drop rollouts more than `max_staleness` versions behind the trainer (counted);
+  3. the ranks agree that each holds a full batch of whole groups (or that one wants to stop);
+  4. `Learner.step` (gradients all-reduced across ranks by the learner);
+  5. every `checkpoint_every` updates: checkpoint (atomic), and only then commit offsets;
+  6. every `push_every` updates (after its checkpoint): weights version N+1 written, pushed to
+     every replica and announced on `rlhf.weights.v1` by rank 0.
+Exactly once: the checkpoint stores, per partition, the first offset not yet used and the ids
+already used beyond it; a restart seeks there and skips those ids. Pushing only after a
+checkpoint means a version number is never reused for different weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections import Counter
+
+import torch
+
+from services.common.kafka import make_producer
+from services.trainer import checkpoint, distributed
+from services.trainer.checkpoint import Checkpoint, ConsumerPosition
+from services.trainer.consumer import Received, RolloutBatcher, RolloutSource, partitions_of_rank
+from services.trainer.learner import Learner, RolloutSample, TrainerConfig
+from services.trainer.metrics import MetricsLog, TrainerMetrics
+from services.trainer.settings import TrainerSettings
+from services.trainer.weights_push import announce, build_manifest, push_all, version_dir, write_version
+
+log = logging.getLogger(__name__)
+
+KEEP_WEIGHT_VERSIONS = 3
+
+
+def to_sample(rollout) -> RolloutSample:
+    """A `rlhf.v1.Rollout` as the learner's plain-Python sample (validated)."""
+    sample = RolloutSample(
+        prompt_token_ids=list(rollout.prompt_token_ids),
+        response_token_ids=list(rollout.response_token_ids),
+        behaviour_logprobs=list(rollout.behaviour_logprobs),
+        reference_logprobs=list(rollout.reference_logprobs),
+        reward=float(rollout.reward),
+        group_id=rollout.group_id or rollout.rollout_id,
+        weights_version=int(rollout.weights_version),
+        rollout_id=rollout.rollout_id,
+    )
+    sample.validate()
+    return sample
+
+
+def merge_positions(positions: dict[int, ConsumerPosition], mine: list[int]) -> ConsumerPosition:
+    """The share of a (possibly differently sized) earlier set of ranks that this rank now owns."""
+    merged = ConsumerPosition()
+    for position in positions.values():
+        merged.offsets.update({p: o for p, o in position.offsets.items() if p in mine})
+        merged.skip_ids.extend(position.skip_ids)
+        merged.recent_ids.extend(position.recent_ids)
+    return merged
+
+
+class TrainerService:
+    """One trainer rank: owns its learner, its partitions, and (rank 0) the weights push."""
+
+    def __init__(self, settings: TrainerSettings):
+        self.settings = settings
+        if settings.push_every % settings.checkpoint_every:
+            raise ValueError("push_every must be a multiple of checkpoint_every (a version is pushed only once durable)")
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.rank = distributed.init_from_env()
+        config = TrainerConfig(**{"algorithm": settings.algorithm, "seed": settings.seed, **settings.learner})
+        self.learner = Learner(config, settings.model_dir)
+        self.metrics = TrainerMetrics()
+        self.batcher = RolloutBatcher(settings.batch_size, settings.max_staleness)
+        self.source = RolloutSource(
+            settings.kafka, settings.rollouts_topic, settings.consumer_group, self.rank.rank, self.rank.world
+        )
+        self.producer = make_producer(settings.kafka) if self.rank.is_leader and settings.weights_topic else None
+        suffix = "" if self.rank.is_leader else f"-rank-{self.rank.rank}"
+        self.log = MetricsLog(settings.metrics_log.with_name(f"metrics{suffix}.jsonl"))
+        self.step = 0
+        self.version = settings.initial_weights_version
+        self.stop_requested = threading.Event()
+        self._counted: Counter[str] = Counter()
+        self._restore()
+
+    # -- start --------------------------------------------------------------------------------
+    def _restore(self) -> None:
+        saved = checkpoint.latest(self.settings.checkpoint_dir)
+        offsets: dict[int, int] = {}
+        if saved is not None:
+            state = dict(saved.trainer_state)
+            state["policy"] = {k.removeprefix("policy."): v for k, v in saved.tensors.items() if k.startswith("policy.")}
+            state["value_head"] = {
+                k.removeprefix("value_head."): v for k, v in saved.tensors.items() if k.startswith("value_head.")
+            }
+            self.learner.load_state_dict(state)
+            self.step, self.version = saved.step, saved.weights_version
+            mine = partitions_of_rank(self.source.all_partitions, self.rank.rank, self.rank.world)
+            position = merge_positions(saved.positions, mine)
+            self.batcher.restore(position)
+            offsets = position.offsets
+        start = self.source.seek(offsets)
+        self.metrics.version.set(self.version)
+        self.log.write({"event": "resume", "step": self.step, "weights_version": self.version, "offsets": start})
+        log.info("trainer ready", extra={"fields": {"rank": self.rank.rank, "step": self.step, "offsets": start}})
+        if saved is not None and self.version > self.settings.initial_weights_version:
+            self._publish()  # a crash may have fallen between the checkpoint and its push
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self) -> None:
+        s = self.settings
+        last_record = time.monotonic()
+        while True:
+            # 1. Poll and take in.
+            records = self.source.poll(timeout_ms=200)
+            if records:
+                last_record = time.monotonic()
+            for item in records:
+                self._take_in(item)
+            # 2. Staleness.
+            self.batcher.drop_stale(self.version)
+            self._sync_counters()
+            # 3. Agree.
+            groups = self.batcher.peek()
+            size = sum(len(g.members) for g in groups) if groups else 0
+            stop = (
+                self.stop_requested.is_set()
+                or (s.max_steps and self.step >= s.max_steps)
+                or (s.idle_exit_s and time.monotonic() - last_record > s.idle_exit_s and not size)
+            )
+            ready, stop_any = distributed.agree(size, bool(stop))
+            if stop_any:
+                return
+            if ready:
+                self._update(self.batcher.take(groups))
+
+    def _take_in(self, item: Received | tuple[int, int]) -> None:
+        if isinstance(item, tuple):
+            self.batcher.add_invalid(*item)
+            return
+        try:
+            to_sample(item.rollout)
+        except ValueError as exc:
+            log.warning("invalid rollout", extra={"fields": {"why": str(exc), "offset": item.offset}})
+            self.batcher.add_invalid(item.partition, item.offset)
+            return
+        self.batcher.add(item)
+
+    def _update(self, used: list[Received]) -> None:
+        s = self.settings
+        # 4. The update.
+        started = time.perf_counter()
+        learner_metrics = self.learner.step([to_sample(r.rollout) for r in used])
+        seconds = time.perf_counter() - started
+        staleness = [self.version - int(r.rollout.weights_version) for r in used]
+        self.step += 1
+        publish = self.step % s.push_every == 0
+        if publish:
+            self.version += 1
+        self.metrics.observe_update(learner_metrics, staleness, seconds)
+        self.metrics.version.set(self.version)
+        self.log.write({
+            "event": "update", "step": self.step, "weights_version": self.version, "rank": self.rank.rank,
+            "rollout_ids": [r.rollout.rollout_id for r in used], "staleness/mean": sum(staleness) / len(staleness),
+            "rollouts/consumed": self.batcher.counts["consumed"], "rollouts/dropped_stale": self.batcher.counts["stale"],
+            "rollouts/duplicates": self.batcher.counts["duplicate"], "rollouts/invalid": self.batcher.counts["invalid"],
+            "time/update_s": seconds, "time/unix": time.time(), **learner_metrics,
+            **({"weights/sha256": distributed.weights_digest(self.learner.policy_state_dict())} if s.log_weights_digest else {}),
+        })  # fmt: skip
+        # 5. Checkpoint, then commit.
+        if self.step % s.checkpoint_every == 0:
+            self._checkpoint()
+        # 6. Publish.
+        if publish:
+            self._publish()
+
+    def _checkpoint(self) -> None:
+        root = self.settings.checkpoint_dir
+        if self.rank.is_leader:
+            checkpoint.begin(root, self.step)
+        distributed.barrier()
+        position = self.batcher.position()
+        checkpoint.write_position(checkpoint.temp_dir(root, self.step), self.rank.rank, position)
+        distributed.barrier()
+        if self.rank.is_leader:
+            state = self.learner.state_dict()
+            tensors = {f"policy.{k}": v.detach().cpu().clone() for k, v in state.pop("policy").items()}
+            tensors |= {f"value_head.{k}": v.detach().cpu().clone() for k, v in state.pop("value_head").items()}
+            saved = Checkpoint(self.step, self.version, tensors, state, positions={})
+            checkpoint.finish(root, saved, keep=self.settings.keep_checkpoints)
+        distributed.barrier()
+        # The checkpoint holding these offsets' effect is durable: now Kafka may know them.
+        self.source.commit(position.offsets)
+
+    def _publish(self) -> None:
+        if not self.rank.is_leader:
+            return
+        s = self.settings
+        started = time.perf_counter()
+        folder = version_dir(s.weights_dir, self.version)
+        if not folder.is_dir():
+            folder = write_version(s.weights_dir, self.version, self.learner.policy_state_dict())
+        manifest = build_manifest(folder, self.version)
+        results = push_all(
+            s.policy_addresses, folder, manifest, s.push_chunk_bytes, s.push_timeout_s, s.max_message_bytes
+        )
+        failed = [r for r in results if not r.accepted]
+        self.metrics.push_failures.inc(len(failed))
+        if self.producer is not None:
+            announce(self.producer, s.weights_topic, s.model_name, manifest, folder.resolve())
+        seconds = time.perf_counter() - started
+        self.metrics.push_time.observe(seconds)
+        self.log.write({
+            "event": "publish", "step": self.step, "weights_version": self.version, "time/push_s": seconds,
+            "replicas": [{"address": r.address, "accepted": r.accepted, "reason": r.reason} for r in results],
+        })  # fmt: skip
+        for old in sorted(s.weights_dir.glob("v*"))[:-KEEP_WEIGHT_VERSIONS]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _sync_counters(self) -> None:
+        for reason in ("stale", "duplicate", "invalid"):
+            delta = self.batcher.counts[reason] - self._counted[reason]
+            if delta:
+                self.metrics.dropped.labels(reason).inc(delta)
+                self._counted[reason] += delta
+
+    def close(self) -> None:
+        self.source.close()
+        if self.producer is not None:
+            self.producer.close()
+        self.log.close()
