@@ -115,3 +115,38 @@ def test_a_deadline_too_short_for_the_model_is_deadline_exceeded(stub):
     with pytest.raises(grpc.RpcError) as error:
         stub.ComputeLogprobs(request(random_sequences(2, [(200, 50)] * 16)), timeout=0.01)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_overload_is_resource_exhausted_not_a_pile_up(reference):
+    """A second front end on the same Triton model admitting one RPC at a time."""
+    from services.common.grpc_server import GrpcSettings
+    from services.reference.server import build_server
+
+    narrow = GrpcSettings(host="127.0.0.1", port=0, metrics_port=0, max_concurrent_rpcs=1, shutdown_grace_s=5)
+    server, scorer = build_server(reference.settings.model_copy(update={"grpc": narrow}))
+    port = server.start()
+    heavy = request(random_sequences(3, [(150, 100)] * 32))
+    codes: list = []
+    start = threading.Barrier(6)
+
+    def call() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            start.wait()
+            try:
+                reference_pb2_grpc.ReferenceServiceStub(channel).ComputeLogprobs(heavy, timeout=60)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as error:
+                codes.append(error.code())
+
+    threads = [threading.Thread(target=call) for _ in range(6)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        server.stop(5)
+        scorer.close()
+    assert grpc.StatusCode.OK in codes
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -102,9 +103,10 @@ def test_a_valid_version_takes_over_while_requests_keep_flowing(stub, versions, 
         t.start()
     try:
         accepted = reload(stub, 2, versions["v2"], manifest(versions["v2"]))
-        seen_new = [r for r in list(replies) if r.reward_model_version == 2]
-        while not seen_new and not errors:
-            seen_new = [r for r in list(replies) if r.reward_model_version == 2]
+        deadline = time.monotonic() + 30
+        while not any(r.reward_model_version == 2 for r in list(replies)) and not errors:
+            assert time.monotonic() < deadline, "no score from the new version within 30 s"
+            time.sleep(0.05)
     finally:
         stop.set()
         for t in scorers:
