@@ -45,8 +45,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def lifespan(app: FastAPI):
         state = app.state
         state.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kafka-send")
-        state.producer = make_producer(settings.kafka, max_block_ms=settings.kafka_max_block_ms)
-        state.publisher = EventPublisher(state.producer, settings.publish_timeout_s, state.executor)
+        state.publisher = EventPublisher(
+            lambda: make_producer(settings.kafka, max_block_ms=settings.kafka_max_block_ms,
+                                  reconnect_backoff_max_ms=1000),
+            settings.publish_timeout_s, state.executor, settings.producer_reset_after_s,
+        )
         state.policy = PolicyClient(settings.policy_url, settings.policy_timeout_s)
         log.info("gateway ready", extra={"fields": {"kafka": settings.kafka.bootstrap_servers,
                                                     "policy": settings.policy_url}})
@@ -54,8 +57,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             yield
         finally:
             await state.policy.close()
-            # Flush what is buffered so that a late acknowledgement is not lost on shutdown.
-            state.producer.close(timeout=settings.publish_timeout_s)
+            state.publisher.close(timeout_s=settings.publish_timeout_s)
             state.executor.shutdown(wait=True)
 
     app = FastAPI(

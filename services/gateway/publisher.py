@@ -7,6 +7,11 @@ producer's acknowledgements through asyncio futures. If they do not all arrive w
 retries with the same idempotency key, and a late copy of the first attempt is recognised
 downstream by its id. Nothing is acknowledged that Kafka has not acknowledged.
 
+A producer that keeps failing after Kafka is back (kafka-python's idempotent producer can stay
+stuck re-initialising its producer id after batches expired during an outage) is replaced by a
+fresh one once failures have lasted `reset_after_s` with no success; the old one is closed
+without waiting, which fails its unacknowledged records (their clients already got 503).
+
 `RecentEvents` is the per-replica memory of idempotency keys: a key seen before answers with the
 first event's id without writing again; two concurrent requests with one key share one write.
 """
@@ -15,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Awaitable, Callable
 
@@ -23,15 +30,23 @@ from kafka import KafkaProducer
 from services.gateway.events import Event
 
 
+log = logging.getLogger(__name__)
+
+
 class PublishUnavailable(Exception):
     """Kafka did not acknowledge within the bound; the request must be answered 503."""
 
 
 class EventPublisher:
-    def __init__(self, producer: KafkaProducer, timeout_s: float, executor: ThreadPoolExecutor):
-        self.producer = producer
+    def __init__(self, make_producer: Callable[[], KafkaProducer], timeout_s: float,
+                 executor: ThreadPoolExecutor, reset_after_s: float = 15.0):
+        self.make_producer = make_producer
+        self.producer = make_producer()
         self.timeout_s = timeout_s
         self.executor = executor
+        self.reset_after_s = reset_after_s
+        self._failing_since: float | None = None
+        self._resetting = False
 
     def _send_all(self, event: Event, loop: asyncio.AbstractEventLoop) -> list[asyncio.Future]:
         acks: list[asyncio.Future] = []
@@ -50,7 +65,50 @@ class EventPublisher:
                 acks = await loop.run_in_executor(self.executor, self._send_all, event, loop)
                 await asyncio.gather(*acks)
         except Exception as exc:  # a timeout or a Kafka error: either way, not acknowledged
+            await self._after_failure()
             raise PublishUnavailable(f"Kafka did not acknowledge: {exc!r}") from exc
+        self._failing_since = None
+
+    async def _after_failure(self) -> None:
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+            return
+        if self._resetting or now - self._failing_since < self.reset_after_s:
+            return
+        self._resetting = True
+        loop = asyncio.get_running_loop()
+        try:
+            fresh = await loop.run_in_executor(self.executor, self.make_producer)
+        except Exception as exc:  # Kafka still unreachable: keep the old producer, try later
+            log.warning("producer reset failed", extra={"fields": {"error": repr(exc)}})
+            self._failing_since = now
+            return
+        finally:
+            self._resetting = False
+        old, self.producer = self.producer, fresh
+        self._failing_since = None
+        log.warning("replaced a Kafka producer that kept failing")
+        loop.run_in_executor(self.executor, _close_now, old)
+
+    def close(self, timeout_s: float) -> None:
+        """Flushes what is buffered (a late acknowledgement is not lost), then closes."""
+        try:
+            self.producer.close(timeout=timeout_s)
+        except Exception as exc:
+            log.warning("producer did not flush on close", extra={"fields": {"error": repr(exc)}})
+
+
+def _close_now(producer: KafkaProducer) -> None:
+    """Closes without waiting; its unacknowledged records fail (their clients got 503)."""
+    try:
+        producer.close(timeout=0)
+    except Exception:
+        # kafka-python's close() flushes first and raises on a timeout before force-closing its
+        # sender thread; force it here so the stuck producer does not linger.
+        if producer._sender is not None:  # noqa: SLF001
+            producer._sender.force_close()  # noqa: SLF001
+            producer._sender.join(5)  # noqa: SLF001
 
 
 def _resolve(loop: asyncio.AbstractEventLoop, ack: asyncio.Future, _metadata) -> None:
