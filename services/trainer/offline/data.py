@@ -95,7 +95,8 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
     for batch in parquet.iter_batches(batch_size=1024):
         for row in batch.to_pylist():
             number += 1
-            yield f"{path} row {number}", row
+            # A null is a missing column: a file mixing pairs and rankings has nulls in both.
+            yield f"{path} row {number}", {k: v for k, v in row.items() if v is not None}
 
 
 ROW_READERS: dict[str, Callable[[Path], Iterator[tuple[str, dict]]]] = {

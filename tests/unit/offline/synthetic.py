@@ -18,7 +18,8 @@ def write_parquet(path: Path, rows: list[dict]) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pylist(rows), path)
+    columns = list(dict.fromkeys(key for row in rows for key in row))  # from_pylist reads only row 1's keys
+    pq.write_table(pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows]), path)
     return path
 
 
