@@ -40,7 +40,13 @@ from services.trainer.algorithms.losses import (
     entropy_from_logits,
     ppo_clip_loss,
 )
-from services.trainer.algorithms.masked import last_token_index, masked_mean, masked_sum, masked_var, masked_whiten
+from services.trainer.algorithms.masked import (
+    last_token_index,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+)
 from services.trainer.algorithms.registry import Registry
 from services.trainer.algorithms.spec import ALGORITHMS, Algorithm, AlgorithmSpec
 

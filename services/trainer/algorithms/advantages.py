@@ -68,7 +68,9 @@ def gae_advantages(
     return advantages, returns
 
 
-def _group_scores(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, group_index: torch.Tensor):
+def _group_scores(
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, group_index: torch.Tensor
+):
     if group_index is None:
         raise ValueError("outcome advantages need group_index: the group (prompt) of every sample")
     scores = (token_level_rewards * response_mask).sum(dim=-1)  # (B,)
@@ -77,7 +79,9 @@ def _group_scores(token_level_rewards: torch.Tensor, response_mask: torch.Tensor
     counts = torch.zeros(groups, dtype=scores.dtype, device=scores.device).index_add_(
         0, inverse, torch.ones_like(scores)
     )  # (G,)
-    sums = torch.zeros(groups, dtype=scores.dtype, device=scores.device).index_add_(0, inverse, scores)  # (G,)
+    sums = torch.zeros(groups, dtype=scores.dtype, device=scores.device).index_add_(
+        0, inverse, scores
+    )  # (G,)
     return scores, inverse, counts, sums
 
 

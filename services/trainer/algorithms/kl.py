@@ -143,7 +143,9 @@ class AdaptiveKLController:
 
     def __post_init__(self) -> None:
         if self.target <= 0 or self.horizon <= 0:
-            raise ValueError(f"adaptive KL needs target > 0 and horizon > 0, got {self.target}, {self.horizon}")
+            raise ValueError(
+                f"adaptive KL needs target > 0 and horizon > 0, got {self.target}, {self.horizon}"
+            )
 
     def update(self, current_kl: float, n_steps: int) -> None:
         proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)

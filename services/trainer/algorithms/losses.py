@@ -39,7 +39,7 @@ def ppo_clip_loss(
     """PPO's clipped surrogate (Schulman et al. 2017), all inputs (B, A).
 
         ratio = pi(a|s) / pi_behaviour(a|s)   (behaviour = the policy that generated the sample)
-        loss  = mean over valid tokens of max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))
+        loss  = token mean of max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))
 
     Asymmetric ranges (clip_high > clip_low) are DAPO's "clip higher".
     """
@@ -51,7 +51,9 @@ def ppo_clip_loss(
     with torch.no_grad():
         metrics = {
             "policy/loss": float(loss),
-            "policy/clipfrac": float(masked_mean((clipped > unclipped).to(logprobs.dtype), response_mask)),
+            "policy/clipfrac": float(
+                masked_mean((clipped > unclipped).to(logprobs.dtype), response_mask)
+            ),
             # k1 estimate of KL(behaviour || current) from the behaviour's samples.
             "policy/approx_kl": float(masked_mean(-log_ratio, response_mask)),
             "policy/ratio_mean": float(masked_mean(ratio, response_mask)),
@@ -69,7 +71,7 @@ def clipped_value_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO's value loss with value clipping, all inputs (B, A):
 
-        0.5 * mean over valid tokens of max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)
+    0.5 * mean over valid tokens of max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)
     """
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     unclipped_loss = (values - returns) ** 2
@@ -78,7 +80,9 @@ def clipped_value_loss(
     with torch.no_grad():
         metrics = {
             "value/loss": float(loss),
-            "value/clipfrac": float(masked_mean((clipped_loss > unclipped_loss).to(values.dtype), response_mask)),
+            "value/clipfrac": float(
+                masked_mean((clipped_loss > unclipped_loss).to(values.dtype), response_mask)
+            ),
             "value/mean": float(masked_mean(values, response_mask)),
         }
     return loss, metrics

@@ -11,8 +11,9 @@ instead of growing an `if loss_type == ...` ladder (verl's core_algos style).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
-from typing import Callable, Generic, TypeVar
+from typing import Generic, TypeVar
 
 Entry = TypeVar("Entry")
 

@@ -60,8 +60,12 @@ def test_kl_estimators_match_their_definitions():
         got = KL_ESTIMATORS.get(name)(logp, logq)
         for i in range(B):
             for t in range(A):
-                assert got[i, t].item() == pytest.approx(definition(logp[i, t].item(), logq[i, t].item()), abs=TOL)
-    assert (KL_ESTIMATORS.get("k3")(logp, logq) >= 0).all() and (KL_ESTIMATORS.get("k2")(logp, logq) >= 0).all()
+                assert got[i, t].item() == pytest.approx(
+                    definition(logp[i, t].item(), logq[i, t].item()), abs=TOL
+                )
+    assert (KL_ESTIMATORS.get("k3")(logp, logq) >= 0).all() and (
+        KL_ESTIMATORS.get("k2")(logp, logq) >= 0
+    ).all()
     # k3 stays finite where the reference thinks the token impossible.
     assert torch.isfinite(KL_ESTIMATORS.get("k3")(torch.tensor([0.0]), torch.tensor([-1e4]))).all()
 
@@ -79,10 +83,12 @@ def test_k1_and_k3_estimate_the_true_kl():
 
 
 def test_masked_statistics():
-    g, values, _, mask = _random(1)
+    _g, values, _, mask = _random(1)
     for i in range(B):
         row = [values[i, t].item() for t in _valid(mask, i)]
-        assert masked_mean(values, mask, dim=-1)[i].item() == pytest.approx(statistics.fmean(row), abs=TOL)
+        assert masked_mean(values, mask, dim=-1)[i].item() == pytest.approx(
+            statistics.fmean(row), abs=TOL
+        )
     flat = [values[i, t].item() for i in range(B) for t in _valid(mask, i)]
     assert masked_mean(values, mask).item() == pytest.approx(statistics.fmean(flat), abs=TOL)
     assert masked_var(values, mask).item() == pytest.approx(statistics.variance(flat), abs=TOL)
@@ -90,17 +96,21 @@ def test_masked_statistics():
     mean, std = statistics.fmean(flat), statistics.stdev(flat)
     for i in range(B):
         for t in range(A):
-            expected = (values[i, t].item() - mean) / math.sqrt(std**2 + 1e-8) if mask[i, t] else 0.0
+            expected = (
+                (values[i, t].item() - mean) / math.sqrt(std**2 + 1e-8) if mask[i, t] else 0.0
+            )
             assert whitened[i, t].item() == pytest.approx(expected, abs=TOL)
     unshifted = masked_whiten(values, mask, shift_mean=False)
     assert masked_mean(unshifted, mask).item() == pytest.approx(mean, abs=TOL)
     assert last_token_index(mask).tolist() == [max(_valid(mask, i)) for i in range(B)]
-    assert masked_mean(values, torch.zeros_like(mask), dim=-1).abs().max() == 0  # empty row: 0, not NaN
+    assert (
+        masked_mean(values, torch.zeros_like(mask), dim=-1).abs().max() == 0
+    )  # empty row: 0, not NaN
 
 
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (0.99, 1.0), (1.0, 0.0)])
 def test_gae_matches_a_python_loop(gamma, lam):
-    g, rewards, values, mask = _random(2)
+    _g, rewards, values, mask = _random(2)
     advantages, returns = ADVANTAGE_ESTIMATORS.get("gae")(
         token_level_rewards=rewards, response_mask=mask, values=values, gamma=gamma, lam=lam
     )
@@ -133,7 +143,10 @@ GROUP_INDEX = [4, 4, 4, 9, 9, 30, 4]
 def test_grpo_matches_explicit_group_loops(norm_by_std):
     _, rewards, _, mask = _random(4)
     advantages, returns = ADVANTAGE_ESTIMATORS.get("grpo")(
-        token_level_rewards=rewards, response_mask=mask, group_index=torch.tensor(GROUP_INDEX), norm_by_std=norm_by_std
+        token_level_rewards=rewards,
+        response_mask=mask,
+        group_index=torch.tensor(GROUP_INDEX),
+        norm_by_std=norm_by_std,
     )
     scores = [sum(rewards[i, t].item() for t in _valid(mask, i)) for i in range(B)]
     for members in _groups(GROUP_INDEX).values():
@@ -142,11 +155,15 @@ def test_grpo_matches_explicit_group_loops(norm_by_std):
             if len(members) == 1:
                 expected = 0.0
             elif norm_by_std:
-                expected = (scores[i] - statistics.fmean(group_scores)) / (statistics.stdev(group_scores) + 1e-6)
+                expected = (scores[i] - statistics.fmean(group_scores)) / (
+                    statistics.stdev(group_scores) + 1e-6
+                )
             else:
                 expected = scores[i] - statistics.fmean(group_scores)
             for t in range(A):
-                assert advantages[i, t].item() == pytest.approx(expected * mask[i, t].item(), abs=TOL)
+                assert advantages[i, t].item() == pytest.approx(
+                    expected * mask[i, t].item(), abs=TOL
+                )
     assert torch.equal(advantages, returns)
 
 
@@ -161,21 +178,29 @@ def test_rloo_matches_explicit_leave_one_out():
             others = [scores[j] for j in members if j != i]
             expected = scores[i] - statistics.fmean(others) if others else 0.0
             for t in range(A):
-                assert advantages[i, t].item() == pytest.approx(expected * mask[i, t].item(), abs=TOL)
+                assert advantages[i, t].item() == pytest.approx(
+                    expected * mask[i, t].item(), abs=TOL
+                )
 
 
 def test_outcome_estimators_need_groups():
     _, rewards, _, mask = _random()
     with pytest.raises(ValueError, match="group_index"):
-        ADVANTAGE_ESTIMATORS.get("grpo")(token_level_rewards=rewards, response_mask=mask, group_index=None)
+        ADVANTAGE_ESTIMATORS.get("grpo")(
+            token_level_rewards=rewards, response_mask=mask, group_index=None
+        )
 
 
 @pytest.mark.parametrize("clip_low,clip_high", [(0.2, 0.2), (0.1, 0.28)])
 def test_ppo_clipped_surrogate_by_hand(clip_low, clip_high):
     g, behaviour, _, mask = _random(6)
-    logprobs = behaviour + 0.4 * torch.randn(B, A, generator=g, dtype=torch.float64)  # ratios well past the clip
+    logprobs = behaviour + 0.4 * torch.randn(
+        B, A, generator=g, dtype=torch.float64
+    )  # ratios well past the clip
     advantages = torch.randn(B, A, generator=g, dtype=torch.float64)
-    loss, metrics = POLICY_LOSSES.get("ppo_clip")(logprobs, behaviour, advantages, mask, clip_low, clip_high)
+    loss, metrics = POLICY_LOSSES.get("ppo_clip")(
+        logprobs, behaviour, advantages, mask, clip_low, clip_high
+    )
     total, clipped_count, count = 0.0, 0, 0
     for i in range(B):
         for t in _valid(mask, i):
@@ -192,7 +217,9 @@ def test_ppo_clipped_surrogate_by_hand(clip_low, clip_high):
 
 def test_ppo_gradient_is_zero_exactly_where_clipped():
     g, behaviour, _, mask = _random(7)
-    logprobs = (behaviour + 0.5 * torch.randn(B, A, generator=g, dtype=torch.float64)).requires_grad_(True)
+    logprobs = (
+        behaviour + 0.5 * torch.randn(B, A, generator=g, dtype=torch.float64)
+    ).requires_grad_(True)
     advantages = torch.randn(B, A, generator=g, dtype=torch.float64)
     loss, _ = POLICY_LOSSES.get("ppo_clip")(logprobs, behaviour, advantages, mask, 0.2, 0.2)
     loss.backward()
@@ -226,7 +253,9 @@ def test_clipped_value_loss_by_hand():
 def test_kl_penalised_rewards_put_the_score_at_the_last_token(estimator):
     g, behaviour, reference, mask = _random(9)
     scores = torch.randn(B, generator=g, dtype=torch.float64)
-    rewards, metrics = kl_penalized_rewards(scores, behaviour, reference, mask, kl_coef=0.3, estimator=estimator)
+    rewards, metrics = kl_penalized_rewards(
+        scores, behaviour, reference, mask, kl_coef=0.3, estimator=estimator
+    )
     kl = KL_ESTIMATORS.get(estimator)
     for i in range(B):
         valid = _valid(mask, i)
@@ -235,15 +264,22 @@ def test_kl_penalised_rewards_put_the_score_at_the_last_token(estimator):
             if t == valid[-1]:
                 expected += scores[i].item()
             assert rewards[i, t].item() == pytest.approx(expected, abs=TOL)
-    sequence_kl = [sum(kl(behaviour[i, t], reference[i, t]).item() for t in _valid(mask, i)) for i in range(B)]
+    sequence_kl = [
+        sum(kl(behaviour[i, t], reference[i, t]).item() for t in _valid(mask, i)) for i in range(B)
+    ]
     assert metrics["kl/sequence_mean"] == pytest.approx(statistics.fmean(sequence_kl), abs=TOL)
 
 
 def test_kl_loss_is_the_token_mean_of_k3():
     _, logp, logq, mask = _random(10)
     loss, _ = kl_loss(logp, logq, mask, "k3")
-    values = [math.exp(logq[i, t].item() - logp[i, t].item()) - 1 - (logq[i, t].item() - logp[i, t].item())
-              for i in range(B) for t in _valid(mask, i)]  # fmt: skip
+    values = [
+        math.exp(logq[i, t].item() - logp[i, t].item())
+        - 1
+        - (logq[i, t].item() - logp[i, t].item())
+        for i in range(B)
+        for t in _valid(mask, i)
+    ]
     assert loss.item() == pytest.approx(statistics.fmean(values), abs=TOL)
 
 
@@ -255,7 +291,9 @@ def test_kl_controllers():
     adaptive.update(9.0, 64)  # error = clip(9/6 - 1, -0.2, 0.2) = 0.2
     assert adaptive.value == pytest.approx(0.1 * (1 + 0.2 * 64 / 10_000), abs=1e-12)
     adaptive.update(5.4, 64)  # error = -0.1
-    assert adaptive.value == pytest.approx(0.1 * (1 + 0.2 * 64 / 10_000) * (1 - 0.1 * 64 / 10_000), abs=1e-12)
+    assert adaptive.value == pytest.approx(
+        0.1 * (1 + 0.2 * 64 / 10_000) * (1 - 0.1 * 64 / 10_000), abs=1e-12
+    )
     restored = AdaptiveKLController(1.0, 6.0, 10_000)
     restored.load_state_dict(adaptive.state_dict())
     assert restored.value == adaptive.value
@@ -265,8 +303,12 @@ def test_kl_controllers():
 
 def test_registries_name_what_they_know():
     assert set(ALGORITHMS.names_registered()) == {"ppo", "grpo", "rloo"}
-    assert ALGORITHMS.get("grpo").value_loss is None and ALGORITHMS.get("ppo").value_loss is not None
-    with pytest.raises(ValueError, match="unknown advantage estimator 'vtrace'; known: gae, grpo, rloo"):
+    assert (
+        ALGORITHMS.get("grpo").value_loss is None and ALGORITHMS.get("ppo").value_loss is not None
+    )
+    with pytest.raises(
+        ValueError, match="unknown advantage estimator 'vtrace'; known: gae, grpo, rloo"
+    ):
         ADVANTAGE_ESTIMATORS.get("vtrace")
     with pytest.raises(ValueError, match="unknown KL estimator"):
         KL_ESTIMATORS.get("k4")

@@ -1,0 +1,658 @@
+"""The in-process RL learner: one `Learner.step(samples)` is one RL update of the policy from a
+batch of scored rollouts. The Kafka trainer (services/trainer) feeds it rollouts converted from
+`rlhf.v1.Rollout` messages; tests and benchmarks feed it `sample_rollouts(...)` in-process.
+
+    learner = Learner(TrainerConfig(algorithm="grpo", lr=1e-6), policy_dir)
+    metrics = learner.step(samples)        # list[RolloutSample] -> {"reward/mean": ..., ...}
+    torch.save(learner.state_dict(), path) # model, value head, optimizer, scheduler, RNG, KL coef
+    learner.load_state_dict(torch.load(path, weights_only=True))
+    weights = learner.policy_state_dict()  # CPU tensors for the weights push (tied ones once)
+
+One step, in order:
+  1. collate: left-padded prompts, right-padded responses (shapes below);
+  2. values of the sampled states from the value head before the update (PPO's critic);
+  3. token-level rewards: the reward model's score at the last response token, minus
+     beta * KL per token when KL sits in the reward;
+  4. advantages from the algorithm's registered estimator (GAE, GRPO, RLOO), optionally whitened;
+  5. `ppo_epochs` passes of minibatches: registered policy loss (importance ratio against the
+     BEHAVIOUR log-probs recorded at generation) + value loss + beta * KL loss when KL sits in
+     the loss - entropy bonus; gradients averaged across torch.distributed ranks; clip; step;
+  6. the KL controller sees the batch's KL (averaged across ranks).
+
+With torch.distributed initialised, every rank must call `step` with the same number of
+samples (so all ranks take the same number of optimizer steps); ranks start from rank 0's
+weights and stay identical because gradients are averaged before every optimizer step.
+
+Legend: `B` batch, `P` prompt tokens (left-padded), `A` response tokens (right-padded),
+`T` = P + A all tokens, `V` vocabulary, `H` hidden size.
+Tests: tests/unit/trainer/test_learner.py and test_learning.py.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from services.common.models import load_causal_lm, select_device, select_dtype
+from services.trainer.algorithms import (
+    ADVANTAGE_ESTIMATORS,
+    ALGORITHMS,
+    KL_CONTROLLERS,
+    KL_ESTIMATORS,
+    KL_PLACEMENT,
+    POLICY_LOSSES,
+    VALUE_LOSSES,
+    KLEstimator,
+    KLMode,
+    entropy_from_logits,
+    kl_loss,
+    kl_penalized_rewards,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+)
+from services.trainer.config import TrainerConfig
+
+__all__ = [
+    "Learner",
+    "RolloutBatch",
+    "RolloutSample",
+    "TrainerConfig",
+    "ValueHead",
+    "collate",
+    "sample_rollouts",
+]
+
+
+# ---- rollouts in, tensors out -------------------------------------------------------------
+
+
+@dataclass
+class RolloutSample:
+    """One scored sample, as a `rlhf.v1.Rollout` carries it (plain Python values)."""
+
+    prompt_token_ids: list[int]
+    """The prompt as the policy saw it (chat template applied)."""
+    response_token_ids: list[int]
+    """The sampled response, EOS included when the policy stopped by itself."""
+    behaviour_logprobs: list[float]
+    """Log-prob of each response token under the policy that generated it."""
+    reference_logprobs: list[float]
+    """Log-prob of each response token under the frozen reference model."""
+    reward: float
+    """The reward model's score of the whole response."""
+    group_id: str
+    """Samples of the same prompt share it (the GRPO/RLOO baseline group)."""
+    weights_version: int = 0
+    """Policy weights version that generated the sample."""
+    rollout_id: str = ""
+    """Unique id of the rollout (de-duplication happens upstream, in the Kafka trainer)."""
+
+    def validate(self) -> None:
+        """Raises ValueError saying what is wrong with this sample."""
+        name = self.rollout_id or "rollout"
+        if not self.prompt_token_ids or not self.response_token_ids:
+            raise ValueError(f"{name}: prompt and response need at least one token each")
+        n = len(self.response_token_ids)
+        if len(self.behaviour_logprobs) != n or len(self.reference_logprobs) != n:
+            raise ValueError(
+                f"{name}: {n} response tokens but {len(self.behaviour_logprobs)} behaviour and "
+                f"{len(self.reference_logprobs)} reference log-probs"
+            )
+        if min(self.prompt_token_ids) < 0 or min(self.response_token_ids) < 0:
+            raise ValueError(f"{name}: negative token id")
+        if not math.isfinite(self.reward):
+            raise ValueError(f"{name}: reward {self.reward} is not finite")
+        for label, values in (
+            ("behaviour", self.behaviour_logprobs),
+            ("reference", self.reference_logprobs),
+        ):
+            if not all(math.isfinite(v) and v <= 1e-4 for v in values):
+                raise ValueError(f"{name}: {label} log-probs must be finite and <= 0")
+
+
+@dataclass
+class RolloutBatch:
+    """A padded batch: prompts left-padded to P, responses right-padded to A."""
+
+    input_ids: torch.Tensor  # (B, T) long, T = P + A
+    attention_mask: torch.Tensor  # (B, T) long, 1 on real tokens
+    position_ids: torch.Tensor  # (B, T) long, counted from each row's first real token
+    response_ids: torch.Tensor  # (B, A) long, pad_id on padding
+    response_mask: torch.Tensor  # (B, A) float32, 1.0 on response tokens
+    behaviour_logprobs: torch.Tensor  # (B, A) float32, 0 on padding
+    reference_logprobs: torch.Tensor  # (B, A) float32, 0 on padding
+    scores: torch.Tensor  # (B,) float32, the reward model's score
+    group_index: torch.Tensor  # (B,) long, the group of each sample, numbered from 0
+    weights_version: torch.Tensor  # (B,) long
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device) -> RolloutBatch:
+        return RolloutBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def select(self, rows: torch.Tensor) -> RolloutBatch:
+        return RolloutBatch(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+
+def collate(samples: list[RolloutSample], pad_id: int) -> RolloutBatch:
+    """Validates the samples and pads them into one `RolloutBatch` (shapes on its fields)."""
+    if not samples:
+        raise ValueError("collate needs at least one rollout")
+    for sample in samples:
+        sample.validate()
+    B = len(samples)
+    P = max(len(s.prompt_token_ids) for s in samples)
+    A = max(len(s.response_token_ids) for s in samples)
+    input_ids = torch.full((B, P + A), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, P + A), dtype=torch.long)
+    behaviour = torch.zeros((B, A), dtype=torch.float32)
+    reference = torch.zeros((B, A), dtype=torch.float32)
+    groups: dict[str, int] = {}
+    for i, s in enumerate(samples):
+        p, a = len(s.prompt_token_ids), len(s.response_token_ids)
+        input_ids[i, P - p : P] = torch.tensor(s.prompt_token_ids)
+        input_ids[i, P : P + a] = torch.tensor(s.response_token_ids)
+        attention_mask[i, P - p : P + a] = 1
+        behaviour[i, :a] = torch.tensor(s.behaviour_logprobs)
+        reference[i, :a] = torch.tensor(s.reference_logprobs)
+        groups.setdefault(s.group_id, len(groups))
+    return RolloutBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+        response_ids=input_ids[:, P:].clone(),
+        response_mask=attention_mask[:, P:].float(),
+        behaviour_logprobs=behaviour,
+        reference_logprobs=reference,
+        scores=torch.tensor([float(s.reward) for s in samples], dtype=torch.float32),
+        group_index=torch.tensor([groups[s.group_id] for s in samples], dtype=torch.long),
+        weights_version=torch.tensor([int(s.weights_version) for s in samples], dtype=torch.long),
+    )
+
+
+def sequence_logits(model, batch: RolloutBatch, need_hidden: bool = False):
+    """Logits that predict each response token (b, A, V) and, optionally, the last hidden
+    state at the same positions (b, A, H): position P-1+j predicts response token j."""
+    A = batch.response_ids.shape[1]
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        output_hidden_states=need_hidden,
+        logits_to_keep=A + 1,  # positions P-1 .. T-1; the last one predicts nothing we sampled
+    )
+    logits = out.logits[:, :-1]  # (b, A, V)
+    hidden = out.hidden_states[-1][:, -(A + 1) : -1] if need_hidden else None  # (b, A, H)
+    return logits, hidden
+
+
+def response_logprobs(model, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs of the response tokens under `model`: (B, A), 0 on padding."""
+    logits, _ = sequence_logits(model, batch)
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, A, V)
+    return logprobs.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1) * batch.response_mask
+
+
+class ValueHead(nn.Module):
+    """A scalar value per position from the policy's last hidden state: (..., H) -> (...)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden.to(self.proj.weight.dtype)).squeeze(-1)
+
+
+class Learner:
+    """Holds the policy (+ value head), optimizer, scheduler, KL controller; `step` updates them."""
+
+    def __init__(self, config: TrainerConfig, policy_dir: Path | str):
+        self.config = config.validate()
+        self.spec = ALGORITHMS.get(config.algorithm)
+        self.kl_mode = KLMode(config.kl_mode or self.spec.kl_mode)
+        self.kl_estimator = KL_ESTIMATORS.key(config.kl_estimator or self.spec.kl_estimator)
+        self.whiten = (
+            self.spec.whiten_advantages
+            if config.whiten_advantages is None
+            else config.whiten_advantages
+        )
+        use_value_head = (
+            self.spec.value_loss is not None if config.value_head is None else config.value_head
+        )
+        if use_value_head and self.spec.value_loss is None:
+            raise ValueError(
+                f"algorithm {config.algorithm!r} has no value loss to train a value head with"
+            )
+        self.device = select_device(config.device)
+        self.compute_dtype = select_dtype(self.device, config.dtype)
+        torch.manual_seed(config.seed)
+        # Master weights in float32; bf16 (on CUDA) only inside autocast. Dropout stays off
+        # (eval mode): it would make the trainer's log-probs disagree with the sampler's.
+        self.policy = load_causal_lm(Path(policy_dir), self.device, torch.float32)
+        self.policy.requires_grad_(True)
+        self.value_head = (
+            ValueHead(self.policy.config.hidden_size).to(self.device) if use_value_head else None
+        )
+        self.optimizer = torch.optim.AdamW(
+            self._parameters(), lr=config.lr, weight_decay=config.weight_decay, eps=config.adam_eps
+        )
+        warmup = config.lr_warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        )
+        self.kl_controller = KL_CONTROLLERS.get(config.kl_control)(
+            config.kl_coef, config.target_kl, config.kl_horizon
+        )
+        self.generator = torch.Generator().manual_seed(config.seed)  # minibatch shuffles
+        self.global_step = 0
+        self._broadcast_from_rank0()
+
+    # ---- the update ---------------------------------------------------------------------
+
+    def step(self, samples: list[RolloutSample]) -> dict[str, float]:
+        """One RL update from a batch of rollouts; returns namespaced float metrics."""
+        started = time.perf_counter()
+        cfg = self.config
+        # 1. Collate and check; with several ranks, all agree first, so a bad batch on one rank
+        #    is an error on every rank rather than a hang in the next collective.
+        try:
+            batch, refusal = collate(samples, pad_id=self._pad_id()).to(self.device), None
+            self._check_vocabulary(batch)
+        except ValueError as exc:
+            batch, refusal = None, exc
+        self._agree_on_batch(len(samples), refusal)
+        metrics: dict[str, float] = {}
+
+        # 2. Values of the sampled states before the update (the value clipping anchors on them).
+        old_values = None
+        if self.value_head is not None:
+            with torch.no_grad():
+                _, _, old_values = self._forward(batch, need_entropy=False)  # (B, A)
+
+        # 3. Token-level rewards.
+        beta = self.kl_controller.value
+        reward_beta, loss_beta = (beta * m for m in KL_PLACEMENT[self.kl_mode])
+        token_rewards, kl_metrics = kl_penalized_rewards(
+            batch.scores,
+            batch.behaviour_logprobs,
+            batch.reference_logprobs,
+            batch.response_mask,
+            kl_coef=reward_beta,
+            estimator=self.kl_estimator if self.kl_mode is KLMode.REWARD else KLEstimator.K1,
+        )  # (B, A)
+        metrics.update(kl_metrics)
+
+        # 4. Advantages.
+        advantages, returns = ADVANTAGE_ESTIMATORS.get(self.spec.advantage)(
+            token_level_rewards=token_rewards,
+            response_mask=batch.response_mask,
+            values=old_values,
+            group_index=batch.group_index,
+            gamma=cfg.gamma,
+            lam=cfg.lam,
+            norm_by_std=cfg.grpo_norm_by_std,
+        )  # (B, A) each
+        if self.whiten and int(batch.response_mask.sum()) > 1:
+            advantages = masked_whiten(advantages, batch.response_mask)
+        metrics["advantages/mean"] = float(masked_mean(advantages, batch.response_mask))
+        metrics["advantages/abs_mean"] = float(masked_mean(advantages.abs(), batch.response_mask))
+        metrics["returns/mean"] = float(masked_mean(returns, batch.response_mask))
+
+        # 5. Epochs of minibatch updates.
+        size = batch.size
+        minibatch = cfg.minibatch_size or size
+        sums: dict[str, float] = defaultdict(float)
+        updates = 0
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(size, generator=self.generator)
+            for begin in range(0, size, minibatch):
+                rows = order[begin : begin + minibatch].to(self.device)
+                step_metrics = self._update(batch, rows, advantages, returns, old_values, loss_beta)
+                for key, value in step_metrics.items():
+                    sums[key] += value
+                updates += 1
+        metrics.update({key: value / updates for key, value in sums.items()})
+
+        # 6. KL controller from the batch's sequence KL (k1, behaviour vs reference).
+        sequence_kl = masked_sum(
+            batch.behaviour_logprobs - batch.reference_logprobs, batch.response_mask, dim=-1
+        )
+        observed = self._all_reduce_mean(
+            torch.stack([sequence_kl.mean(), torch.tensor(float(size))])
+        )
+        self.kl_controller.update(float(observed[0]), n_steps=round(float(observed[1]) * _world()))
+        self.global_step += 1
+
+        lengths = batch.response_mask.sum(dim=-1)
+        metrics.update(
+            {
+                "reward/mean": float(batch.scores.mean()),
+                "reward/std": float(batch.scores.std()) if size > 1 else 0.0,
+                "kl/coef": beta,
+                "kl/behaviour_ref_k1": float(sequence_kl.mean()),
+                "response/length_mean": float(lengths.float().mean()),
+                "rollout/weights_version_min": float(batch.weights_version.min()),
+                "batch/size": float(size),
+                "optim/lr": self.scheduler.get_last_lr()[0],
+                "optim/updates": float(updates),
+                "time/step_s": time.perf_counter() - started,
+            }
+        )
+        return metrics
+
+    def _update(
+        self, batch: RolloutBatch, rows, advantages, returns, old_values, loss_beta: float
+    ) -> dict[str, float]:
+        """One optimizer step on the minibatch `rows`, accumulated over micro-batches."""
+        cfg = self.config
+        minibatch_tokens = batch.response_mask[rows].sum().clamp(min=1.0)
+        micro = cfg.micro_batch_size or len(rows)
+        totals: dict[str, float] = defaultdict(float)
+        self.optimizer.zero_grad(set_to_none=False)
+        for begin in range(0, len(rows), micro):
+            part_rows = rows[begin : begin + micro]
+            part = batch.select(part_rows)
+            mask = part.response_mask  # (b, A)
+            weight = mask.sum() / minibatch_tokens  # token-mean over the whole minibatch
+            logprobs, entropy, values = self._forward(part, need_entropy=True)  # (b, A) each
+            loss, pg_metrics = POLICY_LOSSES.get(self.spec.policy_loss)(
+                logprobs,
+                part.behaviour_logprobs,
+                advantages[part_rows],
+                mask,
+                cfg.clip_low,
+                cfg.clip_high,
+            )
+            part_metrics = dict(pg_metrics)
+            if values is not None:
+                value_loss, value_metrics = VALUE_LOSSES.get(self.spec.value_loss)(
+                    values, old_values[part_rows], returns[part_rows], mask, cfg.value_clip
+                )
+                loss = loss + cfg.value_coef * value_loss
+                part_metrics.update(value_metrics)
+            if loss_beta > 0:
+                kl_term, kl_metrics = kl_loss(
+                    logprobs, part.reference_logprobs, mask, self.kl_estimator
+                )
+                loss = loss + loss_beta * kl_term
+                part_metrics.update(kl_metrics)
+            entropy_mean = masked_mean(entropy, mask)
+            if cfg.entropy_coef:
+                loss = loss - cfg.entropy_coef * entropy_mean
+            part_metrics["policy/entropy"] = float(entropy_mean.detach())
+            part_metrics["loss/total"] = float(loss.detach())
+            (loss * weight).backward()
+            for key, value in part_metrics.items():
+                totals[key] += float(weight) * value
+        self._all_reduce_gradients()
+        params = self._parameters()
+        if cfg.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        else:
+            grad_norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in params if p.grad is not None])
+            )
+        # Gradients are identical on every rank here, so every rank makes the same choice.
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+            self.scheduler.step()
+        totals["optim/nonfinite_skipped"] = float(not torch.isfinite(grad_norm))
+        totals["optim/grad_norm"] = float(grad_norm)
+        return totals
+
+    def _forward(self, part: RolloutBatch, need_entropy: bool):
+        """Log-probs of the response tokens, their entropies and values: each (b, A) or None."""
+        with torch.autocast(
+            self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32
+        ):
+            logits, hidden = sequence_logits(
+                self.policy, part, need_hidden=self.value_head is not None
+            )
+        logits = logits.float() / self.config.temperature  # (b, A, V)
+        log_z = torch.logsumexp(logits, dim=-1)  # (b, A)
+        token_logits = logits.gather(-1, part.response_ids.unsqueeze(-1)).squeeze(-1)  # (b, A)
+        logprobs = (token_logits - log_z) * part.response_mask
+        entropy = entropy_from_logits(logits) if need_entropy else None
+        values = (
+            self.value_head(hidden.float()) * part.response_mask
+            if self.value_head is not None
+            else None
+        )
+        return logprobs, entropy, values
+
+    # ---- state --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything a resumed learner needs; tensors, numbers and strings only, so that
+        `torch.load(..., weights_only=True)` reads it back."""
+        rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "policy": self.policy.state_dict(),
+            "value_head": self.value_head.state_dict() if self.value_head is not None else {},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "kl_controller": self.kl_controller.state_dict(),
+            "rng": rng,
+            "global_step": self.global_step,
+            "algorithm": self.config.algorithm,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("algorithm") != self.config.algorithm:
+            raise ValueError(
+                f"checkpoint is for {state.get('algorithm')!r}, "
+                f"learner runs {self.config.algorithm!r}"
+            )
+        if bool(state["value_head"]) != (self.value_head is not None):
+            raise ValueError("checkpoint and learner disagree on having a value head")
+        self.policy.load_state_dict(state["policy"])
+        if self.value_head is not None:
+            self.value_head.load_state_dict(state["value_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.generator.set_state(state["rng"]["generator"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.global_step = int(state["global_step"])
+
+    def policy_state_dict(self) -> dict[str, torch.Tensor]:
+        """The policy's weights as CPU tensors, each storage once: tied weights (lm_head =
+        embed_tokens) keep their first name only, as `save_pretrained` does, so the result can
+        go straight to `safetensors.torch.save_file`."""
+        weights, seen = {}, set()
+        for name, tensor in self.policy.state_dict().items():
+            key = (
+                tensor.untyped_storage().data_ptr(),
+                tensor.storage_offset(),
+                tuple(tensor.shape),
+            )
+            if key in seen:
+                continue
+            seen.add(key)
+            weights[name] = tensor.detach().to("cpu", copy=True).contiguous()
+        return weights
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    def _parameters(self) -> list[nn.Parameter]:
+        params = list(self.policy.parameters())
+        if self.value_head is not None:
+            params += list(self.value_head.parameters())
+        return params
+
+    def _pad_id(self) -> int:
+        pad = self.policy.config.pad_token_id
+        if pad is None:
+            pad = self.policy.config.eos_token_id
+        if isinstance(pad, (list, tuple)):
+            pad = pad[0]
+        return int(pad) if pad is not None else 0
+
+    def _check_vocabulary(self, batch: RolloutBatch) -> None:
+        vocab = self.policy.get_input_embeddings().num_embeddings
+        biggest = int(torch.maximum(batch.input_ids.max(), batch.response_ids.max()))
+        if biggest >= vocab:
+            raise ValueError(f"token id {biggest} is outside the policy's vocabulary of {vocab}")
+
+    def _agree_on_batch(self, size: int, refusal: ValueError | None) -> None:
+        """Raises `refusal`, or on every rank if any rank refused or the batch sizes differ."""
+        if _world() > 1:
+            # MAX of (size, -size, refused) gives the largest size, the smallest, any refusal.
+            votes = torch.tensor(
+                [size, -size, refusal is not None], dtype=torch.float64, device=self._comm_device()
+            )
+            dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+            if refusal is None and votes[2] > 0:
+                raise ValueError("another rank refused its batch of rollouts; no rank steps")
+            if refusal is None and (votes[0] != size or -votes[1] != size):
+                raise ValueError(
+                    f"ranks disagree on the batch size (this rank: {size}); "
+                    "every rank must step on as many samples"
+                )
+        if refusal is not None:
+            raise refusal
+
+    def _comm_device(self) -> torch.device:
+        """NCCL reduces CUDA tensors only; gloo takes CPU ones."""
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def _all_reduce_gradients(self) -> None:
+        """Average gradients across ranks, in one flat buffer (one collective per step)."""
+        if _world() == 1:
+            return
+        params = self._parameters()
+        for param in params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= dist.get_world_size()
+        offset = 0
+        for param in params:
+            count = param.grad.numel()
+            param.grad.copy_(flat[offset : offset + count].view_as(param.grad))
+            offset += count
+
+    def _all_reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
+        if _world() == 1:
+            return values.detach().double().cpu()
+        values = values.detach().double().to(self._comm_device())
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return (values / dist.get_world_size()).cpu()
+
+    def _broadcast_from_rank0(self) -> None:
+        if _world() == 1:
+            return
+        with torch.no_grad():
+            for param in self._parameters():
+                dist.broadcast(param.data, src=0)
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+# ---- in-process sampling (learning tests, benchmarks) -------------------------------------
+
+
+@torch.no_grad()
+def sample_rollouts(
+    policy,
+    reference,
+    prompts: list[list[int]],
+    *,
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    reward_fn: Callable[[list[int], list[int]], float],
+    eos_token_id: int | None,
+    pad_id: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    weights_version: int = 0,
+    group_prefix: str = "g",
+) -> list[RolloutSample]:
+    """Samples `samples_per_prompt` responses per prompt from `policy`, recording the behaviour
+    log-probs of the sampled tokens, scores them with `reward_fn(prompt_ids, response_ids)` and
+    adds reference log-probs from the frozen `reference`: what the rollout worker does with
+    the policy, reward and reference services, in one process.
+    """
+    device = next(policy.parameters()).device
+    rows = [list(p) for p in prompts for _ in range(samples_per_prompt)]
+    B, P = len(rows), max(len(p) for p in rows)
+    input_ids = torch.full((B, P), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, P), dtype=torch.long)
+    for i, prompt in enumerate(rows):
+        input_ids[i, P - len(prompt) :] = torch.tensor(prompt)
+        attention_mask[i, P - len(prompt) :] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, logprobs, alive = [], [], []  # each a list of (B,)
+    cache, step_ids = None, input_ids
+    for _ in range(max_new_tokens):
+        out = policy(
+            input_ids=step_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        step_logprobs = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)  # (B, V)
+        token = torch.multinomial(step_logprobs.exp(), 1, generator=generator).squeeze(-1)  # (B,)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        logprobs.append(step_logprobs.gather(-1, token[:, None]).squeeze(-1))
+        alive.append(~finished)
+        if eos_token_id is not None:
+            finished = finished | (token == eos_token_id)
+        if bool(finished.all()):
+            break
+        step_ids = token[:, None]  # (B, 1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(step_ids)], dim=-1)
+        position_ids = position_ids[:, -1:] + 1
+    tokens_t, logprobs_t, alive_t = (
+        torch.stack(x, dim=1).cpu() for x in (tokens, logprobs, alive)
+    )  # (B, A)
+    samples = []
+    for i, prompt in enumerate(rows):
+        n = int(alive_t[i].sum())
+        response = tokens_t[i, :n].tolist()
+        group = i // samples_per_prompt
+        samples.append(
+            RolloutSample(
+                prompt_token_ids=prompt,
+                response_token_ids=response,
+                behaviour_logprobs=logprobs_t[i, :n].tolist(),
+                reference_logprobs=[0.0] * n,  # filled below
+                reward=float(reward_fn(prompt, response)),
+                group_id=f"{group_prefix}{group}",
+                weights_version=weights_version,
+                rollout_id=f"{group_prefix}{group}-{i % samples_per_prompt}",
+            )
+        )
+    batch = collate(samples, pad_id).to(next(reference.parameters()).device)
+    reference_logprobs = response_logprobs(reference, batch, temperature).cpu()  # (B, A)
+    for i, sample in enumerate(samples):
+        sample.reference_logprobs = reference_logprobs[i, : len(sample.response_token_ids)].tolist()
+    return samples

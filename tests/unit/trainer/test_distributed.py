@@ -1,0 +1,81 @@
+"""Two learner ranks (torch.distributed, gloo on CPU) stepping on different rollouts hold
+identical weights after every step, because gradients are averaged before each optimizer step;
+a batch size that differs between ranks, or a batch one rank refuses, is a clear error on every
+rank instead of a hang.
+
+    pytest tests/unit/trainer/test_distributed.py -q
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from services.trainer.learner import Learner, TrainerConfig
+
+CONFIG = TrainerConfig(algorithm="ppo", lr=1e-2, minibatch_size=8, seed=0)
+STEPS = 2
+
+
+def _flat(learner: Learner) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in learner._parameters()])
+
+
+def _rank(rank: int, world: int, policy_dir: str, out_dir: str) -> None:
+    from services.common.models import load_causal_lm
+    from tests.unit.trainer.rl_loop import random_prompts, rollouts
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world
+    )
+    try:
+        learner = Learner(CONFIG, policy_dir)
+        reference = load_causal_lm(Path(policy_dir), torch.device("cpu"), torch.float32)
+        generator = torch.Generator().manual_seed(100 + rank)  # each rank its own rollouts
+        batches = [
+            rollouts(learner, reference, random_prompts(generator, 4), seed=100 * rank + s)
+            for s in range(STEPS)
+        ]
+        for step, samples in enumerate(batches):
+            learner.step(samples)
+            torch.save(_flat(learner), f"{out_dir}/rank{rank}-step{step}.pt")
+        error = ""
+        try:
+            learner.step(batches[0][: 16 - 4 * rank])  # rank 1 brings fewer samples
+        except ValueError as exc:
+            error = str(exc)
+        Path(f"{out_dir}/rank{rank}-error.txt").write_text(error)
+        out_of_vocabulary = replace(
+            batches[0][-1],
+            response_token_ids=[99],
+            behaviour_logprobs=[-1.0],
+            reference_logprobs=[-1.0],
+        )
+        bad = [*batches[0][:-1], out_of_vocabulary] if rank else batches[0]
+        try:
+            learner.step(bad)  # rank 1 brings a token outside the vocabulary
+        except ValueError as exc:
+            Path(f"{out_dir}/rank{rank}-refusal.txt").write_text(str(exc))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_hold_identical_weights(small_vocab_policy_dir, tmp_path):
+    mp.spawn(_rank, args=(2, str(small_vocab_policy_dir), str(tmp_path)), nprocs=2, join=True)
+    initial = _flat(Learner(CONFIG, small_vocab_policy_dir))
+    for step in range(STEPS):
+        rank0 = torch.load(tmp_path / f"rank0-step{step}.pt", weights_only=True)
+        rank1 = torch.load(tmp_path / f"rank1-step{step}.pt", weights_only=True)
+        assert torch.equal(rank0, rank1), f"ranks diverged at step {step}"
+        assert not torch.equal(rank0, initial)
+    for rank in range(2):
+        assert (
+            "ranks disagree on the batch size" in (tmp_path / f"rank{rank}-error.txt").read_text()
+        )
+    assert "outside the policy's vocabulary" in (tmp_path / "rank1-refusal.txt").read_text()
+    assert "another rank refused" in (tmp_path / "rank0-refusal.txt").read_text()
