@@ -20,6 +20,7 @@ import ast
 import dataclasses
 import importlib
 import inspect
+import itertools
 import json
 import sys
 import textwrap
@@ -44,12 +45,27 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {
-    "sft": Stage("services.trainer.offline.sft", "SFTConfig", "run_sft", "supervised fine-tuning on demonstrations"),
-    "train-reward": Stage(
-        "services.trainer.offline.reward", "RewardConfig", "run_train_reward", "Bradley-Terry reward model on pairs and rankings"
+    "sft": Stage(
+        "services.trainer.offline.sft",
+        "SFTConfig",
+        "run_sft",
+        "supervised fine-tuning on demonstrations",
     ),
-    "dpo": Stage("services.trainer.offline.dpo", "DPOConfig", "run_dpo", "direct preference optimisation on pairs"),
-    "kto": Stage("services.trainer.offline.kto", "KTOConfig", "run_kto", "KTO on thumbs-up/down labels"),
+    "train-reward": Stage(
+        "services.trainer.offline.reward",
+        "RewardConfig",
+        "run_train_reward",
+        "Bradley-Terry reward model on pairs and rankings",
+    ),
+    "dpo": Stage(
+        "services.trainer.offline.dpo",
+        "DPOConfig",
+        "run_dpo",
+        "direct preference optimisation on pairs",
+    ),
+    "kto": Stage(
+        "services.trainer.offline.kto", "KTOConfig", "run_kto", "KTO on thumbs-up/down labels"
+    ),
 }
 PATH_FLAGS = ("model", "data", "eval_data", "output")
 
@@ -61,7 +77,7 @@ def field_docs(cls: type) -> dict[str, str]:
         if not dataclasses.is_dataclass(klass):
             continue
         body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
-        for node, following in zip(body, body[1:]):
+        for node, following in itertools.pairwise(body):
             if (
                 isinstance(node, ast.AnnAssign)
                 and isinstance(node.target, ast.Name)
@@ -73,30 +89,58 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise ValueError
+
+
+def _to_number(kind: type) -> Any:
+    def convert(value: Any):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError
+        if kind is int and isinstance(value, float):
+            raise ValueError
+        return kind(value)
+
+    return convert
+
+
+def _to_text(kind: type) -> Any:
+    def convert(value: Any):
+        if not isinstance(value, (str, Path)):
+            raise TypeError
+        return kind(value)
+
+    return convert
+
+
+# YAML gives typed values, the command line strings: each field type converts both or refuses.
+CONVERTERS = {
+    bool: _to_bool,
+    int: _to_number(int),
+    float: _to_number(float),
+    str: _to_text(str),
+    Path: _to_text(Path),
+}
+
+
 def coerce(name: str, hint: Any, value: Any) -> Any:
     """A YAML or command-line value as the field's type; ConfigError naming the field otherwise."""
     from services.trainer.offline.common import ConfigError
 
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    is_union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    options = typing.get_args(hint) if is_union else (hint,)
     if value is None and type(None) in options:
         return None
     target = next(t for t in options if t is not type(None))
     try:
-        if target is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                return value.lower() in ("true", "yes", "1")
-            raise ValueError
-        if target is int and not isinstance(value, bool) and (isinstance(value, int) or isinstance(value, str)):
-            return int(value)
-        if target is float and not isinstance(value, bool) and isinstance(value, (int, float, str)):
-            return float(value)
-        if target in (str, Path) and isinstance(value, (str, Path)):
-            return target(value)
-        raise ValueError
-    except ValueError:
-        raise ConfigError(f"config field '{name}' must be {target.__name__}, got {value!r}") from None
+        return CONVERTERS[target](value)
+    except (TypeError, ValueError):
+        message = f"config field '{name}' must be {target.__name__}, got {value!r}"
+        raise ConfigError(message) from None
 
 
 def build_config(cls: type, yaml_file: Path | None, flags: dict[str, Any], overrides: list[str]):
@@ -128,10 +172,14 @@ def build_config(cls: type, yaml_file: Path | None, flags: dict[str, Any], overr
     missing = [
         name
         for name, f in fields.items()
-        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in values
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
     ]
     if missing:
-        raise ConfigError(f"missing config field(s) {missing} (give them as --flags or in --config)")
+        raise ConfigError(
+            f"missing config field(s) {missing} (give them as --flags or in --config)"
+        )
     return cls(**{name: coerce(name, hints[name], value) for name, value in values.items()})
 
 
@@ -139,11 +187,18 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description="Offline RLHF training stages.")
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, stage in STAGES.items():
-        sub = stages.add_parser(name, help=stage.help, description=stage.help, formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub = stages.add_parser(
+            name,
+            help=stage.help,
+            description=stage.help,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         sub.add_argument("--config", type=Path, help="YAML file of config fields (see below)")
         for flag in PATH_FLAGS:
             sub.add_argument(f"--{flag.replace('_', '-')}", dest=flag, help=f"config field {flag}")
-        sub.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="set any config field")
+        sub.add_argument(
+            "--set", action="append", default=[], metavar="FIELD=VALUE", help="set any config field"
+        )
         sub.set_defaults(_stage=stage)
     return parser
 
@@ -162,7 +217,9 @@ def _with_field_help(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         stage = STAGES[argv[0]]
         cls = getattr(importlib.import_module(stage.module), stage.config)
         defaults = {f.name: _default_text(f) for f in dataclasses.fields(cls)}
-        lines = [f"  {name} = {defaults[name]}\n      {doc}" for name, doc in field_docs(cls).items()]
+        lines = [
+            f"  {name} = {defaults[name]}\n      {doc}" for name, doc in field_docs(cls).items()
+        ]
         stages = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         stages.choices[argv[0]].epilog = "config fields:\n" + "\n".join(lines)
 
@@ -179,13 +236,20 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = build_config(
-            getattr(module, stage.config), options.config, {f: getattr(options, f) for f in PATH_FLAGS}, options.set
+            getattr(module, stage.config),
+            options.config,
+            {f: getattr(options, f) for f in PATH_FLAGS},
+            options.set,
         )
         summary = getattr(module, stage.run)(config)
     except (ConfigError, DataError) as err:
         print(f"rlhf {options.stage}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(json.dumps({"output": str(config.output), "metrics": summary["metrics"]}, indent=2, sort_keys=True))
+    print(
+        json.dumps(
+            {"output": str(config.output), "metrics": summary["metrics"]}, indent=2, sort_keys=True
+        )
+    )
     return 0
 
 

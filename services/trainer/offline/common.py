@@ -24,8 +24,18 @@ import torch
 from tqdm.auto import tqdm
 
 from services.common.models import select_device, select_dtype
-from services.trainer.offline.data import DataError, DataKind, file_sha256, load_records, split_by_prompt
-from services.trainer.offline.encoding import EncodedCompletion, collate_completions, completion_logprobs
+from services.trainer.offline.data import (
+    DataError,
+    DataKind,
+    file_sha256,
+    load_records,
+    split_by_prompt,
+)
+from services.trainer.offline.encoding import (
+    EncodedCompletion,
+    collate_completions,
+    completion_logprobs,
+)
 
 SUMMARY_FILE = "training_summary.json"
 
@@ -81,11 +91,15 @@ class StageConfig:
         }
         for name, ok in checks.items():
             if not ok:
-                raise ConfigError(f"config field '{name}' has an invalid value {getattr(self, name)!r}")
+                raise ConfigError(
+                    f"config field '{name}' has an invalid value {getattr(self, name)!r}"
+                )
         if not Path(self.model).is_dir():
             raise ConfigError(f"config field 'model': {self.model} is not a model folder")
         if Path(self.output).exists() and not self.overwrite:
-            raise ConfigError(f"config field 'output': {self.output} exists (set overwrite: true to replace it)")
+            raise ConfigError(
+                f"config field 'output': {self.output} exists (set overwrite: true to replace it)"
+            )
 
 
 def config_as_json(config: StageConfig) -> dict[str, Any]:
@@ -122,7 +136,9 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return reference
 
 
-def sequence_logps(model, encoded: list[EncodedCompletion], pad_token_id: int, runtime: Runtime) -> torch.Tensor:
+def sequence_logps(
+    model, encoded: list[EncodedCompletion], pad_token_id: int, runtime: Runtime
+) -> torch.Tensor:
     """Summed completion log-probs (N,) of N encoded sequences, in one forward."""
     batch = collate_completions(encoded, pad_token_id).to(runtime.device)
     with runtime.autocast():
@@ -133,20 +149,29 @@ def sequence_logps(model, encoded: list[EncodedCompletion], pad_token_id: int, r
 # Data
 
 
-def load_split(config: StageConfig, kind: DataKind, chat_allowed: bool = True) -> tuple[list, list, dict]:
+def load_split(
+    config: StageConfig, kind: DataKind, chat_allowed: bool = True
+) -> tuple[list, list, dict]:
     """(train records, held-out records, provenance for the summary)."""
     train = load_records(config.data, kind, chat_allowed)
     provenance = {"train": {"path": str(config.data), "sha256": file_sha256(config.data)}}
     if config.eval_data is not None:
         held_out = load_records(config.eval_data, kind, chat_allowed)
-        provenance["eval"] = {"path": str(config.eval_data), "sha256": file_sha256(config.eval_data)}
+        provenance["eval"] = {
+            "path": str(config.eval_data),
+            "sha256": file_sha256(config.eval_data),
+        }
     else:
         train, held_out = split_by_prompt(train, config.eval_fraction)
         provenance["eval"] = {"split_of_train": True, "eval_fraction": config.eval_fraction}
         if config.eval_fraction > 0 and not held_out:
-            raise DataError(f"{config.data}: no prompt fell in the held-out split; raise eval_fraction or give eval_data")
+            raise DataError(
+                f"{config.data}: no prompt fell in the held-out split; raise eval_fraction or give eval_data"
+            )
     if not train:
-        raise DataError(f"{config.data}: no training records left after holding out the evaluation split")
+        raise DataError(
+            f"{config.data}: no training records left after holding out the evaluation split"
+        )
     provenance["train"]["records"] = len(train)
     provenance["eval"]["records"] = len(held_out)
     return train, held_out, provenance
@@ -168,10 +193,17 @@ def in_batches(records: list, batch_size: int) -> Iterator[list]:
 
 
 def progress(iterable: Iterable, description: str, total: int | None = None):
-    return tqdm(iterable, desc=description, total=total, file=sys.stderr, dynamic_ncols=True, leave=False)
+    return tqdm(
+        iterable, desc=description, total=total, file=sys.stderr, dynamic_ncols=True, leave=False
+    )
 
 
-def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float) -> float:
+def optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    max_grad_norm: float,
+) -> float:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -203,7 +235,9 @@ def save_model_folder(
     if output.exists():
         if not overwrite:
             shutil.rmtree(staging, ignore_errors=True)
-            raise ConfigError(f"config field 'output': {output} appeared during training; not replaced")
+            raise ConfigError(
+                f"config field 'output': {output} appeared during training; not replaced"
+            )
         retired = output.with_name(f".{output.name}.old-{os.getpid()}")
         output.rename(retired)
         staging.rename(output)
@@ -213,7 +247,14 @@ def save_model_folder(
     return output
 
 
-def build_summary(stage: str, config: StageConfig, metrics: dict[str, float], data: dict, started: float, steps: int) -> dict:
+def build_summary(
+    stage: str,
+    config: StageConfig,
+    metrics: dict[str, float],
+    data: dict,
+    started: float,
+    steps: int,
+) -> dict:
     import transformers
 
     return {

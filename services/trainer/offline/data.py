@@ -25,10 +25,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 Messages = list[dict[str, str]]
-Text = Union[str, Messages]
+Text = str | Messages
 
 
 class DataError(ValueError):
@@ -62,7 +62,7 @@ class LabelledCompletion:
     """True for a desirable completion (thumbs up), False for an undesirable one."""
 
 
-Record = Union[Demonstration, PreferencePair, LabelledCompletion]
+Record = Demonstration | PreferencePair | LabelledCompletion
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +78,9 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from err
+                raise DataError(
+                    f"{where}: not valid JSON ({err.msg} at column {err.colno})"
+                ) from err
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
             yield where, row
@@ -113,7 +115,9 @@ def read_rows(path: Path) -> Iterator[tuple[str, dict]]:
         raise DataError(f"{path}: no such data file")
     reader = ROW_READERS.get(path.suffix.lower())
     if reader is None:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(ROW_READERS)}")
+        raise DataError(
+            f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(ROW_READERS)}"
+        )
     return reader(path)
 
 
@@ -131,7 +135,9 @@ def _text(row: dict, column: str, where: str, chat_allowed: bool) -> Text:
         return value
     if isinstance(value, list) and chat_allowed:
         return _messages(value, column, where)
-    allowed = "a non-empty string or a list of chat messages" if chat_allowed else "a non-empty string"
+    allowed = (
+        "a non-empty string or a list of chat messages" if chat_allowed else "a non-empty string"
+    )
     raise DataError(f"{where}: column '{column}' must be {allowed}, got {type(value).__name__}")
 
 
@@ -141,7 +147,9 @@ def _messages(value: list, column: str, where: str) -> Messages:
     messages = []
     for index, message in enumerate(value):
         if not isinstance(message, dict):
-            raise DataError(f"{where}: column '{column}'[{index}] must be an object with role and content")
+            raise DataError(
+                f"{where}: column '{column}'[{index}] must be an object with role and content"
+            )
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or not role or not isinstance(content, str):
             raise DataError(
@@ -169,7 +177,9 @@ def parse_demonstration(row: dict, where: str, chat_allowed: bool = True) -> lis
     if "messages" in row and "prompt" not in row:
         messages = _text(row, "messages", where, chat_allowed=True)
         if isinstance(messages, str) or len(messages) < 2:
-            raise DataError(f"{where}: column 'messages' needs at least a user and an assistant message")
+            raise DataError(
+                f"{where}: column 'messages' needs at least a user and an assistant message"
+            )
         _assistant_completion(messages, "messages", where)
         return [Demonstration(prompt=messages[:-1], completion=messages[-1:])]
     prompt = _text(row, "prompt", where, chat_allowed)
@@ -184,9 +194,12 @@ def parse_preference(row: dict, where: str, chat_allowed: bool = True) -> list[R
     if "responses" in row and "chosen" not in row:
         ranking = row["responses"]
         if not isinstance(ranking, list) or len(ranking) < 2:
-            raise DataError(f"{where}: column 'responses' must be a list of K >= 2 responses, best first")
+            raise DataError(
+                f"{where}: column 'responses' must be a list of K >= 2 responses, best first"
+            )
         responses = [
-            _text({f"responses[{i}]": r}, f"responses[{i}]", where, chat_allowed) for i, r in enumerate(ranking)
+            _text({f"responses[{i}]": r}, f"responses[{i}]", where, chat_allowed)
+            for i, r in enumerate(ranking)
         ]
         _same_form(prompt, {f"responses[{i}]": r for i, r in enumerate(responses)}, where)
         if len({json.dumps(r, sort_keys=True) for r in responses}) != len(responses):
@@ -208,7 +221,9 @@ def parse_labelled(row: dict, where: str, chat_allowed: bool = True) -> list[Rec
     _same_form(prompt, {"completion": completion}, where)
     label = row.get("label")
     if not isinstance(label, bool):
-        raise DataError(f"{where}: column 'label' must be a boolean (true = desirable), got {label!r:.40}")
+        raise DataError(
+            f"{where}: column 'label' must be a boolean (true = desirable), got {label!r:.40}"
+        )
     return [LabelledCompletion(prompt, completion, label)]
 
 

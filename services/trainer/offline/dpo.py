@@ -61,7 +61,9 @@ class DPOConfig(StageConfig):
         if self.beta <= 0:
             raise ConfigError(f"config field 'beta' must be positive, got {self.beta!r}")
         if self.loss not in PREFERENCE_LOSSES:
-            raise ConfigError(f"config field 'loss' must be one of {PREFERENCE_LOSSES}, got {self.loss!r}")
+            raise ConfigError(
+                f"config field 'loss' must be one of {PREFERENCE_LOSSES}, got {self.loss!r}"
+            )
 
 
 def encode_pairs(tokenizer, pairs: list, max_length: int, source: str) -> list[tuple]:
@@ -88,11 +90,22 @@ def pair_logps(model, encoded_pairs: list[tuple], pad_token_id: int, runtime: Ru
 
 
 @torch.no_grad()
-def held_out_margins(policy, reference, encoded_pairs, pad_token_id, config: DPOConfig, runtime: Runtime) -> dict[str, float]:
+def held_out_margins(
+    policy, reference, encoded_pairs, pad_token_id, config: DPOConfig, runtime: Runtime
+) -> dict[str, float]:
     policy.eval()
     rows = []
-    for chunk in progress(in_batches(encoded_pairs, config.batch_size), "dpo eval", -(-len(encoded_pairs) // config.batch_size)):
-        rows.append((*pair_logps(policy, chunk, pad_token_id, runtime), *pair_logps(reference, chunk, pad_token_id, runtime)))
+    for chunk in progress(
+        in_batches(encoded_pairs, config.batch_size),
+        "dpo eval",
+        -(-len(encoded_pairs) // config.batch_size),
+    ):
+        rows.append(
+            (
+                *pair_logps(policy, chunk, pad_token_id, runtime),
+                *pair_logps(reference, chunk, pad_token_id, runtime),
+            )
+        )
     policy.train()
     policy_c, policy_r, ref_c, ref_r = (torch.cat(column) for column in zip(*rows))  # each (P,)
     margin = config.beta * ((policy_c - ref_c) - (policy_r - ref_r))  # (P,)
@@ -114,7 +127,9 @@ def run_dpo(config: DPOConfig) -> dict:
     tokenizer = load_tokenizer(config.model)
     pad = tokenizer.pad_token_id
     train_pairs = encode_pairs(tokenizer, train, config.max_length, str(config.data))
-    eval_pairs = encode_pairs(tokenizer, held_out, config.max_length, str(config.eval_data or config.data))
+    eval_pairs = encode_pairs(
+        tokenizer, held_out, config.max_length, str(config.eval_data or config.data)
+    )
 
     # 2. Policy (trained) and reference (a frozen copy of the same starting weights).
     policy = load_causal_lm(config.model, runtime.device, torch.float32).train()
@@ -129,15 +144,22 @@ def run_dpo(config: DPOConfig) -> dict:
     # 3. Train: sequence log-probs under both models, then the preference loss.
     steps = 0
     for epoch in range(config.epochs):
-        batches = progress(shuffled_batches(train_pairs, config.batch_size, rng), f"dpo epoch {epoch + 1}/{config.epochs}")
+        batches = progress(
+            shuffled_batches(train_pairs, config.batch_size, rng),
+            f"dpo epoch {epoch + 1}/{config.epochs}",
+        )
         for chunk in batches:
             policy_chosen, policy_rejected = pair_logps(policy, chunk, pad, runtime)  # (P,), (P,)
             with torch.no_grad():
                 ref_chosen, ref_rejected = pair_logps(reference, chunk, pad, runtime)  # (P,), (P,)
-            loss, step_metrics = preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, config.beta)
+            loss, step_metrics = preference_loss(
+                policy_chosen, policy_rejected, ref_chosen, ref_rejected, config.beta
+            )
             optimizer_step(policy, optimizer, loss, config.max_grad_norm)
             steps += 1
-            batches.set_postfix(loss=f"{loss.item():.4f}", margin=f"{step_metrics['rewards/margin']:.3f}")
+            batches.set_postfix(
+                loss=f"{loss.item():.4f}", margin=f"{step_metrics['rewards/margin']:.3f}"
+            )
         metrics["train/loss_last"] = loss.item()
 
     # 4. Held-out margins after, then the folder the policy service loads.

@@ -40,7 +40,9 @@ class CompletionBatch:
     completion_mask: torch.Tensor  # (B, T) 1 on completion tokens (the ones with a loss)
 
     def to(self, device: torch.device) -> CompletionBatch:
-        return CompletionBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.completion_mask)))
+        return CompletionBatch(
+            *(t.to(device) for t in (self.input_ids, self.attention_mask, self.completion_mask))
+        )
 
 
 def render_chat(tokenizer, prompt: list[dict], completion: list[dict]) -> tuple[str, str]:
@@ -55,7 +57,9 @@ def render_chat(tokenizer, prompt: list[dict], completion: list[dict]) -> tuple[
     return prompt_text, full_text[len(prompt_text) :]
 
 
-def encode_completion(tokenizer, prompt: Text, completion: Text, max_length: int) -> EncodedCompletion:
+def encode_completion(
+    tokenizer, prompt: Text, completion: Text, max_length: int
+) -> EncodedCompletion:
     """Token ids of prompt + completion and where the completion starts (see module docstring)."""
     if isinstance(prompt, list):
         prompt_text, completion_text = render_chat(tokenizer, prompt, completion)
@@ -63,12 +67,18 @@ def encode_completion(tokenizer, prompt: Text, completion: Text, max_length: int
         completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
     else:
         prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [
+            tokenizer.eos_token_id
+        ]
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    completion_ids = completion_ids[: max_length - 1]  # keep at least one prompt token to predict from
+    completion_ids = completion_ids[
+        : max_length - 1
+    ]  # keep at least one prompt token to predict from
     prompt_ids = prompt_ids[-(max_length - len(completion_ids)) :]
-    return EncodedCompletion(input_ids=prompt_ids + completion_ids, completion_start=len(prompt_ids))
+    return EncodedCompletion(
+        input_ids=prompt_ids + completion_ids, completion_start=len(prompt_ids)
+    )
 
 
 def collate_completions(encoded: list[EncodedCompletion], pad_token_id: int) -> CompletionBatch:
@@ -86,7 +96,9 @@ def collate_completions(encoded: list[EncodedCompletion], pad_token_id: int) -> 
 
 def completion_logprobs(model, batch: CompletionBatch) -> torch.Tensor:
     """Summed log-probability of each completion under `model`: (B,), in float32."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
+    logits = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask
+    ).logits  # (B, T, V)
     per_token = token_logprobs(logits, batch.input_ids)  # (B, T-1)
     return (per_token * batch.completion_mask[:, 1:]).sum(dim=-1)  # (B,)
 
@@ -95,7 +107,9 @@ def completion_logprobs(model, batch: CompletionBatch) -> torch.Tensor:
 # Reward model input
 
 
-def encode_for_reward(tokenizer, prompt: str, response: str, max_length: int) -> dict[str, list[int]]:
+def encode_for_reward(
+    tokenizer, prompt: str, response: str, max_length: int
+) -> dict[str, list[int]]:
     """The reward model's input for one (prompt, response): the two as a text pair.
 
     For BERT-style tokenizers this is `[CLS] prompt [SEP] response [SEP]` with segment ids 0/1;
@@ -106,7 +120,12 @@ def encode_for_reward(tokenizer, prompt: str, response: str, max_length: int) ->
     return {name: list(ids) for name, ids in encoded.items()}
 
 
-def reward_batch(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> dict[str, torch.Tensor]:
+def reward_batch(
+    tokenizer, prompts: list[str], responses: list[str], max_length: int
+) -> dict[str, torch.Tensor]:
     """`encode_for_reward` for many pairs, padded into (B, T) tensors for the model's forward."""
-    rows = [encode_for_reward(tokenizer, p, r, max_length) for p, r in zip(prompts, responses, strict=True)]
+    rows = [
+        encode_for_reward(tokenizer, p, r, max_length)
+        for p, r in zip(prompts, responses, strict=True)
+    ]
     return dict(tokenizer.pad(rows, padding=True, return_tensors="pt"))

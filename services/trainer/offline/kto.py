@@ -64,32 +64,50 @@ class KTOConfig(StageConfig):
         super().validate()
         for name in ("beta", "desirable_weight", "undesirable_weight"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"config field '{name}' must be positive, got {getattr(self, name)!r}")
+                raise ConfigError(
+                    f"config field '{name}' must be positive, got {getattr(self, name)!r}"
+                )
         if self.batch_size < 2:
-            raise ConfigError("config field 'batch_size' must be at least 2: KTO's KL estimate pairs records of a batch")
+            raise ConfigError(
+                "config field 'batch_size' must be at least 2: KTO's KL estimate pairs records of a batch"
+            )
 
 
 def encode_batch(tokenizer, records: list[LabelledCompletion], max_length: int, source: str):
     """(matched sequences x_i + y_i, mismatched x_i + y_(i+1 mod B)), B each."""
     try:
-        matched = [encode_completion(tokenizer, r.prompt, r.completion, max_length) for r in records]
+        matched = [
+            encode_completion(tokenizer, r.prompt, r.completion, max_length) for r in records
+        ]
         shifted = records[1:] + records[:1]
-        mismatched = [encode_completion(tokenizer, r.prompt, s.completion, max_length) for r, s in zip(records, shifted)]
+        mismatched = [
+            encode_completion(tokenizer, r.prompt, s.completion, max_length)
+            for r, s in zip(records, shifted)
+        ]
     except ValueError as err:
         raise DataError(f"{source}: {err}") from err
     return matched, mismatched
 
 
 @torch.no_grad()
-def held_out_gaps(policy, reference, tokenizer, records, config: KTOConfig, runtime: Runtime) -> dict[str, float]:
+def held_out_gaps(
+    policy, reference, tokenizer, records, config: KTOConfig, runtime: Runtime
+) -> dict[str, float]:
     policy.eval()
     policy_logps, ref_logps = [], []
-    for chunk in progress(in_batches(records, config.batch_size), "kto eval", -(-len(records) // config.batch_size)):
-        encoded = [encode_completion(tokenizer, r.prompt, r.completion, config.max_length) for r in chunk]
+    for chunk in progress(
+        in_batches(records, config.batch_size), "kto eval", -(-len(records) // config.batch_size)
+    ):
+        encoded = [
+            encode_completion(tokenizer, r.prompt, r.completion, config.max_length) for r in chunk
+        ]
         policy_logps.append(sequence_logps(policy, encoded, tokenizer.pad_token_id, runtime))
         ref_logps.append(sequence_logps(reference, encoded, tokenizer.pad_token_id, runtime))
     policy.train()
-    logps, rewards = torch.cat(policy_logps), config.beta * (torch.cat(policy_logps) - torch.cat(ref_logps))  # (N,)
+    logps, rewards = (
+        torch.cat(policy_logps),
+        config.beta * (torch.cat(policy_logps) - torch.cat(ref_logps)),
+    )  # (N,)
     desirable = torch.tensor([r.label for r in records], device=logps.device)  # (N,)
     if desirable.all() or not desirable.any():
         return {}  # a gap needs both kinds
@@ -120,17 +138,29 @@ def run_kto(config: KTOConfig) -> dict:
     kto = get_loss(LossName.KTO)
     metrics: dict[str, float] = {}
     if held_out:
-        metrics |= {f"eval/{k}_before": v for k, v in held_out_gaps(policy, reference, tokenizer, held_out, config, runtime).items()}
+        metrics |= {
+            f"eval/{k}_before": v
+            for k, v in held_out_gaps(
+                policy, reference, tokenizer, held_out, config, runtime
+            ).items()
+        }
 
     # 3. Train: log-probs of matched and mismatched sequences under both models, then KTO.
     steps = 0
     for epoch in range(config.epochs):
-        batches = progress(shuffled_batches(train, config.batch_size, rng), f"kto epoch {epoch + 1}/{config.epochs}")
+        batches = progress(
+            shuffled_batches(train, config.batch_size, rng),
+            f"kto epoch {epoch + 1}/{config.epochs}",
+        )
         for chunk in batches:
-            matched, mismatched = encode_batch(tokenizer, chunk, config.max_length, str(config.data))
+            matched, mismatched = encode_batch(
+                tokenizer, chunk, config.max_length, str(config.data)
+            )
             policy_logps = sequence_logps(policy, matched, pad, runtime)  # (B,)
             with torch.no_grad():
-                kl_policy_logps = sequence_logps(policy, mismatched, pad, runtime)  # (B,) z0 is detached anyway
+                kl_policy_logps = sequence_logps(
+                    policy, mismatched, pad, runtime
+                )  # (B,) z0 is detached anyway
                 ref_logps = sequence_logps(reference, matched, pad, runtime)  # (B,)
                 kl_ref_logps = sequence_logps(reference, mismatched, pad, runtime)  # (B,)
             desirable = torch.tensor([r.label for r in chunk], device=runtime.device)  # (B,)
@@ -145,7 +175,12 @@ def run_kto(config: KTOConfig) -> dict:
 
     # 4. Held-out gaps after, then the folder the policy service loads.
     if held_out:
-        metrics |= {f"eval/{k}_after": v for k, v in held_out_gaps(policy, reference, tokenizer, held_out, config, runtime).items()}
+        metrics |= {
+            f"eval/{k}_after": v
+            for k, v in held_out_gaps(
+                policy, reference, tokenizer, held_out, config, runtime
+            ).items()
+        }
     summary = build_summary("kto", config, metrics, provenance, started, steps)
     save_model_folder(config.output, policy.eval(), tokenizer, summary, config.overwrite)
     return summary

@@ -42,7 +42,9 @@ def get_loss(name: str) -> Callable[..., tuple[torch.Tensor, Metrics]]:
     try:
         return LOSSES[LossName(name)]
     except ValueError:
-        raise ValueError(f"unknown loss {name!r}; registered: {[n.value for n in LOSSES]}") from None
+        raise ValueError(
+            f"unknown loss {name!r}; registered: {[n.value for n in LOSSES]}"
+        ) from None
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -52,7 +54,9 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
 
 
 @register_loss(LossName.SFT)
-def sft_loss(token_logps: torch.Tensor, completion_mask: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+def sft_loss(
+    token_logps: torch.Tensor, completion_mask: torch.Tensor
+) -> tuple[torch.Tensor, Metrics]:
     """Mean negative log-likelihood over completion tokens.
 
     token_logps: (B, T-1) from `token_logprobs`; completion_mask: (B, T-1), 1 where the target
@@ -65,7 +69,9 @@ def sft_loss(token_logps: torch.Tensor, completion_mask: torch.Tensor) -> tuple[
 
 
 @register_loss(LossName.BRADLEY_TERRY)
-def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
+) -> tuple[torch.Tensor, Metrics]:
     """-log sigmoid(r_chosen - r_rejected), mean over pairs; rewards (P,)."""
     margin = chosen_rewards.float() - rejected_rewards.float()  # (P,)
     loss = -F.logsigmoid(margin).mean()
@@ -82,7 +88,9 @@ def _implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, 
     return chosen, rejected
 
 
-def _preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor, loss: torch.Tensor) -> Metrics:
+def _preference_metrics(
+    chosen: torch.Tensor, rejected: torch.Tensor, loss: torch.Tensor
+) -> Metrics:
     return {
         "dpo/loss": loss.item(),
         "rewards/chosen": chosen.mean().item(),
@@ -104,7 +112,9 @@ def dpo_loss(
 
     All four are sequence log-probs (P,); the implicit reward is beta * (policy - reference).
     """
-    chosen, rejected = _implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    chosen, rejected = _implicit_rewards(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta
+    )
     loss = -F.logsigmoid(chosen - rejected).mean()
     return loss, _preference_metrics(chosen.detach(), rejected.detach(), loss)
 
@@ -123,7 +133,9 @@ def ipo_loss(
     """
     h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)  # (P,)
     loss = ((h - 1.0 / (2.0 * beta)) ** 2).mean()
-    chosen, rejected = _implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    chosen, rejected = _implicit_rewards(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta
+    )
     return loss, _preference_metrics(chosen.detach(), rejected.detach(), loss)
 
 

@@ -56,7 +56,9 @@ def load_reward_for_training(path: Path, device: torch.device):
     """A float32 sequence classifier with one output; a missing head is initialised fresh."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(path), num_labels=1, dtype=torch.float32
+    )
     return model.to(device).train()
 
 
@@ -64,24 +66,35 @@ def pair_rewards(model, tokenizer, pairs: list[PreferencePair], max_length: int,
     """(chosen rewards (P,), rejected rewards (P,)) from one forward over the 2P responses."""
     prompts = [p.prompt for p in pairs] * 2
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    inputs = {k: v.to(runtime.device) for k, v in reward_batch(tokenizer, prompts, responses, max_length).items()}
+    inputs = {
+        k: v.to(runtime.device)
+        for k, v in reward_batch(tokenizer, prompts, responses, max_length).items()
+    }
     with runtime.autocast():
         rewards = model(**inputs).logits.squeeze(-1).float()  # (2P,)
     return rewards[: len(pairs)], rewards[len(pairs) :]
 
 
 @torch.no_grad()
-def held_out_metrics(model, tokenizer, pairs: list[PreferencePair], config: RewardConfig, runtime: Runtime) -> dict[str, float]:
+def held_out_metrics(
+    model, tokenizer, pairs: list[PreferencePair], config: RewardConfig, runtime: Runtime
+) -> dict[str, float]:
     """Pairwise accuracy, mean margin and Bradley-Terry loss over all held-out pairs."""
     model.eval()
     chosen, rejected = [], []
-    for chunk in progress(in_batches(pairs, config.batch_size), "reward eval", -(-len(pairs) // config.batch_size)):
+    for chunk in progress(
+        in_batches(pairs, config.batch_size), "reward eval", -(-len(pairs) // config.batch_size)
+    ):
         c, r = pair_rewards(model, tokenizer, chunk, config.max_length, runtime)
         chosen.append(c)
         rejected.append(r)
     model.train()
     _, metrics = get_loss(LossName.BRADLEY_TERRY)(torch.cat(chosen), torch.cat(rejected))
-    return {"accuracy": metrics["reward/accuracy"], "margin": metrics["reward/margin"], "loss": metrics["reward/loss"]}
+    return {
+        "accuracy": metrics["reward/accuracy"],
+        "margin": metrics["reward/margin"],
+        "loss": metrics["reward/loss"],
+    }
 
 
 def run_train_reward(config: RewardConfig) -> dict:
@@ -103,23 +116,35 @@ def run_train_reward(config: RewardConfig) -> dict:
     bradley_terry = get_loss(LossName.BRADLEY_TERRY)
     metrics: dict[str, float] = {}
     if held_out:
-        metrics |= {f"eval/{k}_before": v for k, v in held_out_metrics(model, tokenizer, held_out, config, runtime).items()}
+        metrics |= {
+            f"eval/{k}_before": v
+            for k, v in held_out_metrics(model, tokenizer, held_out, config, runtime).items()
+        }
 
     # 3. Train: -log sigmoid(r_chosen - r_rejected).
     steps = 0
     for epoch in range(config.epochs):
-        batches = progress(shuffled_batches(train, config.batch_size, rng), f"reward epoch {epoch + 1}/{config.epochs}")
+        batches = progress(
+            shuffled_batches(train, config.batch_size, rng),
+            f"reward epoch {epoch + 1}/{config.epochs}",
+        )
         for chunk in batches:
             chosen, rejected = pair_rewards(model, tokenizer, chunk, config.max_length, runtime)
             loss, step_metrics = bradley_terry(chosen, rejected)
             optimizer_step(model, optimizer, loss, config.max_grad_norm)
             steps += 1
-            batches.set_postfix(loss=f"{step_metrics['reward/loss']:.4f}", acc=f"{step_metrics['reward/accuracy']:.2f}")
+            batches.set_postfix(
+                loss=f"{step_metrics['reward/loss']:.4f}",
+                acc=f"{step_metrics['reward/accuracy']:.2f}",
+            )
         metrics["train/loss_last"] = step_metrics["reward/loss"]
 
     # 4. Held-out pairwise accuracy, then the folder the reward service loads.
     if held_out:
-        metrics |= {f"eval/{k}_after": v for k, v in held_out_metrics(model, tokenizer, held_out, config, runtime).items()}
+        metrics |= {
+            f"eval/{k}_after": v
+            for k, v in held_out_metrics(model, tokenizer, held_out, config, runtime).items()
+        }
     summary = build_summary("train-reward", config, metrics, provenance, started, steps)
     save_model_folder(config.output, model.eval(), tokenizer, summary, config.overwrite)
     return summary

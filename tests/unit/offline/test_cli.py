@@ -22,19 +22,42 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def rlhf(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
     return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "services.cli", *args],
+        check=False,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
 def test_sft_from_the_command_line_writes_a_loadable_folder(tmp_path, tiny_lm_dir):
     data = write_jsonl(tmp_path / "demos.jsonl", counting_demonstrations(40, seed=3))
     config = tmp_path / "sft.yaml"
-    config.write_text(f"model: {tiny_lm_dir}\nlearning_rate: 1e-3\neval_fraction: 0.25\nbatch_size: 8\n")
+    config.write_text(
+        f"model: {tiny_lm_dir}\nlearning_rate: 1e-3\neval_fraction: 0.25\nbatch_size: 8\n"
+    )
     output = tmp_path / "out" / "sft-1"
 
-    done = rlhf("sft", "--config", str(config), "--data", str(data), "--output", str(output), "--set", "epochs=1")
+    done = rlhf(
+        "sft",
+        "--config",
+        str(config),
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+        "--set",
+        "epochs=1",
+    )
 
     assert done.returncode == 0, done.stderr[-3000:]
     printed = json.loads(done.stdout)
@@ -53,10 +76,15 @@ def test_bad_data_exits_2_naming_file_line_and_column(tmp_path, tiny_lm_dir):
     rows[2] = {"prompt": "Count on from 3:", "completion": 4}
     data = write_jsonl(tmp_path / "demos.jsonl", rows)
 
-    done = rlhf("sft", "--model", str(tiny_lm_dir), "--data", str(data), "--output", str(tmp_path / "out"))
+    done = rlhf(
+        "sft", "--model", str(tiny_lm_dir), "--data", str(data), "--output", str(tmp_path / "out")
+    )
 
     assert done.returncode == 2
-    assert f"{data} line 3: column 'completion' must be a non-empty string or a list of chat messages, got int" in done.stderr
+    assert (
+        f"{data} line 3: column 'completion' must be a non-empty string or a list of chat messages, got int"
+        in done.stderr
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -71,13 +99,29 @@ def test_bad_data_exits_2_naming_file_line_and_column(tmp_path, tiny_lm_dir):
     ],
 )
 def test_bad_configuration_exits_2_naming_the_field(tmp_path, tiny_lm_dir, capsys, extra, message):
-    data = ["--data", str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}]))]
-    args = ["dpo", "--model", str(tiny_lm_dir), "--output", str(tmp_path / "out"), *(data if extra else []), *extra]
+    data = [
+        "--data",
+        str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])),
+    ]
+    args = [
+        "dpo",
+        "--model",
+        str(tiny_lm_dir),
+        "--output",
+        str(tmp_path / "out"),
+        *(data if extra else []),
+        *extra,
+    ]
     assert main(args) == 2
     assert message in capsys.readouterr().err
 
 
 def test_existing_output_is_refused_before_training(tmp_path, tiny_lm_dir, capsys):
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
-    assert main(["dpo", "--model", str(tiny_lm_dir), "--data", str(data), "--output", str(tiny_lm_dir)]) == 2
+    assert (
+        main(
+            ["dpo", "--model", str(tiny_lm_dir), "--data", str(data), "--output", str(tiny_lm_dir)]
+        )
+        == 2
+    )
     assert "exists (set overwrite: true to replace it)" in capsys.readouterr().err

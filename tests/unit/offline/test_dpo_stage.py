@@ -19,4 +19,6 @@ def test_dpo_raises_the_held_out_chosen_vs_rejected_margin(tmp_path, tiny_lm_dir
     assert metrics["eval/reward_margin_after"] > 0.05
     assert metrics["eval/reward_accuracy_after"] >= 0.9
     assert metrics["eval/logp_margin_after"] > metrics["eval/logp_margin_before"] + 0.5
-    assert (config.output / "model.safetensors").is_file() and (config.output / "tokenizer.json").is_file()
+    assert (config.output / "model.safetensors").is_file() and (
+        config.output / "tokenizer.json"
+    ).is_file()

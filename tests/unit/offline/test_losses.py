@@ -27,7 +27,10 @@ def test_every_loss_name_is_registered():
 
 
 def test_token_logprobs_match_a_loop_over_softmax():
-    logits, ids = _random(2, 5, 7, seed=0), torch.randint(0, 7, (2, 5), generator=torch.Generator().manual_seed(1))
+    logits, ids = (
+        _random(2, 5, 7, seed=0),
+        torch.randint(0, 7, (2, 5), generator=torch.Generator().manual_seed(1)),
+    )
     got = token_logprobs(logits, ids)
     for b in range(2):
         for t in range(1, 5):
@@ -48,9 +51,13 @@ def test_sft_loss_is_the_mean_nll_over_completion_tokens_only():
 def test_bradley_terry_loss():
     chosen, rejected = _random(9, seed=3), _random(9, seed=4)
     loss, metrics = get_loss("bradley_terry")(chosen, rejected)
-    expected = sum(-math.log(_sigmoid(c - r)) for c, r in zip(chosen.tolist(), rejected.tolist())) / 9
+    expected = (
+        sum(-math.log(_sigmoid(c - r)) for c, r in zip(chosen.tolist(), rejected.tolist())) / 9
+    )
     assert abs(loss.item() - expected) < TOL
-    assert metrics["reward/accuracy"] == pytest.approx(sum(c > r for c, r in zip(chosen.tolist(), rejected.tolist())) / 9)
+    assert metrics["reward/accuracy"] == pytest.approx(
+        sum(c > r for c, r in zip(chosen.tolist(), rejected.tolist())) / 9
+    )
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.5])
@@ -70,7 +77,13 @@ def test_ipo_loss():
     beta = 0.2
     pc, pr, rc, rr = (_random(6, seed=s) for s in (9, 10, 11, 12))
     loss, _ = get_loss("ipo")(pc, pr, rc, rr, beta)
-    expected = sum(((a - c) - (b - d) - 1 / (2 * beta)) ** 2 for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())) / 6
+    expected = (
+        sum(
+            ((a - c) - (b - d) - 1 / (2 * beta)) ** 2
+            for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())
+        )
+        / 6
+    )
     assert abs(loss.item() - expected) < TOL
 
 
@@ -84,7 +97,11 @@ def test_kto_loss(kl_shift):
     z0 = max(0.0, sum(a - b for a, b in zip(kl_policy.tolist(), kl_ref.tolist())) / 8)
     expected = 0.0
     for p, r, good in zip(policy.tolist(), ref.tolist(), desirable.tolist()):
-        expected += (w_d * (1 - _sigmoid(beta * ((p - r) - z0))) if good else w_u * (1 - _sigmoid(beta * (z0 - (p - r))))) / 8
+        expected += (
+            w_d * (1 - _sigmoid(beta * ((p - r) - z0)))
+            if good
+            else w_u * (1 - _sigmoid(beta * (z0 - (p - r))))
+        ) / 8
     assert abs(loss.item() - expected) < TOL
     assert abs(metrics["kto/kl"] - z0) < TOL
 
@@ -92,6 +109,13 @@ def test_kto_loss(kl_shift):
 def test_kto_reference_point_gets_no_gradient():
     policy = _random(4, seed=17).requires_grad_()
     kl_policy = _random(4, seed=18).add(2.0).requires_grad_()
-    loss, _ = get_loss("kto")(policy, torch.zeros(4, dtype=torch.float64), kl_policy, torch.zeros(4, dtype=torch.float64), torch.tensor([True, False, True, False]), 0.1)
+    loss, _ = get_loss("kto")(
+        policy,
+        torch.zeros(4, dtype=torch.float64),
+        kl_policy,
+        torch.zeros(4, dtype=torch.float64),
+        torch.tensor([True, False, True, False]),
+        0.1,
+    )
     loss.backward()
     assert kl_policy.grad is None and policy.grad is not None

@@ -16,7 +16,9 @@ from tests.unit.offline.synthetic import reward_rows, write_jsonl, write_parquet
 
 
 def test_reward_model_reaches_90_percent_held_out_pairwise_accuracy(tmp_path, tiny_rm_dir):
-    train = write_jsonl(tmp_path / "train.jsonl", reward_rows(90, seed=1))  # 30 rankings of 3 + 60 pairs
+    train = write_jsonl(
+        tmp_path / "train.jsonl", reward_rows(90, seed=1)
+    )  # 30 rankings of 3 + 60 pairs
     held_out = write_parquet(tmp_path / "eval.parquet", reward_rows(60, seed=2))
     output = tmp_path / "rm"
     config = RewardConfig(
@@ -32,13 +34,26 @@ def test_reward_model_reaches_90_percent_held_out_pairwise_accuracy(tmp_path, ti
 
     # The folder loads as the service loads it, and scores the held-out pairs the same way.
     on_disk = json.loads((output / SUMMARY_FILE).read_text())
-    assert on_disk["data"]["eval"]["sha256"] == file_sha256(held_out) and on_disk["metrics"] == metrics
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.parquet", "rm", "train.jsonl"]  # no staging left
-    model, tokenizer = load_reward_model(output, torch.device("cpu"), torch.float32), load_tokenizer(output)
+    assert (
+        on_disk["data"]["eval"]["sha256"] == file_sha256(held_out) and on_disk["metrics"] == metrics
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "eval.parquet",
+        "rm",
+        "train.jsonl",
+    ]  # no staging left
+    model, tokenizer = (
+        load_reward_model(output, torch.device("cpu"), torch.float32),
+        load_tokenizer(output),
+    )
     pairs = load_records(held_out, DataKind.PREFERENCE)
     prompts = [p.prompt for p in pairs]
     with torch.no_grad():
-        chosen = model(**reward_batch(tokenizer, prompts, [p.chosen for p in pairs], 64)).logits.squeeze(-1)
-        rejected = model(**reward_batch(tokenizer, prompts, [p.rejected for p in pairs], 64)).logits.squeeze(-1)
+        chosen = model(
+            **reward_batch(tokenizer, prompts, [p.chosen for p in pairs], 64)
+        ).logits.squeeze(-1)
+        rejected = model(
+            **reward_batch(tokenizer, prompts, [p.rejected for p in pairs], 64)
+        ).logits.squeeze(-1)
     accuracy = (chosen > rejected).float().mean().item()
     assert abs(accuracy - metrics["eval/accuracy_after"]) < 1e-6

@@ -7,20 +7,32 @@ import torch
 
 from services.common.models import load_causal_lm, load_tokenizer
 from services.trainer.offline.common import make_runtime
-from services.trainer.offline.sft import SFTConfig, encode_records, held_out_loss, run_sft
 from services.trainer.offline.data import DataKind, load_records
+from services.trainer.offline.sft import SFTConfig, encode_records, held_out_loss, run_sft
 from tests.unit.offline.synthetic import counting_demonstrations, write_jsonl
 
 
 def as_chat(row: dict) -> dict:
-    return {"messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]}
+    return {
+        "messages": [
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": row["completion"]},
+        ]
+    }
 
 
 def test_sft_lowers_held_out_loss(tmp_path, tiny_lm_dir):
     rows = counting_demonstrations(32, seed=1)
     train = write_jsonl(tmp_path / "train.jsonl", rows[:28] + [as_chat(r) for r in rows[28:]])
     held_out = write_jsonl(tmp_path / "eval.jsonl", counting_demonstrations(16, seed=2))
-    config = SFTConfig(model=tiny_lm_dir, data=train, eval_data=held_out, output=tmp_path / "sft", epochs=1, learning_rate=1e-3)
+    config = SFTConfig(
+        model=tiny_lm_dir,
+        data=train,
+        eval_data=held_out,
+        output=tmp_path / "sft",
+        epochs=1,
+        learning_rate=1e-3,
+    )
     summary = run_sft(config)
 
     metrics = summary["metrics"]
@@ -28,7 +40,18 @@ def test_sft_lowers_held_out_loss(tmp_path, tiny_lm_dir):
     assert metrics["eval/loss_after"] < metrics["eval/loss_before"] - 0.3
 
     # The written folder is the trained model: it gives the same held-out loss when loaded back.
-    model, tokenizer = load_causal_lm(config.output, torch.device("cpu"), torch.float32), load_tokenizer(config.output)
-    encoded = encode_records(tokenizer, load_records(held_out, DataKind.DEMONSTRATION), config.max_length, "eval")
+    model, tokenizer = (
+        load_causal_lm(config.output, torch.device("cpu"), torch.float32),
+        load_tokenizer(config.output),
+    )
+    encoded = encode_records(
+        tokenizer, load_records(held_out, DataKind.DEMONSTRATION), config.max_length, "eval"
+    )
     cpu = SFTConfig(**{**vars(config), "device": "cpu", "dtype": "float32", "overwrite": True})
-    assert abs(held_out_loss(model, encoded, tokenizer.pad_token_id, cpu, make_runtime(cpu)) - metrics["eval/loss_after"]) < 2e-2
+    assert (
+        abs(
+            held_out_loss(model, encoded, tokenizer.pad_token_id, cpu, make_runtime(cpu))
+            - metrics["eval/loss_after"]
+        )
+        < 2e-2
+    )
