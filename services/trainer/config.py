@@ -14,7 +14,6 @@ from services.trainer.algorithms import (
     KL_CONTROLLERS,
     KL_ESTIMATORS,
     KL_PLACEMENT,
-    KLMode,
 )
 
 
@@ -45,7 +44,7 @@ class TrainerConfig:
     kl_mode: str | None = None
     """Where KL to the reference goes: reward, loss or none; None: the algorithm's default."""
     kl_estimator: str | None = None
-    """Per-token KL estimator k1, k2 or k3; None: the algorithm's default for its placement."""
+    """Per-token KL estimator k1, k2 or k3; None: k1 in the reward, k3 in the loss."""
     kl_control: str = "fixed"
     """KL coefficient controller: fixed, or adaptive (Ziegler et al.)."""
     target_kl: float = 6.0
@@ -83,8 +82,9 @@ class TrainerConfig:
         """Raises ValueError naming the first bad field; returns self."""
         ALGORITHMS.get(self.algorithm)
         KL_CONTROLLERS.get(self.kl_control)
-        if self.kl_mode is not None and KLMode(self.kl_mode) not in KL_PLACEMENT:
-            raise ValueError(f"unknown kl_mode {self.kl_mode!r}")
+        modes = [mode.value for mode in KL_PLACEMENT]
+        if self.kl_mode is not None and self.kl_mode not in modes:
+            raise ValueError(f"unknown kl_mode {self.kl_mode!r}; known: {', '.join(modes)}")
         if self.kl_estimator is not None:
             KL_ESTIMATORS.get(self.kl_estimator)
         positive = {"lr": self.lr, "temperature": self.temperature, "ppo_epochs": self.ppo_epochs}

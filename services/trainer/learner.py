@@ -45,6 +45,7 @@ from services.common.models import load_causal_lm, select_device, select_dtype
 from services.trainer.algorithms import (
     ADVANTAGE_ESTIMATORS,
     ALGORITHMS,
+    DEFAULT_KL_ESTIMATOR,
     KL_CONTROLLERS,
     KL_ESTIMATORS,
     KL_PLACEMENT,
@@ -225,7 +226,9 @@ class Learner:
         self.config = config.validate()
         self.spec = ALGORITHMS.get(config.algorithm)
         self.kl_mode = KLMode(config.kl_mode or self.spec.kl_mode)
-        self.kl_estimator = KL_ESTIMATORS.key(config.kl_estimator or self.spec.kl_estimator)
+        self.kl_estimator = KL_ESTIMATORS.key(
+            config.kl_estimator or DEFAULT_KL_ESTIMATOR[self.kl_mode]
+        )
         self.whiten = (
             self.spec.whiten_advantages
             if config.whiten_advantages is None

@@ -17,6 +17,7 @@ from services.trainer.algorithms.advantages import (
     rloo_advantages,
 )
 from services.trainer.algorithms.kl import (
+    DEFAULT_KL_ESTIMATOR,
     KL_CONTROLLERS,
     KL_ESTIMATORS,
     KL_PLACEMENT,
@@ -53,6 +54,7 @@ from services.trainer.algorithms.spec import ALGORITHMS, Algorithm, AlgorithmSpe
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "ALGORITHMS",
+    "DEFAULT_KL_ESTIMATOR",
     "KL_CONTROLLERS",
     "KL_ESTIMATORS",
     "KL_PLACEMENT",

@@ -53,6 +53,15 @@ KL_PLACEMENT: dict[KLMode, tuple[float, float]] = {
     KLMode.NONE: (0.0, 0.0),
 }
 
+# The estimator each placement uses unless configured: k1 in the reward (its sum over a
+# sequence is the sequence log-ratio, Ziegler et al.), k3 in the loss (non-negative, and its
+# gradient pulls towards the reference, where k1's has zero mean on-policy).
+DEFAULT_KL_ESTIMATOR: dict[KLMode, KLEstimator] = {
+    KLMode.REWARD: KLEstimator.K1,
+    KLMode.LOSS: KLEstimator.K3,
+    KLMode.NONE: KLEstimator.K1,
+}
+
 
 @KL_ESTIMATORS.register(KLEstimator.K1)
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The RL algorithms the trainer offers, each a combination of registered parts.
 
 An algorithm names its advantage estimator, policy loss, value loss (None: no critic), where
-KL goes and whether advantages are whitened; the learner reads the spec and looks every part
-up in its registry, so adding an algorithm is one entry here, not a branch in the trainer.
+KL goes (the estimator follows from that: kl.DEFAULT_KL_ESTIMATOR) and whether advantages are
+whitened; the learner reads the spec and looks every part up in its registry, so adding an
+algorithm is one entry here, not a branch in the trainer.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from services.trainer.algorithms.advantages import AdvantageEstimator
-from services.trainer.algorithms.kl import KLEstimator, KLMode
+from services.trainer.algorithms.kl import KLMode
 from services.trainer.algorithms.losses import PolicyLossName, ValueLossName
 from services.trainer.algorithms.registry import Registry
 
@@ -32,8 +33,6 @@ class AlgorithmSpec:
     """The critic's loss; None for critic-free algorithms (no value head)."""
     kl_mode: KLMode
     """Where the KL to the reference goes by default: in the reward or in the loss."""
-    kl_estimator: KLEstimator
-    """The default per-token KL estimator for that placement."""
     whiten_advantages: bool
     """Whether advantages are whitened over the batch by default."""
 
@@ -47,7 +46,6 @@ ALGORITHMS.add(
         policy_loss=PolicyLossName.PPO_CLIP,
         value_loss=ValueLossName.CLIPPED_MSE,
         kl_mode=KLMode.REWARD,
-        kl_estimator=KLEstimator.K1,
         whiten_advantages=True,
     ),
 )
@@ -58,7 +56,6 @@ ALGORITHMS.add(
         policy_loss=PolicyLossName.PPO_CLIP,
         value_loss=None,
         kl_mode=KLMode.LOSS,
-        kl_estimator=KLEstimator.K3,
         whiten_advantages=False,
     ),
 )
@@ -69,7 +66,6 @@ ALGORITHMS.add(
         policy_loss=PolicyLossName.PPO_CLIP,
         value_loss=None,
         kl_mode=KLMode.REWARD,
-        kl_estimator=KLEstimator.K1,
         whiten_advantages=False,
     ),
 )

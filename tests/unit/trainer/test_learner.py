@@ -88,6 +88,32 @@ def test_bad_config_is_refused(small_vocab_policy_dir):
         Learner(TrainerConfig(algorithm="grpo", value_head=True), small_vocab_policy_dir)
 
 
+@pytest.mark.parametrize(
+    "algorithm,kl_mode,present,absent",
+    [
+        ("ppo", None, ["value/loss", "kl/reward_penalty_mean"], ["kl/loss"]),
+        ("ppo", "loss", ["value/loss", "kl/loss"], []),
+        ("grpo", None, ["kl/loss"], ["value/loss"]),
+        ("rloo", None, ["kl/reward_penalty_mean"], ["kl/loss", "value/loss"]),
+        ("grpo", "none", [], ["kl/loss", "value/loss"]),
+    ],
+)
+def test_kl_goes_where_the_algorithm_puts_it(
+    small_vocab_policy_dir, algorithm, kl_mode, present, absent
+):
+    samples = [
+        _sample(group_id=f"g{i // 2}", reward=float(i), rollout_id=str(i)) for i in range(4)
+    ]  # reference log-probs differ from behaviour ones: KL is not 0
+    config = TrainerConfig(algorithm=algorithm, kl_mode=kl_mode, kl_coef=0.1)
+    metrics = Learner(config, small_vocab_policy_dir).step(samples)
+    for key in present:
+        assert metrics[key] > 0, key
+    for key in absent:
+        assert key not in metrics or metrics[key] == 0, key
+    with pytest.raises(ValueError, match="unknown kl_mode 'both'; known: reward, loss, none"):
+        TrainerConfig(kl_mode="both").validate()
+
+
 def test_trainer_log_probs_equal_the_samplers(tiny_lm_dir):
     # The real SmolLM2 architecture and vocabulary; prompts of different lengths (left padding).
     learner = Learner(TrainerConfig(algorithm="ppo"), tiny_lm_dir)
