@@ -18,6 +18,10 @@ class FieldError(ValueError):
         self.field = field
 
 
+class Aborted(Exception):
+    """A conflict the caller may simply retry (ABORTED), e.g. versions changing mid-request."""
+
+
 class DeadlineTooShort(Exception):
     """The caller's deadline has already passed."""
 
@@ -47,6 +51,8 @@ def abort_for(context: grpc.ServicerContext, error: Exception, service: str) -> 
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
     if isinstance(error, DeadlineTooShort):
         context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the model ran")
+    if isinstance(error, Aborted):
+        context.abort(grpc.StatusCode.ABORTED, str(error))
     if isinstance(error, InferenceServerException):
         context.abort(status_of(error), f"{service} model: {error.message()}")
     raise error

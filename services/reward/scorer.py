@@ -18,6 +18,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from services.common.triton_client import connect, infer, make_inputs
+from services.reward.rpc import Aborted
 from services.reward.settings import RewardSettings
 
 VERSION_RETRIES = 3
@@ -82,7 +83,7 @@ class RewardScorer:
             if not stale:
                 break
             if attempt == VERSION_RETRIES:
-                raise RuntimeError("reward-model versions kept changing while scoring; retry the request")
+                raise Aborted("reward-model versions kept changing while scoring; retry the request")
             for i in stale:
                 span = slice(i * size, (i + 1) * size)
                 chunks[i] = self._chunk_futures(prompts[span], responses[span], timeout_s)[0].result()

@@ -133,7 +133,13 @@ class RewardTritonModel:
         )
 
     def reload(self, order: dict) -> dict:
-        """Applies a reload order; returns {accepted, version, reason}."""
+        """Applies a reload order; returns {accepted, version, reason}.
+
+        Repeating the order of the version being served is accepted and changes nothing, so a
+        follower of the versions topic may see the same record twice.
+        """
+        if int(order["version"]) == self.served.version and Path(order["path"]) == self.served.path:
+            return {"accepted": True, "version": self.served.version, "reason": "already serving this version"}
         try:
             self.served = load_verified_version(
                 int(order["version"]), Path(order["path"]), dict(order["file_sha256"]), self.served, self.device

@@ -94,7 +94,7 @@ def test_a_valid_version_takes_over_while_requests_keep_flowing(stub, versions, 
     def keep_scoring() -> None:
         while not stop.is_set():
             try:
-                replies.append(stub.Score(score_request(PAIRS), timeout=60))
+                replies.append(stub.Score(score_request(PAIRS * 2), timeout=60))
             except grpc.RpcError as error:
                 errors.append(error)
 
@@ -113,8 +113,12 @@ def test_a_valid_version_takes_over_while_requests_keep_flowing(stub, versions, 
             t.join()
     assert accepted.accepted and accepted.reward_model_version == 2 and accepted.reason == ""
     assert errors == []
-    # PAIRS (4) span one Triton chunk of 4: each reply's scores come from the version it names.
+    # 8 pairs go to Triton as two chunks of 4 that a swap may fall between; still every score
+    # of a reply comes from the one version it names.
     for reply in replies:
-        np.testing.assert_allclose(reply.scores, expected[reply.reward_model_version], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(reply.scores, np.tile(expected[reply.reward_model_version], 2), rtol=0, atol=1e-4)
     assert {r.reward_model_version for r in replies} <= {1, 2}
     assert_serving(stub, 2, expected)
+
+    again = reload(stub, 2, versions["v2"], manifest(versions["v2"]))
+    assert again.accepted and again.reward_model_version == 2 and again.reason == "already serving this version"
