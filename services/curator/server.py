@@ -63,7 +63,8 @@ class _SeekToStored(ConsumerRebalanceListener):
         pass
 
     def on_partitions_assigned(self, assigned):
-        stored = self.worker.store.offsets()
+        # Called on kafka-python's coordinator thread: it reads the in-memory copy, not sqlite.
+        stored = dict(self.worker.stored_offsets)
         for tp in assigned:
             if (tp.topic, tp.partition) in stored:
                 self.worker.consumer.seek(tp, stored[(tp.topic, tp.partition)])
@@ -78,6 +79,7 @@ class CuratorWorker:
                                  settings.max_pairs_per_answer)
         self.metrics = CuratorMetrics(registry or CollectorRegistry())
         self.store = JoinStore(settings.state_dir)
+        self.stored_offsets: dict[tuple[str, int], int] = self.store.offsets()
         self.producer = make_producer(settings.kafka)
         self.consumer = make_consumer(
             settings.kafka, settings.group_id, max_poll_records=settings.max_poll_records,
@@ -120,6 +122,8 @@ class CuratorWorker:
             for tp, offset in next_offsets.items():
                 self.store.set_offset(tp.topic, tp.partition, offset)
             self.store.commit()
+            self.stored_offsets = {**self.stored_offsets,
+                                   **{(tp.topic, tp.partition): o for tp, o in next_offsets.items()}}
         except Exception:
             self.store.rollback()
             for tp, records in batches.items():  # read this batch again next cycle
