@@ -37,7 +37,7 @@ from kafka import TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.grpc_server import message_size_options
-from services.common.kafka import connect_admin, decode, make_consumer, make_producer
+from services.common.kafka import decode, make_consumer, make_producer
 from services.common.logging import configure_logging
 from services.common.metrics import LATENCY_BUCKETS, serve_metrics
 from services.genproto.rlhf.v1 import (
@@ -135,8 +135,8 @@ class RolloutWorker:
         self.reference = reference_pb2_grpc.ReferenceServiceStub(self.channels[2])
         self.producer = make_producer(s.kafka)
         self.partitions = len(self.producer.partitions_for(s.rollouts_topic))
-        self.admin = connect_admin(s.kafka)
-        self.offsets = make_consumer(s.kafka, group_id=None)
+        # Reads the trainer group's committed offsets; never subscribes, so never joins the group.
+        self.offsets = make_consumer(s.kafka, group_id=s.trainer_group)
         self.trainer_version: int | None = None
         self.live: deque[common_pb2.Prompt] = deque(maxlen=s.live_prompt_buffer)
         self.tails = [TopicTail(s.kafka, s.weights_topic, self._on_weights, from_beginning=True)]
@@ -184,8 +184,8 @@ class RolloutWorker:
         tps = [TopicPartition(s.rollouts_topic, p) for p in range(self.partitions)]
         ends = self.offsets.end_offsets(tps)
         starts = self.offsets.beginning_offsets(tps)
-        committed = self.admin.list_consumer_group_offsets(s.trainer_group)
-        return sum(ends[tp] - (committed[tp].offset if tp in committed else starts[tp]) for tp in tps)
+        committed = {tp: self.offsets.committed(tp) for tp in tps}
+        return sum(ends[tp] - (committed[tp] if committed[tp] is not None else starts[tp]) for tp in tps)
 
     def wait_for_trainer(self) -> None:
         s = self.settings
@@ -253,7 +253,6 @@ class RolloutWorker:
             tail.stop()
         self.producer.close()
         self.offsets.close()
-        self.admin.close()
         for channel in self.channels:
             channel.close()
 

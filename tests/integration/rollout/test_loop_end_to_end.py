@@ -1,0 +1,143 @@
+"""The online loop on the real broker and Triton: rollout worker -> Kafka -> trainer -> weights
+push -> the policy serves version 2, and generations after it carry version 2. Also: pushes with
+a wrong checksum or a wrong shape are refused and the old version keeps serving."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import grpc
+import pytest
+import torch
+
+from services.common.kafka import decode, make_consumer
+from services.genproto.rlhf.v1 import common_pb2, events_pb2, policy_pb2, policy_pb2_grpc
+from services.rollout.settings import RolloutSettings
+from services.rollout.worker import RolloutWorker
+from services.trainer.loop import TrainerService
+from services.trainer.settings import TrainerSettings
+from services.trainer.weights_push import build_manifest, push, sha256_file, write_version
+from tests.integration.trainer_service.helpers import private_topic
+from tests.support.policy_stack import policy_stack
+from tests.support.scoring_stacks import reference_stack, reward_stack
+
+
+@pytest.fixture(scope="module")
+def stacks(triton_server, kafka_settings, tiny_lm_dir, tiny_rm_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("loop")
+    with (
+        policy_stack(triton_server, kafka_settings, tiny_lm_dir, work / "policy") as policy,
+        reward_stack(triton_server, tiny_rm_dir) as reward,
+        reference_stack(triton_server, tiny_lm_dir) as reference,
+    ):
+        yield policy, reward, reference
+
+
+def _stub(address: str) -> policy_pb2_grpc.PolicyServiceStub:
+    return policy_pb2_grpc.PolicyServiceStub(grpc.insecure_channel(address))
+
+
+def _generate_versions(stub) -> list[int]:
+    reply = stub.Generate(
+        policy_pb2.GenerateRequest(
+            prompts=[common_pb2.Prompt(text="Hello")], sampling=policy_pb2.SamplingParams(n=2, max_new_tokens=4)
+        ),
+        timeout=60,
+    )
+    return [s.weights_version for c in reply.completions for s in c.samples]
+
+
+def _initial_weights(tiny_lm_dir):
+    from safetensors.torch import load_file
+
+    return load_file(tiny_lm_dir / "model.safetensors")
+
+
+def test_bad_checksum_or_shape_is_refused_and_old_version_serves(stacks, tiny_lm_dir, tmp_path):
+    policy, _, _ = stacks
+    stub = _stub(policy.address)
+    before = stub.GetModelInfo(policy_pb2.GetModelInfoRequest(), timeout=30).weights_version
+    weights = _initial_weights(tiny_lm_dir)
+
+    folder = write_version(tmp_path, before + 1, weights)
+    manifest = build_manifest(folder, before + 1)
+    name = next(iter(manifest.file_sha256))
+    manifest.file_sha256[name] = "0" * 64  # lie about the checksum
+    refused = push(policy.address, folder, manifest, chunk_bytes=64 * 1024)
+    assert not refused.accepted and "sha256" in refused.reason
+    assert refused.serving_version == before
+
+    wrong = dict(weights)
+    key = next(k for k, v in wrong.items() if v.dim() == 2)
+    wrong[key] = torch.zeros(wrong[key].shape[0], wrong[key].shape[1] + 1)  # one column too many
+    folder = write_version(tmp_path / "shape", before + 1, wrong)
+    refused = push(policy.address, folder, build_manifest(folder, before + 1), chunk_bytes=64 * 1024)
+    assert not refused.accepted and "shape" in refused.reason and key in refused.reason
+    assert refused.serving_version == before
+
+    assert stub.GetModelInfo(policy_pb2.GetModelInfoRequest(), timeout=30).weights_version == before
+    assert set(_generate_versions(stub)) == {before}  # still serving, still the old version
+
+
+def test_rollouts_through_kafka_train_and_the_policy_serves_version_2(stacks, kafka_settings, tiny_lm_dir, tmp_path):
+    policy, reward, reference = stacks
+    stub = _stub(policy.address)
+    assert policy.weights_version == 1
+    topic = private_topic(kafka_settings)
+    group = f"trainer-{topic}"
+    dataset = tmp_path / "prompts.jsonl"
+    dataset.write_text("\n".join(json.dumps({"prompt": p}) for p in ["Say hi.", "Count to three."]))
+
+    # 1. The worker: 2 prompts x 4 samples = 8 rollouts (one group per prompt).
+    worker = RolloutWorker(RolloutSettings(
+        dataset=dataset, policy_address=policy.address, reward_address=reward.address,
+        reference_address=reference.address, model_name=policy.model_name, samples_per_prompt=4,
+        prompts_per_call=2, max_new_tokens=6, max_rollouts=8, rollouts_topic=topic, trainer_group=group,
+        kafka=kafka_settings,
+    ))  # fmt: skip
+    try:
+        assert worker.run() == 8
+    finally:
+        worker.close()
+
+    # What reached Kafka: every field the trainer needs.
+    consumer = make_consumer(kafka_settings, None, [], auto_offset_reset="earliest")
+    consumer.subscribe([topic])
+    rollouts = []
+    for _ in range(40):
+        rollouts += [decode(events_pb2.Rollout, r.value) for rs in consumer.poll(timeout_ms=500).values() for r in rs]
+        if len(rollouts) >= 8:
+            break
+    consumer.close()
+    assert len(rollouts) == 8 and len({r.rollout_id for r in rollouts}) == 8
+    assert len({r.group_id for r in rollouts}) == 2 and all(r.group_size == 4 for r in rollouts)
+    for r in rollouts:
+        assert r.weights_version == 1 and r.response_token_ids and r.prompt_token_ids
+        assert len(r.behaviour_logprobs) == len(r.reference_logprobs) == len(r.response_token_ids)
+        assert all(lp <= 0 for lp in r.reference_logprobs)
+
+    # 2. The trainer: one GRPO update on those 8, then version 2 pushed and announced.
+    settings = TrainerSettings(
+        model_dir=tiny_lm_dir, algorithm="grpo", batch_size=8, max_steps=1, rollouts_topic=topic,
+        consumer_group=group, policy_addresses=[policy.address], model_name=policy.model_name,
+        state_dir=tmp_path / "trainer", push_chunk_bytes=256 * 1024, kafka=kafka_settings, threads=1,
+        learner={"lr": 1e-3},
+    )  # fmt: skip
+    trainer = TrainerService(settings)
+    runner = threading.Thread(target=trainer.run)
+    runner.start()
+    runner.join(timeout=120)
+    assert not runner.is_alive(), "the trainer did not finish its update"
+    trainer.close()
+    assert trainer.step == 1 and trainer.version == 2
+
+    # 3. The policy serves version 2, the very bytes the trainer wrote, and generations carry it.
+    info = stub.GetModelInfo(policy_pb2.GetModelInfoRequest(), timeout=30)
+    assert info.weights_version == 2
+    pushed = settings.weights_dir / "v00000002" / "model.safetensors"
+    served = policy.settings.weights_root / "v00000002" / "model.safetensors"
+    assert sha256_file(served) == sha256_file(pushed)
+    assert set(_generate_versions(stub)) == {2}
+    publish = [json.loads(line) for line in settings.metrics_log.read_text().splitlines() if '"publish"' in line]
+    assert publish[-1]["replicas"] == [{"address": policy.address, "accepted": True, "reason": ""}]
