@@ -20,7 +20,12 @@ from dataclasses import dataclass
 
 from services.common.kafka import decode
 from services.curator.preferences import (
-    Source, derived_id, label_record, pair_record, prompt_hash, thumb_desirable,
+    Source,
+    derived_id,
+    label_record,
+    pair_record,
+    prompt_hash,
+    thumb_desirable,
 )
 from services.curator.store import JoinStore
 from services.genproto.rlhf.v1 import events_pb2

@@ -134,4 +134,4 @@ class JoinStore:
 
     def prune(self, older_than: float) -> None:
         for table in ("generations", "joined", "judged", "emitted"):
-            self.db.execute(f"DELETE FROM {table} WHERE seen_at < ?", (older_than,))  # noqa: S608
+            self.db.execute(f"DELETE FROM {table} WHERE seen_at < ?", (older_than,))

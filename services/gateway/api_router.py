@@ -14,8 +14,13 @@ from services.gateway import chat_serving
 from services.gateway.auth import ApiKey, authenticate
 from services.gateway.events import Event, feedback_event, preference_event, ranking_event
 from services.gateway.protocol import (
-    Accepted, ChatCompletionRequest, ChatCompletionResponse, FeedbackRequest, ModelList,
-    PreferenceRequest, RankingRequest,
+    Accepted,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    FeedbackRequest,
+    ModelList,
+    PreferenceRequest,
+    RankingRequest,
 )
 from services.gateway.publisher import PublishUnavailable
 

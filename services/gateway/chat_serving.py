@@ -16,7 +16,12 @@ from fastapi import HTTPException
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.gateway.protocol import (
-    ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessageOut, ModelCard, ModelList,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    ModelCard,
+    ModelList,
     Usage,
 )
 from services.genproto.rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc

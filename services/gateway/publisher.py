@@ -22,13 +22,12 @@ import asyncio
 import collections
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from kafka import KafkaProducer
 
 from services.gateway.events import Event
-
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +105,9 @@ def _close_now(producer: KafkaProducer) -> None:
     except Exception:
         # kafka-python's close() flushes first and raises on a timeout before force-closing its
         # sender thread; force it here so the stuck producer does not linger.
-        if producer._sender is not None:  # noqa: SLF001
-            producer._sender.force_close()  # noqa: SLF001
-            producer._sender.join(5)  # noqa: SLF001
+        if producer._sender is not None:
+            producer._sender.force_close()
+            producer._sender.join(5)
 
 
 def _resolve(loop: asyncio.AbstractEventLoop, ack: asyncio.Future, _metadata) -> None:

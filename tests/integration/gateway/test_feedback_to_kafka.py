@@ -9,7 +9,6 @@ import uuid
 import httpx
 
 from services.common import topics
-from services.curator.preferences import prompt_hash
 from services.genproto.rlhf.v1 import events_pb2
 from tests.integration.gateway.gateway_process import read_topic, running_gateway
 
