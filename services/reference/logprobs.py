@@ -30,21 +30,27 @@ class ScoredSequence:
     """Response token ids, (A,), A >= 1."""
 
 
-def left_pad(sequences: list[ScoredSequence], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def left_pad(
+    sequences: list[ScoredSequence], pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """input ids, attention mask and position ids, each (B, T), real tokens on the right."""
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in sequences]
     T = max(lengths)
     ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(sequences), T), dtype=torch.long)  # (B, T)
     for i, (s, n) in enumerate(zip(sequences, lengths)):
-        ids[i, T - n :] = torch.from_numpy(np.concatenate([s.prompt_ids, s.response_ids]).astype(np.int64))
+        ids[i, T - n :] = torch.from_numpy(
+            np.concatenate([s.prompt_ids, s.response_ids]).astype(np.int64)
+        )
         mask[i, T - n :] = 1
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T): 0 at each real first token
     return ids, mask, positions
 
 
 @torch.inference_mode()
-def response_logprobs(model, sequences: list[ScoredSequence], device: torch.device) -> list[np.ndarray]:
+def response_logprobs(
+    model, sequences: list[ScoredSequence], device: torch.device
+) -> list[np.ndarray]:
     """log p(response[j] | prompt, response[:j]) for every sequence; float32 arrays of shape (A_i,)."""
     if not sequences:
         return []
@@ -59,6 +65,8 @@ def response_logprobs(model, sequences: list[ScoredSequence], device: torch.devi
         logits_to_keep=a_max + 1,
     ).logits[:, :-1]  # (B, A_max, V)
     targets = ids[:, -a_max:].to(device)  # (B, A_max): the tokens those positions predict
-    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logprobs = (
+        torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    )
     logprobs = logprobs.cpu().numpy()  # (B, A_max), right-aligned
     return [logprobs[i, a_max - len(s.response_ids) :].copy() for i, s in enumerate(sequences)]

@@ -64,7 +64,9 @@ class ReferenceScorer:
         self.settings = settings
         self.client = connect(settings.triton)
 
-    def logprobs(self, sequences: list[tuple[list[int], list[int]]], timeout_s: float) -> ComputedLogprobs:
+    def logprobs(
+        self, sequences: list[tuple[list[int], list[int]]], timeout_s: float
+    ) -> ComputedLogprobs:
         size = self.settings.triton_max_batch_size
         futures: list[Future] = []
         for start in range(0, len(sequences), size):
@@ -72,7 +74,9 @@ class ReferenceScorer:
             self.client.async_infer(
                 self.settings.triton_model,
                 make_inputs(chunk_arrays(sequences[start : start + size])),
-                callback=lambda result, error, f=future: f.set_exception(error) if error else f.set_result(result),
+                callback=lambda result, error, f=future: (
+                    f.set_exception(error) if error else f.set_result(result)
+                ),
                 outputs=[grpcclient.InferRequestedOutput(o) for o in ("LOGPROBS", "BATCH_SIZE")],
                 client_timeout=timeout_s,
             )

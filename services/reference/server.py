@@ -47,12 +47,20 @@ def prepare_triton_model(settings: ReferenceSettings) -> None:
         client.close()
 
 
-def build_server(settings: ReferenceSettings, registry: CollectorRegistry | None = None) -> tuple[ModelServer, ReferenceScorer]:
+def build_server(
+    settings: ReferenceSettings, registry: CollectorRegistry | None = None
+) -> tuple[ModelServer, ReferenceScorer]:
     """A ModelServer with the ReferenceService added (not started), and its Triton client to close."""
     server = ModelServer("reference", settings.grpc, registry)
     scorer = ReferenceScorer(settings)
-    servicer = ReferenceServicer(settings, model_limits(settings.model_dir), scorer, ReferenceMetrics(server.registry))
-    server.add(reference_pb2_grpc.add_ReferenceServiceServicer_to_server, servicer, "rlhf.v1.ReferenceService")
+    servicer = ReferenceServicer(
+        settings, model_limits(settings.model_dir), scorer, ReferenceMetrics(server.registry)
+    )
+    server.add(
+        reference_pb2_grpc.add_ReferenceServiceServicer_to_server,
+        servicer,
+        "rlhf.v1.ReferenceService",
+    )
     return server, scorer
 
 

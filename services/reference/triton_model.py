@@ -38,7 +38,11 @@ OUTPUTS = (
 
 
 def reference_spec(
-    name: str, model_dir: Path, max_batch_size: int = 16, max_queue_delay_us: int = 2_000, device: str = "auto"
+    name: str,
+    model_dir: Path,
+    max_batch_size: int = 16,
+    max_queue_delay_us: int = 2_000,
+    device: str = "auto",
 ) -> PythonModelSpec:
     return PythonModelSpec(
         name=name,
@@ -90,10 +94,17 @@ class ReferenceTritonModel:
         per_request: list[list[ScoredSequence]] = []
         for request in requests:
             ids = pb_utils.get_input_tensor_by_name(request, "TOKEN_IDS").as_numpy()  # (B, T)
-            prompt = pb_utils.get_input_tensor_by_name(request, "PROMPT_LENGTHS").as_numpy()[:, 0]  # (B,)
-            response = pb_utils.get_input_tensor_by_name(request, "RESPONSE_LENGTHS").as_numpy()[:, 0]  # (B,)
+            prompt = pb_utils.get_input_tensor_by_name(request, "PROMPT_LENGTHS").as_numpy()[
+                :, 0
+            ]  # (B,)
+            response = pb_utils.get_input_tensor_by_name(request, "RESPONSE_LENGTHS").as_numpy()[
+                :, 0
+            ]  # (B,)
             per_request.append(
-                [ScoredSequence(row[:p], row[p : p + a]) for row, p, a in zip(ids, prompt, response)]
+                [
+                    ScoredSequence(row[:p], row[p : p + a])
+                    for row, p, a in zip(ids, prompt, response)
+                ]
             )
         sequences = [s for group in per_request for s in group]
         logprobs = response_logprobs(self.model, sequences, self.device)
@@ -110,7 +121,9 @@ class ReferenceTritonModel:
                 pb_utils.InferenceResponse(
                     output_tensors=[
                         pb_utils.Tensor("LOGPROBS", padded),
-                        pb_utils.Tensor("BATCH_SIZE", np.full((len(group), 1), batch, dtype=np.int64)),
+                        pb_utils.Tensor(
+                            "BATCH_SIZE", np.full((len(group), 1), batch, dtype=np.int64)
+                        ),
                     ]
                 )
             )

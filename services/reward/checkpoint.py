@@ -51,7 +51,9 @@ def read_verified(folder: Path, file_sha256: dict[str, str]) -> dict[str, bytes]
         data = (folder / name).read_bytes()
         actual = sha256_bytes(data)
         if actual != expected.lower():
-            raise CheckpointRefused(f"sha256 mismatch for {name}: expected {expected}, got {actual}")
+            raise CheckpointRefused(
+                f"sha256 mismatch for {name}: expected {expected}, got {actual}"
+            )
         contents[name] = data
     return contents
 
@@ -105,9 +107,13 @@ def compare_specs(served: TensorSpecs, new: TensorSpecs, limit: int = 3) -> None
             problems.append(f"{name} has dtype {n_dtype}, served {s_dtype}")
     if problems:
         more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
-        raise CheckpointRefused("tensors do not match the served model: " + "; ".join(problems[:limit]) + more)
+        raise CheckpointRefused(
+            "tensors do not match the served model: " + "; ".join(problems[:limit]) + more
+        )
 
 
 def manifest(folder: Path) -> dict[str, str]:
     """The sha256 of every file in `folder` (what a publisher sends with a new version)."""
-    return {p.name: sha256_bytes(p.read_bytes()) for p in sorted(Path(folder).iterdir()) if p.is_file()}
+    return {
+        p.name: sha256_bytes(p.read_bytes()) for p in sorted(Path(folder).iterdir()) if p.is_file()
+    }

@@ -49,7 +49,9 @@ class RewardScorer:
         self.settings = settings
         self.client = connect(settings.triton)
 
-    def _chunk_futures(self, prompts: list[str], responses: list[str], timeout_s: float) -> list[Future]:
+    def _chunk_futures(
+        self, prompts: list[str], responses: list[str], timeout_s: float
+    ) -> list[Future]:
         futures = []
         for start in range(0, len(prompts), self.settings.triton_max_batch_size):
             end = start + self.settings.triton_max_batch_size
@@ -61,8 +63,12 @@ class RewardScorer:
             self.client.async_infer(
                 self.settings.triton_model,
                 make_inputs(arrays),
-                callback=lambda result, error, f=future: f.set_exception(error) if error else f.set_result(result),
-                outputs=[grpcclient.InferRequestedOutput(o) for o in ("SCORE", "VERSION", "BATCH_SIZE")],
+                callback=lambda result, error, f=future: (
+                    f.set_exception(error) if error else f.set_result(result)
+                ),
+                outputs=[
+                    grpcclient.InferRequestedOutput(o) for o in ("SCORE", "VERSION", "BATCH_SIZE")
+                ],
                 client_timeout=timeout_s,
             )
             futures.append(future)
@@ -83,19 +89,27 @@ class RewardScorer:
             if not stale:
                 break
             if attempt == VERSION_RETRIES:
-                raise Aborted("reward-model versions kept changing while scoring; retry the request")
+                raise Aborted(
+                    "reward-model versions kept changing while scoring; retry the request"
+                )
             for i in stale:
                 span = slice(i * size, (i + 1) * size)
-                chunks[i] = self._chunk_futures(prompts[span], responses[span], timeout_s)[0].result()
+                chunks[i] = self._chunk_futures(prompts[span], responses[span], timeout_s)[
+                    0
+                ].result()
         return ScoredBatch(
             scores=np.concatenate([c.as_numpy("SCORE")[:, 0] for c in chunks]).astype(np.float32),
             version=newest,
             model_batch_sizes=[int(c.as_numpy("BATCH_SIZE")[0, 0]) for c in chunks],
         )
 
-    def reload(self, version: int, path: str, file_sha256: dict[str, str], timeout_s: float = 300.0) -> ReloadResult:
+    def reload(
+        self, version: int, path: str, file_sha256: dict[str, str], timeout_s: float = 300.0
+    ) -> ReloadResult:
         """Asks the Triton model to check and swap in a new version; the old one serves on refusal."""
-        order = json.dumps({"version": int(version), "path": str(path), "file_sha256": dict(file_sha256)})
+        order = json.dumps(
+            {"version": int(version), "path": str(path), "file_sha256": dict(file_sha256)}
+        )
         out = infer(
             self.client,
             self.settings.triton_model,

@@ -49,12 +49,16 @@ def prepare_triton_model(settings: RewardSettings) -> None:
         client.close()
 
 
-def build_server(settings: RewardSettings, registry: CollectorRegistry | None = None) -> tuple[ModelServer, RewardScorer]:
+def build_server(
+    settings: RewardSettings, registry: CollectorRegistry | None = None
+) -> tuple[ModelServer, RewardScorer]:
     """A ModelServer with the RewardService added (not started), and its Triton client to close."""
     server = ModelServer("reward", settings.grpc, registry)
     scorer = RewardScorer(settings)
     servicer = RewardServicer(settings, scorer, RewardMetrics(server.registry))
-    server.add(reward_pb2_grpc.add_RewardServiceServicer_to_server, servicer, "rlhf.v1.RewardService")
+    server.add(
+        reward_pb2_grpc.add_RewardServiceServicer_to_server, servicer, "rlhf.v1.RewardService"
+    )
     return server, scorer
 
 

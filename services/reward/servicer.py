@@ -29,24 +29,41 @@ class RewardMetrics:
 
     def __init__(self, registry: CollectorRegistry):
         self.request_pairs = Histogram(
-            "rlhf_reward_request_pairs", "Pairs per Score request.", buckets=BATCH_BUCKETS, registry=registry
+            "rlhf_reward_request_pairs",
+            "Pairs per Score request.",
+            buckets=BATCH_BUCKETS,
+            registry=registry,
         )
         self.model_batch_size = Histogram(
-            "rlhf_reward_model_batch_size", "Pairs in the Triton forward pass that served a request chunk.",
-            buckets=BATCH_BUCKETS, registry=registry,
+            "rlhf_reward_model_batch_size",
+            "Pairs in the Triton forward pass that served a request chunk.",
+            buckets=BATCH_BUCKETS,
+            registry=registry,
         )
-        self.model_version = Gauge("rlhf_reward_model_version", "Reward-model version last seen serving.", registry=registry)
-        self.reloads = Counter("rlhf_reward_reloads_total", "Reload orders, by result.", ["result"], registry=registry)
+        self.model_version = Gauge(
+            "rlhf_reward_model_version",
+            "Reward-model version last seen serving.",
+            registry=registry,
+        )
+        self.reloads = Counter(
+            "rlhf_reward_reloads_total", "Reload orders, by result.", ["result"], registry=registry
+        )
 
 
-def checked_pairs(request: reward_pb2.ScoreRequest, settings: RewardSettings) -> tuple[list[str], list[str]]:
+def checked_pairs(
+    request: reward_pb2.ScoreRequest, settings: RewardSettings
+) -> tuple[list[str], list[str]]:
     """(prompt texts, responses) of a valid request; FieldError names the first bad field."""
     if request.model not in ("", settings.model_name):
-        raise FieldError("model", f"unknown model {request.model!r}; this service serves {settings.model_name!r}")
+        raise FieldError(
+            "model", f"unknown model {request.model!r}; this service serves {settings.model_name!r}"
+        )
     if not request.pairs:
         raise FieldError("pairs", "empty batch: send at least one (prompt, response) pair")
     if len(request.pairs) > settings.max_pairs:
-        raise FieldError("pairs", f"{len(request.pairs)} pairs exceed the limit of {settings.max_pairs}")
+        raise FieldError(
+            "pairs", f"{len(request.pairs)} pairs exceed the limit of {settings.max_pairs}"
+        )
     prompts, responses = [], []
     for i, pair in enumerate(request.pairs):
         where = f"pairs[{i}]"
@@ -55,15 +72,22 @@ def checked_pairs(request: reward_pb2.ScoreRequest, settings: RewardSettings) ->
                 raise FieldError(f"{where}.prompt.messages", "empty prompt: no messages")
             for j, message in enumerate(pair.prompt.messages.messages):
                 if message.role not in ROLES:
-                    raise FieldError(f"{where}.prompt.messages[{j}].role", f"{message.role!r} is not one of {ROLES}")
+                    raise FieldError(
+                        f"{where}.prompt.messages[{j}].role",
+                        f"{message.role!r} is not one of {ROLES}",
+                    )
         prompt = render_prompt(pair.prompt)
         if not prompt.strip():
             raise FieldError(f"{where}.prompt", "empty prompt")
         if len(prompt) > settings.max_text_chars:
-            raise FieldError(f"{where}.prompt", f"{len(prompt)} characters exceed the limit of {settings.max_text_chars}")
+            raise FieldError(
+                f"{where}.prompt",
+                f"{len(prompt)} characters exceed the limit of {settings.max_text_chars}",
+            )
         if len(pair.response) > settings.max_text_chars:
             raise FieldError(
-                f"{where}.response", f"{len(pair.response)} characters exceed the limit of {settings.max_text_chars}"
+                f"{where}.response",
+                f"{len(pair.response)} characters exceed the limit of {settings.max_text_chars}",
             )
         prompts.append(prompt)
         responses.append(pair.response)
@@ -76,7 +100,9 @@ def checked_reload(request: reward_pb2.ReloadModelRequest) -> None:
     if not request.path.startswith("/"):
         raise FieldError("path", f"must be an absolute folder path, got {request.path!r}")
     if not request.file_sha256:
-        raise FieldError("file_sha256", "empty manifest: list the sha256 of every file in the folder")
+        raise FieldError(
+            "file_sha256", "empty manifest: list the sha256 of every file in the folder"
+        )
     for name, digest in request.file_sha256.items():
         if not SHA256_HEX.match(digest):
             raise FieldError(f"file_sha256[{name!r}]", "not a hex sha256 digest")
@@ -89,17 +115,23 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         self.metrics = metrics
         metrics.model_version.set(settings.model_version)
 
-    def Score(self, request: reward_pb2.ScoreRequest, context: grpc.ServicerContext) -> reward_pb2.ScoreResponse:
+    def Score(
+        self, request: reward_pb2.ScoreRequest, context: grpc.ServicerContext
+    ) -> reward_pb2.ScoreResponse:
         try:
             prompts, responses = checked_pairs(request, self.settings)
             self.metrics.request_pairs.observe(len(prompts))
-            scored = self.scorer.score(prompts, responses, remaining_s(context, self.settings.triton.timeout_s))
+            scored = self.scorer.score(
+                prompts, responses, remaining_s(context, self.settings.triton.timeout_s)
+            )
         except Exception as error:  # noqa: BLE001 - abort_for re-raises what it does not map
             abort_for(context, error, "reward")
         for size in scored.model_batch_sizes:
             self.metrics.model_batch_size.observe(size)
         self.metrics.model_version.set(scored.version)
-        return reward_pb2.ScoreResponse(scores=scored.scores.tolist(), reward_model_version=scored.version)
+        return reward_pb2.ScoreResponse(
+            scores=scored.scores.tolist(), reward_model_version=scored.version
+        )
 
     def ReloadModel(
         self, request: reward_pb2.ReloadModelRequest, context: grpc.ServicerContext
@@ -107,7 +139,10 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         try:
             checked_reload(request)
             result = self.scorer.reload(
-                request.reward_model_version, request.path, dict(request.file_sha256), remaining_s(context, 600.0)
+                request.reward_model_version,
+                request.path,
+                dict(request.file_sha256),
+                remaining_s(context, 600.0),
             )
         except Exception as error:  # noqa: BLE001
             abort_for(context, error, "reward")
@@ -115,8 +150,14 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         self.metrics.model_version.set(result.version)
         log.info(
             "reload",
-            extra={"fields": {"requested": request.reward_model_version, "accepted": result.accepted,
-                              "serving": result.version, "reason": result.reason}},
+            extra={
+                "fields": {
+                    "requested": request.reward_model_version,
+                    "accepted": result.accepted,
+                    "serving": result.version,
+                    "reason": result.reason,
+                }
+            },
         )
         return reward_pb2.ReloadModelResponse(
             accepted=result.accepted, reward_model_version=result.version, reason=result.reason

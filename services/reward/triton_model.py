@@ -34,7 +34,13 @@ import torch
 
 from services.common.models import load_reward_model, load_tokenizer, select_dtype
 from services.common.triton_repo import PythonModelSpec, TensorIO
-from services.reward.checkpoint import CheckpointRefused, compare_specs, folder_specs, read_verified, served_specs
+from services.reward.checkpoint import (
+    CheckpointRefused,
+    compare_specs,
+    folder_specs,
+    read_verified,
+    served_specs,
+)
 from services.reward.encoding import reward_batch
 
 INPUTS = (
@@ -67,7 +73,11 @@ def reward_spec(
         max_batch_size=max_batch_size,
         max_queue_delay_us=max_queue_delay_us,
         device=device,
-        parameters={"model_dir": str(model_dir), "version": str(version), "max_length": str(max_length)},
+        parameters={
+            "model_dir": str(model_dir),
+            "version": str(version),
+            "max_length": str(max_length),
+        },
     )
 
 
@@ -90,14 +100,20 @@ class ServedVersion:
 
 
 def load_verified_version(
-    version: int, path: Path, file_sha256: dict[str, str], served: ServedVersion, device: torch.device
+    version: int,
+    path: Path,
+    file_sha256: dict[str, str],
+    served: ServedVersion,
+    device: torch.device,
 ) -> ServedVersion:
     """A new version built from checked bytes; raises CheckpointRefused with the reason."""
     from safetensors.torch import load as load_safetensors
     from transformers import AutoConfig
 
     if version <= served.version:
-        raise CheckpointRefused(f"version {version} is not newer than the served version {served.version}")
+        raise CheckpointRefused(
+            f"version {version} is not newer than the served version {served.version}"
+        )
     contents = read_verified(path, file_sha256)
     specs = folder_specs(contents)
     compare_specs(served.specs, specs)
@@ -108,11 +124,16 @@ def load_verified_version(
     try:
         # The served model's own class, built from the verified bytes (not re-read from disk).
         model = type(served.model).from_pretrained(
-            None, config=AutoConfig.from_pretrained(str(path)), state_dict=state, dtype=select_dtype(device)
+            None,
+            config=AutoConfig.from_pretrained(str(path)),
+            state_dict=state,
+            dtype=select_dtype(device),
         )
         tokenizer = load_tokenizer(path)
     except Exception as error:  # noqa: BLE001 - any failure is a refusal; the old version keeps serving
-        raise CheckpointRefused(f"cannot load the new version: {type(error).__name__}: {error}") from None
+        raise CheckpointRefused(
+            f"cannot load the new version: {type(error).__name__}: {error}"
+        ) from None
     return ServedVersion(version, Path(path), model.to(device).eval(), tokenizer, specs)
 
 
@@ -120,7 +141,9 @@ class RewardTritonModel:
     """Triton Python-backend model (TritonPythonModel API) scoring (prompt, response) pairs."""
 
     def initialize(self, args: dict) -> None:
-        params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
+        params = {
+            k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()
+        }
         path = Path(params["model_dir"])
         self.device = instance_device(args)
         self.max_length = int(params["max_length"])
@@ -139,16 +162,28 @@ class RewardTritonModel:
         follower of the versions topic may see the same record twice.
         """
         if int(order["version"]) == self.served.version and Path(order["path"]) == self.served.path:
-            return {"accepted": True, "version": self.served.version, "reason": "already serving this version"}
+            return {
+                "accepted": True,
+                "version": self.served.version,
+                "reason": "already serving this version",
+            }
         try:
             self.served = load_verified_version(
-                int(order["version"]), Path(order["path"]), dict(order["file_sha256"]), self.served, self.device
+                int(order["version"]),
+                Path(order["path"]),
+                dict(order["file_sha256"]),
+                self.served,
+                self.device,
             )
             return {"accepted": True, "version": self.served.version, "reason": ""}
         except CheckpointRefused as refused:
             return {"accepted": False, "version": self.served.version, "reason": str(refused)}
         except Exception as error:  # noqa: BLE001 - e.g. an unreadable file: refuse, keep serving
-            return {"accepted": False, "version": self.served.version, "reason": f"{type(error).__name__}: {error}"}
+            return {
+                "accepted": False,
+                "version": self.served.version,
+                "reason": f"{type(error).__name__}: {error}",
+            }
 
     @torch.inference_mode()
     def scores(self, prompts: list[str], responses: list[str]) -> np.ndarray:
@@ -164,36 +199,57 @@ class RewardTritonModel:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is None:
                 return None
-            return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in tensor.as_numpy()[:, 0]]
+            return [
+                v.decode("utf-8") if isinstance(v, bytes) else str(v)
+                for v in tensor.as_numpy()[:, 0]
+            ]
 
         responses: list = [None] * len(requests)
         scoring: list[tuple[int, list[str], list[str]]] = []
         for i, request in enumerate(requests):
-            reload_order, prompts, answers = text(request, "RELOAD"), text(request, "PROMPT"), text(request, "RESPONSE")
-            if reload_order is not None:  # control requests first: the swap precedes this batch's scores
+            reload_order, prompts, answers = (
+                text(request, "RELOAD"),
+                text(request, "PROMPT"),
+                text(request, "RESPONSE"),
+            )
+            if (
+                reload_order is not None
+            ):  # control requests first: the swap precedes this batch's scores
                 result = self.reload(json.loads(reload_order[0]))
                 responses[i] = pb_utils.InferenceResponse(
                     output_tensors=[
-                        pb_utils.Tensor("RELOAD_RESULT", np.array([[json.dumps(result)]], dtype=np.object_)),
-                        pb_utils.Tensor("VERSION", np.array([[result["version"]]], dtype=np.uint64)),
+                        pb_utils.Tensor(
+                            "RELOAD_RESULT", np.array([[json.dumps(result)]], dtype=np.object_)
+                        ),
+                        pb_utils.Tensor(
+                            "VERSION", np.array([[result["version"]]], dtype=np.uint64)
+                        ),
                     ]
                 )
             elif prompts is None or answers is None or len(prompts) != len(answers):
                 responses[i] = pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError("PROMPT and RESPONSE are both required, one per pair")
+                    error=pb_utils.TritonError(
+                        "PROMPT and RESPONSE are both required, one per pair"
+                    )
                 )
             else:
                 scoring.append((i, prompts, answers))
         if scoring:
             prompts = [p for _, ps, _ in scoring for p in ps]
             answers = [a for _, _, rs in scoring for a in rs]
-            scores, version, batch = self.scores(prompts, answers), self.served.version, len(prompts)
+            scores, version, batch = (
+                self.scores(prompts, answers),
+                self.served.version,
+                len(prompts),
+            )
             start = 0
             for i, ps, _ in scoring:
                 n = len(ps)
                 responses[i] = pb_utils.InferenceResponse(
                     output_tensors=[
-                        pb_utils.Tensor("SCORE", scores[start : start + n].reshape(n, 1).astype(np.float32)),
+                        pb_utils.Tensor(
+                            "SCORE", scores[start : start + n].reshape(n, 1).astype(np.float32)
+                        ),
                         pb_utils.Tensor("VERSION", np.full((n, 1), version, dtype=np.uint64)),
                         pb_utils.Tensor("BATCH_SIZE", np.full((n, 1), batch, dtype=np.int64)),
                     ]

@@ -17,7 +17,9 @@ from tests.support.scoring_stacks import reference_stack
 
 @pytest.fixture(scope="module")
 def reference(triton_server, tiny_lm_dir):
-    with reference_stack(triton_server, tiny_lm_dir, triton_queue_delay_us=20_000, max_total_tokens=256) as stack:
+    with reference_stack(
+        triton_server, tiny_lm_dir, triton_queue_delay_us=20_000, max_total_tokens=256
+    ) as stack:
         yield stack
 
 
@@ -41,14 +43,21 @@ def in_process_logprobs(model, prompt: list[int], response: list[int]) -> np.nda
     return np.array([logprobs[len(prompt) + j - 1, t].item() for j, t in enumerate(response)])
 
 
-def random_sequences(seed: int, shapes: list[tuple[int, int]], vocab: int = 49152) -> list[tuple[list[int], list[int]]]:
+def random_sequences(
+    seed: int, shapes: list[tuple[int, int]], vocab: int = 49152
+) -> list[tuple[list[int], list[int]]]:
     rng = np.random.default_rng(seed)
-    return [(rng.integers(0, vocab, p).tolist(), rng.integers(0, vocab, a).tolist()) for p, a in shapes]
+    return [
+        (rng.integers(0, vocab, p).tolist(), rng.integers(0, vocab, a).tolist()) for p, a in shapes
+    ]
 
 
 def request(sequences) -> reference_pb2.ComputeLogprobsRequest:
     return reference_pb2.ComputeLogprobsRequest(
-        sequences=[reference_pb2.TokenSequence(prompt_token_ids=p, response_token_ids=r) for p, r in sequences]
+        sequences=[
+            reference_pb2.TokenSequence(prompt_token_ids=p, response_token_ids=r)
+            for p, r in sequences
+        ]
     )
 
 
@@ -59,7 +68,9 @@ def test_logprobs_equal_in_process_for_a_batch_of_different_lengths(stub, model)
     for (prompt, response), result in zip(sequences, reply.results):
         served = np.array(result.logprobs)
         assert served.shape == (len(response),)
-        np.testing.assert_allclose(served, in_process_logprobs(model, prompt, response), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(
+            served, in_process_logprobs(model, prompt, response), rtol=0, atol=1e-4
+        )
 
 
 def test_concurrent_requests_share_forward_passes_and_stay_exact(stub, model, reference):
@@ -79,7 +90,10 @@ def test_concurrent_requests_share_forward_passes_and_stay_exact(stub, model, re
         t.join()
     for (prompt, response), reply in zip(sequences, replies):
         np.testing.assert_allclose(
-            np.array(reply.results[0].logprobs), in_process_logprobs(model, prompt, response), rtol=0, atol=1e-4
+            np.array(reply.results[0].logprobs),
+            in_process_logprobs(model, prompt, response),
+            rtol=0,
+            atol=1e-4,
         )
     # Every request held one sequence: a forward pass over more than one means the batcher grouped them.
     observed = reference.metric("rlhf_reference_model_batch_size_count")
@@ -93,21 +107,35 @@ def test_concurrent_requests_share_forward_passes_and_stay_exact(stub, model, re
         ([], "", "sequences: empty batch"),
         ([([], [1, 2])], "", "sequences[0].prompt_token_ids: empty prompt"),
         ([([1], [])], "", "sequences[0].response_token_ids: empty response"),
-        ([([1, 2], [3]), ([5], [7, 49152])], "", "sequences[1].response_token_ids[1]: token id 49152"),
+        (
+            [([1, 2], [3]), ([5], [7, 49152])],
+            "",
+            "sequences[1].response_token_ids[1]: token id 49152",
+        ),
         ([([10**6], [3])], "", "sequences[0].prompt_token_ids[0]"),
         ([([1] * 200, [2] * 57)], "", "sequences[0]: 257 tokens exceed the model's limit of 256"),
         ([([1], [2])], "gpt-9", "model: unknown model 'gpt-9'"),
     ],
 )
-def test_bad_input_is_invalid_argument_naming_the_field(stub, reference, sequences, model_name, field):
-    before = reference.metric("rlhf_reference_requests_total", {"method": "ComputeLogprobs", "code": "INVALID_ARGUMENT"}) or 0
+def test_bad_input_is_invalid_argument_naming_the_field(
+    stub, reference, sequences, model_name, field
+):
+    before = (
+        reference.metric(
+            "rlhf_reference_requests_total",
+            {"method": "ComputeLogprobs", "code": "INVALID_ARGUMENT"},
+        )
+        or 0
+    )
     bad = request(sequences)
     bad.model = model_name
     with pytest.raises(grpc.RpcError) as error:
         stub.ComputeLogprobs(bad, timeout=30)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in error.value.details()
-    after = reference.metric("rlhf_reference_requests_total", {"method": "ComputeLogprobs", "code": "INVALID_ARGUMENT"})
+    after = reference.metric(
+        "rlhf_reference_requests_total", {"method": "ComputeLogprobs", "code": "INVALID_ARGUMENT"}
+    )
     assert after == before + 1
 
 
@@ -122,7 +150,9 @@ def test_overload_is_resource_exhausted_not_a_pile_up(reference):
     from services.common.grpc_server import GrpcSettings
     from services.reference.server import build_server
 
-    narrow = GrpcSettings(host="127.0.0.1", port=0, metrics_port=0, max_concurrent_rpcs=1, shutdown_grace_s=5)
+    narrow = GrpcSettings(
+        host="127.0.0.1", port=0, metrics_port=0, max_concurrent_rpcs=1, shutdown_grace_s=5
+    )
     server, scorer = build_server(reference.settings.model_copy(update={"grpc": narrow}))
     port = server.start()
     heavy = request(random_sequences(3, [(150, 100)] * 32))

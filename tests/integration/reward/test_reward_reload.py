@@ -42,13 +42,16 @@ def expected(versions, tiny_rm_dir):
 
 @pytest.fixture(scope="module")
 def stub(triton_server, tiny_rm_dir):
-    with reward_stack(triton_server, tiny_rm_dir, model_version=1, max_length=MAX_LENGTH, triton_max_batch_size=4) as stack:
-        with grpc.insecure_channel(stack.address) as channel:
-            yield reward_pb2_grpc.RewardServiceStub(channel)
+    with reward_stack(
+        triton_server, tiny_rm_dir, model_version=1, max_length=MAX_LENGTH, triton_max_batch_size=4
+    ) as stack, grpc.insecure_channel(stack.address) as channel:
+        yield reward_pb2_grpc.RewardServiceStub(channel)
 
 
 def reload(stub, version: int, path, file_sha256: dict[str, str]) -> reward_pb2.ReloadModelResponse:
-    request = reward_pb2.ReloadModelRequest(reward_model_version=version, path=str(path), file_sha256=file_sha256)
+    request = reward_pb2.ReloadModelRequest(
+        reward_model_version=version, path=str(path), file_sha256=file_sha256
+    )
     return stub.ReloadModel(request, timeout=120)
 
 
@@ -116,9 +119,15 @@ def test_a_valid_version_takes_over_while_requests_keep_flowing(stub, versions, 
     # 8 pairs go to Triton as two chunks of 4 that a swap may fall between; still every score
     # of a reply comes from the one version it names.
     for reply in replies:
-        np.testing.assert_allclose(reply.scores, np.tile(expected[reply.reward_model_version], 2), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(
+            reply.scores, np.tile(expected[reply.reward_model_version], 2), rtol=0, atol=1e-4
+        )
     assert {r.reward_model_version for r in replies} <= {1, 2}
     assert_serving(stub, 2, expected)
 
     again = reload(stub, 2, versions["v2"], manifest(versions["v2"]))
-    assert again.accepted and again.reward_model_version == 2 and again.reason == "already serving this version"
+    assert (
+        again.accepted
+        and again.reward_model_version == 2
+        and again.reason == "already serving this version"
+    )

@@ -17,7 +17,10 @@ def model(tiny_lm_dir):
 
 
 def test_left_pad_puts_real_tokens_right_with_positions_from_zero():
-    seqs = [ScoredSequence(np.array([5, 6]), np.array([7])), ScoredSequence(np.array([1]), np.array([2, 3, 4, 8]))]
+    seqs = [
+        ScoredSequence(np.array([5, 6]), np.array([7])),
+        ScoredSequence(np.array([1]), np.array([2, 3, 4, 8])),
+    ]
     ids, mask, positions = left_pad(seqs, pad_id=0)
     assert ids.tolist() == [[0, 0, 5, 6, 7], [1, 2, 3, 4, 8]]
     assert mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]

@@ -22,12 +22,17 @@ def settings(**overrides) -> ReferenceSettings:
 def request(*sequences, model: str = "") -> reference_pb2.ComputeLogprobsRequest:
     return reference_pb2.ComputeLogprobsRequest(
         model=model,
-        sequences=[reference_pb2.TokenSequence(prompt_token_ids=p, response_token_ids=r) for p, r in sequences],
+        sequences=[
+            reference_pb2.TokenSequence(prompt_token_ids=p, response_token_ids=r)
+            for p, r in sequences
+        ],
     )
 
 
 def test_a_valid_request_becomes_token_lists():
-    assert checked_sequences(request(([1, 2], [3]), ([4], [5, 6]), model="reference"), settings(), LIMITS) == [
+    assert checked_sequences(
+        request(([1, 2], [3]), ([4], [5, 6]), model="reference"), settings(), LIMITS
+    ) == [
         ([1, 2], [3]),
         ([4], [5, 6]),
     ]
@@ -37,13 +42,33 @@ def test_a_valid_request_becomes_token_lists():
     ("bad", "overrides", "field", "message"),
     [
         (request(), {}, "sequences", "empty batch"),
-        (request(([1], [2]), ([1], [2])), {"max_sequences": 1}, "sequences", "2 sequences exceed the limit of 1"),
+        (
+            request(([1], [2]), ([1], [2])),
+            {"max_sequences": 1},
+            "sequences",
+            "2 sequences exceed the limit of 1",
+        ),
         (request(([1], [2]), ([], [2])), {}, "sequences[1].prompt_token_ids", "empty prompt"),
         (request(([1], [])), {}, "sequences[0].response_token_ids", "empty response"),
-        (request(([1, 100], [2])), {}, "sequences[0].prompt_token_ids[1]", "token id 100 is outside the vocabulary [0, 100)"),
+        (
+            request(([1, 100], [2])),
+            {},
+            "sequences[0].prompt_token_ids[1]",
+            "token id 100 is outside the vocabulary [0, 100)",
+        ),
         (request(([1], [2, 3, 250])), {}, "sequences[0].response_token_ids[2]", "token id 250"),
-        (request(([1] * 10, [2] * 7)), {}, "sequences[0]", "17 tokens exceed the model's limit of 16"),
-        (request(([1] * 5, [2] * 5)), {"max_total_tokens": 8}, "sequences[0]", "10 tokens exceed the model's limit of 8"),
+        (
+            request(([1] * 10, [2] * 7)),
+            {},
+            "sequences[0]",
+            "17 tokens exceed the model's limit of 16",
+        ),
+        (
+            request(([1] * 5, [2] * 5)),
+            {"max_total_tokens": 8},
+            "sequences[0]",
+            "10 tokens exceed the model's limit of 8",
+        ),
         (request(([1], [2]), model="policy"), {}, "model", "unknown model 'policy'"),
     ],
 )
@@ -55,7 +80,9 @@ def test_bad_requests_name_the_field(bad, overrides, field, message):
 
 
 def test_limits_come_from_the_model_config(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 49152, "max_position_embeddings": 8192}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"vocab_size": 49152, "max_position_embeddings": 8192})
+    )
     assert model_limits(tmp_path) == ModelLimits(49152, 8192)
 
 

@@ -23,7 +23,10 @@ from services.reward.checkpoint import (
 def version(tmp_path):
     folder = tmp_path / "v2"
     folder.mkdir()
-    save_file({"head.weight": torch.zeros(1, 4), "emb": torch.zeros(10, 4, dtype=torch.bfloat16)}, str(folder / "model.safetensors"))
+    save_file(
+        {"head.weight": torch.zeros(1, 4), "emb": torch.zeros(10, 4, dtype=torch.bfloat16)},
+        str(folder / "model.safetensors"),
+    )
     (folder / "config.json").write_text("{}")
     return folder
 
@@ -40,9 +43,15 @@ def test_manifest_is_the_sha256_of_every_file(version):
     [
         (lambda m, f: m.update({"config.json": "0" * 64}), "sha256 mismatch for config.json"),
         (lambda m, f: m.pop("config.json"), "files not in the manifest: config.json"),
-        (lambda m, f: m.update({"tokenizer.json": "0" * 64}), "tokenizer.json is listed but missing"),
+        (
+            lambda m, f: m.update({"tokenizer.json": "0" * 64}),
+            "tokenizer.json is listed but missing",
+        ),
         (lambda m, f: m.update({"../etc": "0" * 64}), "not a plain file name"),
-        (lambda m, f: (f / "config.json").write_text('{"x": 1}'), "sha256 mismatch for config.json"),
+        (
+            lambda m, f: (f / "config.json").write_text('{"x": 1}'),
+            "sha256 mismatch for config.json",
+        ),
     ],
 )
 def test_any_checksum_problem_is_refused(version, edit, reason):
@@ -66,7 +75,12 @@ def test_compare_specs_names_each_difference():
     with pytest.raises(CheckpointRefused) as refused:
         compare_specs(served, new, limit=10)
     reason = str(refused.value)
-    for part in ["missing tensor c", "unexpected tensor d", "a has shape [2, 4], served [2, 3]", "b has dtype BF16, served F32"]:
+    for part in [
+        "missing tensor c",
+        "unexpected tensor d",
+        "a has shape [2, 4], served [2, 3]",
+        "b has dtype BF16, served F32",
+    ]:
         assert part in reason
 
 

@@ -19,7 +19,9 @@ def settings(**overrides) -> RewardSettings:
 
 def chat(*messages) -> common_pb2.Prompt:
     return common_pb2.Prompt(
-        messages=common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages])
+        messages=common_pb2.ChatMessages(
+            messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages]
+        )
     )
 
 
@@ -30,12 +32,17 @@ def pair(prompt, response: str = "r") -> reward_pb2.ScoredPair:
 
 
 def test_chat_prompts_render_as_role_content_lines():
-    assert render_prompt(chat(("system", "Be brief."), ("user", "Hi"))) == "system: Be brief.\nuser: Hi"
+    assert (
+        render_prompt(chat(("system", "Be brief."), ("user", "Hi")))
+        == "system: Be brief.\nuser: Hi"
+    )
     assert render_prompt(common_pb2.Prompt(text="plain")) == "plain"
 
 
 def test_a_valid_request_becomes_texts():
-    request = reward_pb2.ScoreRequest(model="reward", pairs=[pair("q", ""), pair(chat(("user", "u")), "a")])
+    request = reward_pb2.ScoreRequest(
+        model="reward", pairs=[pair("q", ""), pair(chat(("user", "u")), "a")]
+    )
     assert checked_pairs(request, settings()) == (["q", "user: u"], ["", "a"])
 
 
@@ -62,23 +69,42 @@ def test_bad_score_requests_name_the_field(pairs, model, overrides, field):
 @pytest.mark.parametrize(
     ("request_fields", "field"),
     [
-        ({"reward_model_version": 0, "path": "/v", "file_sha256": {"m": "a" * 64}}, "reward_model_version"),
+        (
+            {"reward_model_version": 0, "path": "/v", "file_sha256": {"m": "a" * 64}},
+            "reward_model_version",
+        ),
         ({"reward_model_version": 2, "path": "v", "file_sha256": {"m": "a" * 64}}, "path"),
         ({"reward_model_version": 2, "path": "/v"}, "file_sha256"),
-        ({"reward_model_version": 2, "path": "/v", "file_sha256": {"m": "abc"}}, "file_sha256['m']"),
+        (
+            {"reward_model_version": 2, "path": "/v", "file_sha256": {"m": "abc"}},
+            "file_sha256['m']",
+        ),
     ],
 )
 def test_bad_reload_requests_name_the_field(request_fields, field):
     with pytest.raises(FieldError) as error:
         checked_reload(reward_pb2.ReloadModelRequest(**request_fields))
     assert error.value.field == field
-    checked_reload(reward_pb2.ReloadModelRequest(reward_model_version=2, path="/v", file_sha256={"m": "A" * 64}))
+    checked_reload(
+        reward_pb2.ReloadModelRequest(
+            reward_model_version=2, path="/v", file_sha256={"m": "A" * 64}
+        )
+    )
 
 
 def test_triton_errors_map_to_grpc_codes():
-    assert status_of(InferenceServerException("late", status="StatusCode.DEADLINE_EXCEEDED")) == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert status_of(InferenceServerException("bad", status="StatusCode.INVALID_ARGUMENT")) == grpc.StatusCode.INVALID_ARGUMENT
-    assert status_of(InferenceServerException("down", status="StatusCode.UNKNOWN")) == grpc.StatusCode.UNAVAILABLE
+    assert (
+        status_of(InferenceServerException("late", status="StatusCode.DEADLINE_EXCEEDED"))
+        == grpc.StatusCode.DEADLINE_EXCEEDED
+    )
+    assert (
+        status_of(InferenceServerException("bad", status="StatusCode.INVALID_ARGUMENT"))
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert (
+        status_of(InferenceServerException("down", status="StatusCode.UNKNOWN"))
+        == grpc.StatusCode.UNAVAILABLE
+    )
     assert status_of(InferenceServerException("?", status=None)) == grpc.StatusCode.UNAVAILABLE
 
 
