@@ -30,11 +30,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from deploy.local.kafka import KafkaBroker  # noqa: E402
-from services.common import topics  # noqa: E402
-from services.common.settings import KafkaSettings  # noqa: E402
-from services.genproto.rlhf.v1 import events_pb2  # noqa: E402
-from tests.integration.gateway.gateway_process import read_topic, running_gateway  # noqa: E402
+from deploy.local.kafka import KafkaBroker
+from services.common import topics
+from services.common.settings import KafkaSettings
+from services.genproto.rlhf.v1 import events_pb2
+from tests.integration.gateway.gateway_process import read_topic, running_gateway
 
 P99_BUDGET_MS = 50.0
 
