@@ -23,6 +23,9 @@ class TensorIO:
     dims: tuple[int, ...]
     """Per-request shape without the batch dimension; -1 for variable."""
     optional: bool = False
+    ragged: bool = False
+    """Variable-length input the dynamic batcher may group across requests of different lengths
+    (`allow_ragged_batch`); the model receives each request's tensor as it was sent."""
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,11 @@ def config_pbtxt(spec: PythonModelSpec) -> str:
         blocks = []
         for t in items:
             dims = ", ".join(str(d) for d in t.dims)
-            opt = "\n    optional: true" if t.optional else ""
+            extra = ("\n    optional: true" if t.optional else "") + (
+                "\n    allow_ragged_batch: true" if t.ragged else ""
+            )
             blocks.append(
-                f'  {{\n    name: "{t.name}"\n    data_type: {t.data_type}\n    dims: [ {dims} ]{opt}\n  }}'
+                f'  {{\n    name: "{t.name}"\n    data_type: {t.data_type}\n    dims: [ {dims} ]{extra}\n  }}'
             )
         return f"{kind} [\n" + ",\n".join(blocks) + "\n]\n"
 

@@ -21,11 +21,12 @@ from prometheus_client import CollectorRegistry
 from services.common.grpc_server import ModelServer
 from services.common.logging import configure_logging
 from services.common.triton_client import connect
+from services.common.triton_repo import write_model
 from services.genproto.rlhf.v1 import reference_pb2_grpc
 from services.reference.scorer import ReferenceScorer, model_limits
 from services.reference.servicer import ReferenceMetrics, ReferenceServicer
 from services.reference.settings import ReferenceSettings
-from services.reference.triton_model import reference_spec, write_ragged_model
+from services.reference.triton_model import reference_spec
 
 
 def prepare_triton_model(settings: ReferenceSettings) -> None:
@@ -39,7 +40,7 @@ def prepare_triton_model(settings: ReferenceSettings) -> None:
         max_queue_delay_us=settings.triton_queue_delay_us,
         device=settings.device,
     )
-    write_ragged_model(settings.model_repository, spec)
+    write_model(settings.model_repository, spec)
     client = connect(settings.triton)
     try:
         client.load_model(settings.triton_model)

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from services.common.models import load_causal_lm, select_dtype
-from services.common.triton_repo import PythonModelSpec, TensorIO, config_pbtxt, write_model
+from services.common.triton_repo import PythonModelSpec, TensorIO
 from services.reference.logprobs import ScoredSequence, response_logprobs
 
 INPUTS = (
-    TensorIO("TOKEN_IDS", "TYPE_INT64", (-1,)),
+    TensorIO("TOKEN_IDS", "TYPE_INT64", (-1,), ragged=True),
     TensorIO("PROMPT_LENGTHS", "TYPE_INT64", (1,)),
     TensorIO("RESPONSE_LENGTHS", "TYPE_INT64", (1,)),
 )
@@ -54,22 +54,6 @@ def reference_spec(
         device=device,
         parameters={"model_dir": str(model_dir)},
     )
-
-
-def write_ragged_model(repository: Path, spec: PythonModelSpec) -> Path:
-    """write_model, with TOKEN_IDS marked `allow_ragged_batch`.
-
-    Without it Triton's dynamic batcher only groups requests whose inputs have equal shapes, and
-    requests of different lengths would each run alone. The Python backend never concatenates
-    inputs itself, so ragged requests reach `execute` as they were sent.
-    """
-    folder = write_model(repository, spec)
-    config = config_pbtxt(spec).replace(
-        'name: "TOKEN_IDS"\n    data_type: TYPE_INT64\n    dims: [ -1 ]',
-        'name: "TOKEN_IDS"\n    data_type: TYPE_INT64\n    dims: [ -1 ]\n    allow_ragged_batch: true',
-    )
-    (folder / "config.pbtxt").write_text(config)
-    return folder
 
 
 def instance_device(args: dict) -> torch.device:

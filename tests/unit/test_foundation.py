@@ -30,7 +30,7 @@ def test_model_config_has_batching_decoupling_and_parameters(tmp_path: Path):
     spec = PythonModelSpec(
         name="m",
         python_class="pkg.mod:Cls",
-        inputs=(TensorIO("IDS", "TYPE_INT64", (-1,)),),
+        inputs=(TensorIO("IDS", "TYPE_INT64", (-1,), ragged=True),),
         outputs=(TensorIO("OUT", "TYPE_FP32", (-1,)),),
         max_batch_size=8,
         max_queue_delay_us=500,
@@ -43,6 +43,7 @@ def test_model_config_has_batching_decoupling_and_parameters(tmp_path: Path):
     assert "dynamic_batching { max_queue_delay_microseconds: 500 }" in text
     assert "decoupled: True" in text and "KIND_CPU" in text
     assert 'key: "model_dir" value: { string_value: "/models/x" }' in text
+    assert 'name: "IDS"\n    data_type: TYPE_INT64\n    dims: [ -1 ]\n    allow_ragged_batch: true' in text
     folder = write_model(tmp_path, spec, python_path=["/opt/app"])
     model_py = (folder / "1" / "model.py").read_text()
     assert "from pkg.mod import Cls as TritonPythonModel" in model_py and "/opt/app" in model_py
