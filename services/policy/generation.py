@@ -79,11 +79,13 @@ def generate_rows(
     decode: Callable[[list[int]], str],
     on_token: OnToken | None = None,
     cancelled: Callable[[int], bool] = lambda i: False,
+    on_step: Callable[[int], None] = lambda produced: None,
 ) -> list[Row]:
     """Generates every row to its end; fills `tokens`, `logprobs` and `finish` in place.
 
     `cancelled(i)` is asked before every step for every running row; a cancelled row stops at
-    once (Finish.CANCELLED), and when all rows are done the loop ends.
+    once (Finish.CANCELLED), and when all rows are done the loop ends. `on_step(k)` is told
+    after every step how many tokens it produced.
     """
     device = next(model.parameters()).device
     ids, mask = left_pad(rows, pad_id, device)
@@ -113,6 +115,7 @@ def generate_rows(
             r.finish = finish_of(r, tokens_list[i], eos_ids, decode)
             if on_token is not None:
                 on_token(i, tokens_list[i], logprobs_list[i], r.finish)
+        on_step(len(running))
         if all(r.finish != Finish.NONE for r in rows):
             break
         mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)  # (B, P + t)

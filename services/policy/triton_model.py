@@ -183,6 +183,7 @@ class PolicyTritonModel:
             generate_rows(
                 self.model, rows, self.pad_id, self.eos_ids, self._decode, on_token,
                 cancelled=lambda i: live[i][0].is_cancelled(),
+                on_step=lambda produced: self.tokens_metric.increment(float(produced)),
             )
         except Exception as exc:  # every request of the batch gets the error, none hangs
             log.exception("generation failed")
@@ -192,7 +193,6 @@ class PolicyTritonModel:
                     flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
                 )
             return None
-        self.tokens_metric.increment(float(sum(len(r.tokens) for r in rows)))
         for (request, stream), row in zip(live, rows):
             if stream:
                 self._send(request, [], [], row.finish, batch, final=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from services.genproto.rlhf.v1 import events_pb2, policy_pb2
 from services.policy.weights import (
-    IncomingFile, TensorSpecs, WeightsRejected, WeightsStore, check_file_name, compare_specs,
+    ChunkWriter, IncomingFile, TensorSpecs, WeightsRejected, WeightsStore, check_file_name, compare_specs,
     files_specs, sha256_file,
 )
 
@@ -71,22 +71,28 @@ class WeightsUpdater:
             expected = manifest_specs(manifest)
             compare_specs(self.served_specs, expected, "manifest vs served model")
             staged = self.store.staging(manifest.weights_version)
-            received = 0
+            received, files = 0, {}
             try:
                 files = {
                     n: IncomingFile(staged / n, int(manifest.file_size[n]), manifest.file_sha256[n])
                     for n in sorted(names)
                 }
-                for chunk in chunks:
-                    if chunk.file_name not in files:
-                        raise WeightsRejected(f"chunk for {chunk.file_name!r}, which the manifest does not list")
-                    files[chunk.file_name].write(chunk.offset, chunk.data)
-                    received += len(chunk.data)
+                writer = ChunkWriter()
+                try:
+                    for chunk in chunks:
+                        if chunk.file_name not in files:
+                            raise WeightsRejected(f"chunk for {chunk.file_name!r}, which the manifest does not list")
+                        writer.put(files[chunk.file_name], chunk.offset, chunk.data)
+                        received += len(chunk.data)
+                finally:
+                    writer.close()
                 for f in files.values():
                     f.finish()
                 compare_specs(expected, files_specs([f.path for f in files.values()]), "files vs manifest")
                 return self._publish(manifest.weights_version, staged), received
             finally:
+                for f in files.values():
+                    f.close()
                 shutil.rmtree(staged, ignore_errors=True)
 
     def install_folder(self, event: events_pb2.WeightsVersionEvent) -> int:

@@ -175,12 +175,17 @@ class IncomingFile:
         if self._handle is None:
             self._handle = open(self.path, "wb")
         if offset != self.received:
-            self._in_order = False
-            self._handle.seek(offset)
-        elif self._in_order:
+            self._in_order = False  # hashed from the file at the end instead
+        if self._in_order:
             self._hash.update(data)  # hashlib releases the GIL on large buffers
+        else:
+            self._handle.seek(offset)
         self._handle.write(data)
         self.received += len(data)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
 
     def finish(self) -> None:
         if self._handle is None:
@@ -191,3 +196,38 @@ class IncomingFile:
         digest = self._hash.hexdigest() if self._in_order else sha256_file(self.path)
         if digest != self.sha256.lower():
             raise WeightsRejected(f"{self.path.name}: sha256 {digest} does not match the manifest's {self.sha256}")
+
+
+class ChunkWriter:
+    """Writes and hashes chunks on a worker thread while the caller receives the next ones
+    (hashlib and file writes release the GIL, so the two overlap on two cores)."""
+
+    def __init__(self, depth: int = 4):
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="weights-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                target, offset, data = item
+                try:
+                    target.write(offset, data)
+                except BaseException as exc:  # noqa: BLE001 - reported by close()
+                    self._error = exc
+
+    def put(self, target: IncomingFile, offset: int, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((target, offset, data))
+
+    def close(self) -> None:
+        """Waits for every chunk to be written; raises the first write error."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error

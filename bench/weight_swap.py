@@ -1,0 +1,121 @@
+"""Weight-swap benchmark: push + verify + swap of SmolLM2-135M (540 MB float32) into a running
+policy service, against a raw transfer of the same bytes over a loopback TCP socket, same run.
+
+    python -m bench.weight_swap           # writes bench/results/weight_swap.json
+
+The push is timed from the first message until UpdateWeights returns, which it does only after
+every check (sizes, sha256 of every file, tensor names/shapes/dtypes against the manifest and the
+served model) and after the Triton model serves the new version. The sender's manifest (hashing
+the files it is about to send) is built before the clock starts and reported on its own: the
+trainer hashes a checkpoint once when it writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from deploy.local.triton import TritonServer
+from services.common.grpc_server import GrpcSettings
+from services.common.models import convert_smollm2
+from services.common.settings import TritonSettings
+from services.genproto.rlhf.v1 import policy_pb2_grpc
+from services.policy.push import build_manifest, push_folder
+from services.policy.server import build
+from services.policy.settings import PolicySettings
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+
+def raw_tcp_copy(payload: memoryview) -> float:
+    """Seconds to move `payload` through a loopback TCP socket into a receiver's buffer."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    done = threading.Event()
+
+    def receive() -> None:
+        conn, _ = server.accept()
+        buffer = bytearray(len(payload))
+        view, got = memoryview(buffer), 0
+        while got < len(payload):
+            got += conn.recv_into(view[got:], 1 << 22)
+        conn.close()
+        done.set()
+
+    receiver = threading.Thread(target=receive)
+    receiver.start()
+    client = socket.create_connection(("127.0.0.1", port))
+    start = time.perf_counter()
+    client.sendall(payload)
+    done.wait()
+    elapsed = time.perf_counter() - start
+    client.close()
+    receiver.join()
+    server.close()
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, default=REPO / "models" / "smollm2-135m-instruct")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--chunk-mib", type=int, default=32)
+    opts = parser.parse_args()
+    convert_smollm2(opts.model_dir)
+    files = sorted(opts.model_dir.glob("*.safetensors"))
+    payload = memoryview(b"".join(p.read_bytes() for p in files))
+    state = REPO / ".local" / "bench" / f"weight-swap-{os.getpid()}"
+    triton = TritonServer(state_dir=state / "triton", model_repository=state / "model-repository")
+    service = None
+    try:
+        triton.start()
+        settings = PolicySettings(
+            model_dir=opts.model_dir, weights_root=state / "weights", model_repository=state / "model-repository",
+            grpc=GrpcSettings(host="127.0.0.1", port=0, metrics_port=0, max_message_bytes=(opts.chunk_mib + 8) << 20),
+            triton=TritonSettings(url=triton.grpc_url, timeout_s=600),
+            log_generations=False, follow_weights_topic=False,
+        )
+        service = build(settings)
+        channel = grpc.insecure_channel(service.address, options=[("grpc.max_send_message_length", (opts.chunk_mib + 8) << 20)])
+        stub = policy_pb2_grpc.PolicyServiceStub(channel)
+        start = time.perf_counter()
+        manifest = build_manifest(opts.model_dir, 0)
+        manifest_s = time.perf_counter() - start
+        raw, push = [], []
+        for k in range(opts.rounds):
+            raw.append(raw_tcp_copy(payload))
+            manifest.weights_version = service.servicer.updater.version + 1
+            start = time.perf_counter()
+            response = push_folder(stub, opts.model_dir, manifest.weights_version, opts.chunk_mib << 20, manifest)
+            push.append(time.perf_counter() - start)
+            assert response.accepted, response.reason
+        result = {
+            "model": opts.model_dir.name, "bytes": len(payload), "rounds": opts.rounds, "chunk_mib": opts.chunk_mib,
+            "raw_tcp_copy_s": statistics.median(raw), "push_verify_swap_s": statistics.median(push),
+            "raw_tcp_copy_runs_s": raw, "push_verify_swap_runs_s": push,
+            "sender_manifest_s": manifest_s,
+            "ratio_vs_raw_copy": statistics.median(push) / statistics.median(raw),
+            "served_version": service.servicer.updater.version,
+        }
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "weight_swap.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+    finally:
+        if service is not None:
+            service.stop(grace_s=1)
+        triton.stop()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

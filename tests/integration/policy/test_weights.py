@@ -1,0 +1,160 @@
+"""Weight updates on the real service: a valid push swaps the served model, a bad one is refused
+with its reason while the old version keeps serving, clients generating during several pushes
+see no error and only served versions, and a replica catches up from rlhf.weights.v1."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.common.kafka import make_producer
+from services.common.models import load_causal_lm, load_tokenizer
+from services.common.topics import WEIGHTS
+from services.genproto.rlhf.v1 import common_pb2, events_pb2, policy_pb2
+from services.policy.push import build_manifest, push_folder
+from tests.support.tiny_models import tiny_causal_lm
+
+PROMPT = "The weather today is"
+
+
+@pytest.fixture(scope="module")
+def other_weights(tmp_path_factory):
+    """Same architecture, other random weights."""
+    return tiny_causal_lm(tmp_path_factory.mktemp("tiny-lm-seed1"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def restore(stub, policy, tiny_lm_dir):
+    """Leaves the session's service serving the original weights again (as a newer version)."""
+    yield
+    response = push_folder(stub, tiny_lm_dir, policy.weights_version + 1)
+    assert response.accepted, response.reason
+
+
+def greedy(stub) -> policy_pb2.Sample:
+    request = policy_pb2.GenerateRequest(
+        prompts=[common_pb2.Prompt(text=PROMPT)], sampling=policy_pb2.SamplingParams(n=1, max_new_tokens=8)
+    )
+    return stub.Generate(request, timeout=60).completions[0].samples[0]
+
+
+def in_process_greedy(folder) -> list[int]:
+    model, tok = load_causal_lm(folder, torch.device("cpu"), torch.float32), load_tokenizer(folder)
+    ids = torch.tensor([tok(PROMPT)["input_ids"]])
+    return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8)[0, ids.shape[1]:].tolist()
+
+
+def test_valid_push_swaps_the_served_model(stub, policy, other_weights, restore):
+    old = policy.weights_version
+    response = push_folder(stub, other_weights, old + 1, chunk_bytes=1 << 20)
+    assert response.accepted, response.reason
+    assert response.weights_version == old + 1
+    assert response.bytes_received == (other_weights / "model.safetensors").stat().st_size
+    assert stub.GetModelInfo(policy_pb2.GetModelInfoRequest()).weights_version == old + 1
+    sample = greedy(stub)
+    assert sample.weights_version == old + 1
+    assert list(sample.token_ids) == in_process_greedy(other_weights)
+    assert policy.registry.get_sample_value("rlhf_policy_weights_version") == old + 1
+
+
+def refused(stub, policy, folder, version, manifest, expect_reason: str) -> None:
+    before_version, before = policy.weights_version, list(greedy(stub).token_ids)
+    response = push_folder(stub, folder, version, manifest=manifest)
+    assert not response.accepted
+    assert expect_reason in response.reason
+    assert response.weights_version == before_version
+    sample = greedy(stub)
+    assert sample.weights_version == before_version
+    assert list(sample.token_ids) == before
+
+
+def test_wrong_checksum_is_refused_and_old_version_serves(stub, policy, other_weights, restore):
+    manifest = build_manifest(other_weights, policy.weights_version + 1)
+    manifest.file_sha256["model.safetensors"] = "0" * 64
+    refused(stub, policy, other_weights, policy.weights_version + 1, manifest, "sha256")
+
+
+def test_wrong_shape_is_refused_and_old_version_serves(stub, policy, tmp_path, restore):
+    wider = tiny_causal_lm(tmp_path / "wider", hidden=96)
+    manifest = build_manifest(wider, policy.weights_version + 1)
+    refused(stub, policy, wider, policy.weights_version + 1, manifest, "shape")
+
+
+def test_manifest_that_lies_about_the_file_is_refused(stub, policy, tmp_path, other_weights, restore):
+    wider = tiny_causal_lm(tmp_path / "wider", hidden=96)
+    honest = build_manifest(other_weights, policy.weights_version + 1)
+    lying = build_manifest(wider, policy.weights_version + 1)
+    del lying.tensors[:]
+    lying.tensors.extend(honest.tensors)  # claims the served shapes, sends wider tensors
+    refused(stub, policy, wider, policy.weights_version + 1, lying, "files vs manifest")
+
+
+def test_stale_version_is_refused(stub, policy, other_weights, restore):
+    manifest = build_manifest(other_weights, policy.weights_version)
+    refused(stub, policy, other_weights, policy.weights_version, manifest, "not newer")
+
+
+def test_clients_see_no_error_during_several_pushes(stub, policy, other_weights, tiny_lm_dir, restore):
+    served = {policy.weights_version}
+    errors, seen = [], []
+    stop = threading.Event()
+
+    def client(i: int) -> None:
+        request = policy_pb2.GenerateRequest(
+            prompts=[common_pb2.Prompt(text=f"{PROMPT} {i}")],
+            sampling=policy_pb2.SamplingParams(n=1, max_new_tokens=6, temperature=0.7, seed=i, has_seed=True),
+        )
+        while not stop.is_set():
+            try:
+                response = stub.Generate(request, timeout=60)
+                seen.extend(s.weights_version for c in response.completions for s in c.samples)
+            except grpc.RpcError as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for k, folder in enumerate([other_weights, tiny_lm_dir, other_weights]):
+            time.sleep(0.3)
+            response = push_folder(stub, folder, policy.weights_version + 1)
+            assert response.accepted, response.reason
+            served.add(response.weights_version)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert len(seen) > 8
+    assert set(seen) <= served
+    assert max(seen) == policy.weights_version
+
+
+def test_replica_catches_up_from_the_weights_topic(stub, policy, kafka_settings, other_weights, tmp_path, restore):
+    version = policy.weights_version + 1
+    location = tmp_path / "announced"
+    shutil.copytree(other_weights, location)
+    manifest = build_manifest(location, version)
+    created = Timestamp()
+    created.GetCurrentTime()
+    event = events_pb2.WeightsVersionEvent(
+        model=policy.model_name, weights_version=version, file_sha256=dict(manifest.file_sha256),
+        location=str(location), created_at=created,
+    )
+    producer = make_producer(kafka_settings)
+    producer.send(WEIGHTS, key=policy.model_name, value=event).get(timeout=30)
+    producer.close()
+    deadline = time.monotonic() + 60
+    while policy.weights_version != version and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert policy.weights_version == version
+    sample = greedy(stub)
+    assert sample.weights_version == version
+    assert list(sample.token_ids) == in_process_greedy(other_weights)

@@ -1,0 +1,73 @@
+"""The weights folder and the checks a pushed set must pass, on real safetensors files."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from services.policy.weights import (
+    ChunkWriter, IncomingFile, WeightsRejected, WeightsStore, compare_specs, read_marker, safetensors_specs,
+)
+
+
+def write_set(path, hidden: int = 4):
+    save_file({"a.weight": torch.ones(hidden, 3), "b.bias": torch.zeros(3, dtype=torch.bfloat16)}, str(path))
+    return path.read_bytes()
+
+
+def test_specs_from_header_and_comparison(tmp_path):
+    write_set(tmp_path / "m.safetensors")
+    specs = safetensors_specs(tmp_path / "m.safetensors")
+    assert specs == {"a.weight": ((4, 3), "F32"), "b.bias": ((3,), "BF16")}
+    compare_specs(specs, dict(specs), "same")
+    with pytest.raises(WeightsRejected, match="tensor a.weight has shape \\[5, 3\\], expected \\[4, 3\\]"):
+        compare_specs(specs, {**specs, "a.weight": ((5, 3), "F32")}, "x")
+    with pytest.raises(WeightsRejected, match="dtype F32, expected BF16"):
+        compare_specs(specs, {**specs, "b.bias": ((3,), "F32")}, "x")
+    with pytest.raises(WeightsRejected, match="missing tensor b.bias"):
+        compare_specs(specs, {"a.weight": specs["a.weight"]}, "x")
+    with pytest.raises(WeightsRejected, match="unexpected tensor c"):
+        compare_specs(specs, {**specs, "c": ((1,), "F32")}, "x")
+
+
+@pytest.mark.parametrize("order", ["in_order", "reversed"])
+def test_incoming_file_checks_size_and_sha256(tmp_path, order):
+    data = write_set(tmp_path / "src.safetensors")
+    chunks = [(o, data[o : o + 7]) for o in range(0, len(data), 7)]
+    if order == "reversed":
+        chunks.reverse()
+    good = IncomingFile(tmp_path / "good.safetensors", len(data), hashlib.sha256(data).hexdigest())
+    writer = ChunkWriter(depth=2)
+    for offset, chunk in chunks:
+        writer.put(good, offset, chunk)
+    writer.close()
+    good.finish()
+    assert (tmp_path / "good.safetensors").read_bytes() == data
+    bad = IncomingFile(tmp_path / "bad.safetensors", len(data), "0" * 64)
+    for offset, chunk in chunks:
+        bad.write(offset, chunk)
+    with pytest.raises(WeightsRejected, match="sha256"):
+        bad.finish()
+    short = IncomingFile(tmp_path / "short.safetensors", len(data), hashlib.sha256(data).hexdigest())
+    short.write(0, data[:10])
+    with pytest.raises(WeightsRejected, match="received 10 bytes"):
+        short.finish()
+    with pytest.raises(WeightsRejected, match="runs past"):
+        IncomingFile(tmp_path / "long.safetensors", 4, "").write(0, data[:10])
+
+
+def test_store_publishes_atomically_and_points_back(tmp_path):
+    store = WeightsStore(tmp_path / "root")
+    assert read_marker(store.root) is None
+    for version in (2, 3, 4, 5):
+        staged = store.staging(version)
+        write_set(staged / "model.safetensors")
+        marker = store.publish(version, staged)
+        assert marker.weights_version == version
+        assert marker.files == (store.root / f"v{version:08d}" / "model.safetensors",)
+    assert sorted(p.name for p in store.root.glob("v*")) == ["v00000003", "v00000004", "v00000005"]
+    store.point(4)
+    assert read_marker(store.root).weights_version == 4
