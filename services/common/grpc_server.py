@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import Field
-from pydantic_settings import BaseSettings
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from prometheus_client import CollectorRegistry
 
 from services.common.metrics import RpcMetrics
@@ -30,7 +30,11 @@ log = logging.getLogger(__name__)
 
 
 class GrpcSettings(BaseSettings):
-    """Server knobs shared by the gRPC services (nested in each service's settings)."""
+    """Server knobs shared by the gRPC services (nested in each service's settings, which may
+    subclass it with their own env prefix and default ports)."""
+
+    # A prefix of its own, so that a bare HOST or PORT in the environment is never read.
+    model_config = SettingsConfigDict(env_prefix="RLHF_GRPC_", extra="ignore")
 
     host: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
