@@ -30,7 +30,8 @@ from services.policy.follower import WeightsFollower
 from services.policy.metrics import PolicyMetrics
 from services.policy.servicer import PolicyServicer
 from services.policy.settings import PolicySettings
-from services.policy.triton_model import policy_spec, write_policy_model
+from services.common.triton_repo import write_model
+from services.policy.triton_model import policy_spec
 from services.policy.updates import WeightsUpdater
 from services.policy.validation import Limits
 from services.policy.weights import WeightsStore, files_specs, folder_weight_files
@@ -73,7 +74,7 @@ def load_triton_model(settings: PolicySettings) -> None:
         settings.initial_weights_version, settings.triton_model,
         settings.max_batch_size, settings.max_queue_delay_us,
     )
-    write_policy_model(Path(settings.model_repository), spec)
+    write_model(Path(settings.model_repository), spec)
     client = connect(settings.triton)
     try:
         client.load_model(settings.triton_model)

@@ -3,8 +3,8 @@ generation.
 
 Design (documented choice):
 - One Triton request is one sequence (one sample of one prompt, batch dimension 1). The dynamic
-  batcher groups concurrent requests (INPUT_IDS and STOP are ragged) and `execute` generates the
-  whole group in one forward loop (services.policy.generation) with a KV cache.
+  batcher groups concurrent requests of any prompt length (INPUT_IDS and STOP are ragged) and
+  `execute` generates the whole group in one forward loop (services.policy.generation) with a KV cache.
 - Decoupled: a request with STREAM=true gets one response per generated token and an empty
   final one; with STREAM=false it gets one response with all tokens (per-step responses would
   cost an IPC round trip per token per row for nothing). Both carry FINISH_REASON,
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from services.common.models import load_causal_lm, load_tokenizer, select_device, select_dtype
-from services.common.triton_repo import PythonModelSpec, TensorIO, config_pbtxt, write_model
+from services.common.triton_repo import PythonModelSpec, TensorIO, write_model
 from services.policy.generation import Finish, Row, generate_rows
 from services.policy.sampling import RowSampling
 from services.policy.weights import compare_specs, files_specs, folder_weight_files, read_marker
@@ -39,14 +39,14 @@ from services.policy.weights import compare_specs, files_specs, folder_weight_fi
 log = logging.getLogger(__name__)
 
 INPUTS = (
-    TensorIO("INPUT_IDS", "TYPE_INT64", (-1,)),
+    TensorIO("INPUT_IDS", "TYPE_INT64", (-1,), ragged=True),
     TensorIO("MAX_NEW_TOKENS", "TYPE_INT32", (1,)),
     TensorIO("TEMPERATURE", "TYPE_FP32", (1,)),
     TensorIO("TOP_P", "TYPE_FP32", (1,)),
     TensorIO("TOP_K", "TYPE_INT32", (1,)),
     TensorIO("SEED", "TYPE_INT64", (1,)),
     TensorIO("STREAM", "TYPE_BOOL", (1,)),
-    TensorIO("STOP", "TYPE_STRING", (-1,), optional=True),
+    TensorIO("STOP", "TYPE_STRING", (-1,), optional=True, ragged=True),
 )
 OUTPUTS = (
     TensorIO("TOKEN_IDS", "TYPE_INT64", (-1,)),
@@ -56,7 +56,6 @@ OUTPUTS = (
     TensorIO("BATCH_SIZE", "TYPE_INT64", (1,)),
     TensorIO("INFO", "TYPE_STRING", (1,)),
 )
-RAGGED = ("INPUT_IDS", "STOP")
 
 
 def policy_spec(
@@ -78,17 +77,6 @@ def policy_spec(
             "initial_version": str(initial_version),
         },
     )
-
-
-def write_policy_model(repository: Path, spec: PythonModelSpec) -> Path:
-    """write_model, then marks the variable-length inputs ragged so that requests of different
-    prompt lengths batch together (PythonModelSpec has no field for it yet)."""
-    folder = write_model(repository, spec)
-    text = config_pbtxt(spec)
-    for name in RAGGED:
-        text = text.replace(f'name: "{name}"\n', f'name: "{name}"\n    allow_ragged_batch: true\n', 1)
-    (folder / "config.pbtxt").write_text(text)
-    return folder
 
 
 class PolicyTritonModel:
