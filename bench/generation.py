@@ -138,6 +138,7 @@ def main() -> None:
     triton = TritonServer(state_dir=state / "triton", model_repository=state / "model-repository")
     broker = None if opts.no_kafka else KafkaBroker(state_dir=state / "kafka")
     service = None
+    (state / "model-repository").mkdir(parents=True, exist_ok=True)
     try:
         triton.start()
         if broker is not None:

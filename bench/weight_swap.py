@@ -77,6 +77,7 @@ def main() -> None:
     state = REPO / ".local" / "bench" / f"weight-swap-{os.getpid()}"
     triton = TritonServer(state_dir=state / "triton", model_repository=state / "model-repository")
     service = None
+    (state / "model-repository").mkdir(parents=True, exist_ok=True)
     try:
         triton.start()
         settings = PolicySettings(

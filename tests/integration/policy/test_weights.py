@@ -134,6 +134,7 @@ def test_clients_see_no_error_during_several_pushes(stub, policy, other_weights,
     assert errors == []
     assert len(seen) > 8
     assert set(seen) <= served
+    assert len(set(seen)) >= 2, "the clients never saw a swap"
     assert max(seen) == policy.weights_version
 
 

@@ -17,14 +17,13 @@ def lm(tiny_lm_dir):
     return load_causal_lm(tiny_lm_dir, torch.device("cpu"), torch.float32), load_tokenizer(tiny_lm_dir)
 
 
-def greedy(max_new: int, stop: list[str] | None = None) -> RowSampling:
-    return RowSampling(0.0, 1.0, 0, 0)
+GREEDY = RowSampling(temperature=0.0, top_p=1.0, top_k=0, seed=0)
 
 
 def test_batched_greedy_equals_generate_per_prompt(lm):
     model, tok = lm
     prompts = ["The cat sat on", "Hello", "A much longer prompt with quite a few more tokens in it"]
-    rows = [Row(tok(p)["input_ids"], 12, greedy(12)) for p in prompts]
+    rows = [Row(tok(p)["input_ids"], 12, GREEDY) for p in prompts]
     generate_rows(model, rows, tok.pad_token_id, {-1}, lambda t: tok.decode(t))
     for p, row in zip(prompts, rows):
         ids = torch.tensor([tok(p)["input_ids"]])
@@ -36,30 +35,25 @@ def test_batched_greedy_equals_generate_per_prompt(lm):
 
 def test_stop_conditions_per_row(lm):
     model, tok = lm
+    decode = lambda t: tok.decode(t)  # noqa: E731
     ids = tok("The cat sat on")["input_ids"]
-    probe = [Row(ids, 6, greedy(6))]
-    generate_rows(model, probe, tok.pad_token_id, set(), lambda t: tok.decode(t))
-    first, third = probe[0].tokens[0], probe[0].tokens[2]
-    stop_text = tok.decode(probe[0].tokens[:3])[-2:]
-    rows = [
-        Row(ids, 6, greedy(6)),                          # length
-        Row(ids, 6, greedy(6)),                          # end of sequence at the first token
-        Row(ids, 6, greedy(6), stop=[stop_text]),        # stop string inside the third token
-    ]
-    steps = []
-    generate_rows(model, rows, tok.pad_token_id, {first}, lambda t: tok.decode(t),
-                  on_token=lambda i, t, lp, f: steps.append((i, t, f)))
-    assert rows[0].finish == Finish.STOP and rows[0].tokens == [first]  # eos applies to every row
-    rows = [Row(ids, 6, greedy(6)), Row(ids, 6, greedy(6), stop=[stop_text])]
-    generate_rows(model, rows, tok.pad_token_id, set(), lambda t: tok.decode(t))
-    assert rows[0].finish == Finish.LENGTH and len(rows[0].tokens) == 6
-    assert rows[1].finish == Finish.STOP_STRING and rows[1].tokens[-1] in (probe[0].tokens[1], third)
+    free = generate_rows(model, [Row(ids, 6, GREEDY)], tok.pad_token_id, set(), decode)[0]
+    # End of sequence: the first token plays it; the row stops right after emitting it.
+    eos = generate_rows(model, [Row(ids, 6, GREEDY)], tok.pad_token_id, {free.tokens[0]}, decode)[0]
+    assert eos.finish == Finish.STOP and eos.tokens == free.tokens[:1]
+    # Stop string: the last two characters of the first three tokens' text.
+    stop = decode(free.tokens[:3])[-2:]
+    rows = [Row(ids, 6, GREEDY), Row(ids, 6, GREEDY, stop=[stop])]
+    generate_rows(model, rows, tok.pad_token_id, set(), decode)
+    assert rows[0].finish == Finish.LENGTH and rows[0].tokens == free.tokens
+    assert rows[1].finish == Finish.STOP_STRING and stop in decode(rows[1].tokens)
+    assert stop not in decode(rows[1].tokens[:-1]) and len(rows[1].tokens) <= 3
 
 
 def test_cancelled_row_stops_and_others_continue(lm):
     model, tok = lm
     ids = tok("Hello")["input_ids"]
-    rows = [Row(ids, 10, greedy(10)), Row(ids, 10, greedy(10))]
+    rows = [Row(ids, 10, GREEDY), Row(ids, 10, GREEDY)]
     generate_rows(model, rows, tok.pad_token_id, set(), lambda t: tok.decode(t),
                   cancelled=lambda i: i == 1 and len(rows[1].tokens) >= 3)
     assert rows[1].finish == Finish.CANCELLED and len(rows[1].tokens) == 3
