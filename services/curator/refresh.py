@@ -153,12 +153,16 @@ class PairStore:
 
     def mark_seen(self, preference_id: str) -> bool:
         """False when the id was stored before (a duplicate)."""
-        return self.db.execute("INSERT OR IGNORE INTO seen VALUES (?)", (preference_id,)).rowcount == 1
+        return (
+            self.db.execute("INSERT OR IGNORE INTO seen VALUES (?)", (preference_id,)).rowcount == 1
+        )
 
     def add_pair(self, preference_id: str, pair: PreferencePair, held_out: bool) -> None:
         self.db.execute(
             "INSERT OR IGNORE INTO pairs (preference_id, prompt, chosen, rejected, held_out) "
-            "VALUES (?,?,?,?,?)", (preference_id, pair.prompt, pair.chosen, pair.rejected, int(held_out)))
+            "VALUES (?,?,?,?,?)",
+            (preference_id, pair.prompt, pair.chosen, pair.rejected, int(held_out)),
+        )
 
     def count(self, held_out: bool, trained: bool | None = None) -> int:
         sql, args = "SELECT COUNT(*) FROM pairs WHERE held_out=?", [int(held_out)]
@@ -168,49 +172,78 @@ class PairStore:
 
     def new_training_pairs(self) -> list[tuple[int, PreferencePair]]:
         """(seq, pair) of training pairs no refresh has used yet, oldest first."""
-        rows = self.db.execute("SELECT seq, prompt, chosen, rejected FROM pairs "
-                               "WHERE held_out=0 AND trained=0 ORDER BY seq").fetchall()
+        rows = self.db.execute(
+            "SELECT seq, prompt, chosen, rejected FROM pairs "
+            "WHERE held_out=0 AND trained=0 ORDER BY seq"
+        ).fetchall()
         return [(seq, PreferencePair(*texts)) for seq, *texts in rows]
 
     def trained_seqs(self) -> list[int]:
-        return [r[0] for r in self.db.execute(
-            "SELECT seq FROM pairs WHERE held_out=0 AND trained=1 ORDER BY seq")]
+        return [
+            r[0]
+            for r in self.db.execute(
+                "SELECT seq FROM pairs WHERE held_out=0 AND trained=1 ORDER BY seq"
+            )
+        ]
 
     def pairs_by_seq(self, seqs: list[int]) -> list[PreferencePair]:
         out = []
         for start in range(0, len(seqs), 500):  # sqlite's bound-parameter limit
             chunk = seqs[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            out += [PreferencePair(*r) for r in self.db.execute(
-                f"SELECT prompt, chosen, rejected FROM pairs WHERE seq IN ({marks}) ORDER BY seq", chunk)]
+            out += [
+                PreferencePair(*r)
+                for r in self.db.execute(
+                    f"SELECT prompt, chosen, rejected FROM pairs WHERE seq IN ({marks}) ORDER BY seq",
+                    chunk,
+                )
+            ]
         return out
 
     def held_out_pairs(self, limit: int) -> list[PreferencePair]:
         """The newest `limit` held-out pairs, in store order."""
-        rows = self.db.execute("SELECT prompt, chosen, rejected FROM (SELECT * FROM pairs "
-                               "WHERE held_out=1 ORDER BY seq DESC LIMIT ?) ORDER BY seq", (limit,))
+        rows = self.db.execute(
+            "SELECT prompt, chosen, rejected FROM (SELECT * FROM pairs "
+            "WHERE held_out=1 ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+            (limit,),
+        )
         return [PreferencePair(*r) for r in rows]
 
     def mark_trained(self, up_to_seq: int) -> None:
         self.db.execute("UPDATE pairs SET trained=1 WHERE held_out=0 AND seq<=?", (up_to_seq,))
 
     def set_offset(self, topic: str, partition: int, next_offset: int) -> None:
-        self.db.execute("INSERT OR REPLACE INTO offsets VALUES (?,?,?)", (topic, partition, next_offset))
+        self.db.execute(
+            "INSERT OR REPLACE INTO offsets VALUES (?,?,?)", (topic, partition, next_offset)
+        )
 
     def offsets(self) -> dict[tuple[str, int], int]:
-        return {(t, p): o for t, p, o in self.db.execute("SELECT topic, partition, next_offset FROM offsets")}
+        return {
+            (t, p): o
+            for t, p, o in self.db.execute("SELECT topic, partition, next_offset FROM offsets")
+        }
 
     def current(self, base: CurrentVersion) -> CurrentVersion:
         row = self.db.execute("SELECT value FROM state WHERE key='current'").fetchone()
         if row is None:
             return base
         data = json.loads(row[0])
-        return CurrentVersion(int(data["version"]), Path(data["path"]), dict(data["file_sha256"]),
-                              bool(data["reload_pending"]))
+        return CurrentVersion(
+            int(data["version"]),
+            Path(data["path"]),
+            dict(data["file_sha256"]),
+            bool(data["reload_pending"]),
+        )
 
     def set_current(self, current: CurrentVersion) -> None:
-        value = json.dumps({"version": current.version, "path": str(current.path),
-                            "file_sha256": current.file_sha256, "reload_pending": current.reload_pending})
+        value = json.dumps(
+            {
+                "version": current.version,
+                "path": str(current.path),
+                "file_sha256": current.file_sha256,
+                "reload_pending": current.reload_pending,
+            }
+        )
         self.db.execute("INSERT OR REPLACE INTO state VALUES ('current', ?)", (value,))
 
 
@@ -229,8 +262,13 @@ class Candidate:
     steps: int
 
 
-def fine_tune(model_dir: Path, train: list[PreferencePair], held_out: list[PreferencePair],
-              config: RewardConfig, rng: random.Random) -> Candidate:
+def fine_tune(
+    model_dir: Path,
+    train: list[PreferencePair],
+    held_out: list[PreferencePair],
+    config: RewardConfig,
+    rng: random.Random,
+) -> Candidate:
     """Bradley-Terry fine-tuning of `model_dir` on `train`, evaluated on `held_out` around it."""
     runtime = make_runtime(config)
     tokenizer = load_tokenizer(model_dir)
@@ -243,7 +281,9 @@ def fine_tune(model_dir: Path, train: list[PreferencePair], held_out: list[Prefe
     steps = 0
     for _ in range(config.epochs):
         for chunk in shuffled_batches(train, config.batch_size, rng):
-            chosen, rejected = pair_rewards(model, tokenizer, chunk, config.max_length, runtime)  # (P,), (P,)
+            chosen, rejected = pair_rewards(
+                model, tokenizer, chunk, config.max_length, runtime
+            )  # (P,), (P,)
             loss, _ = bradley_terry(chosen, rejected)
             optimizer_step(model, optimizer, loss, config.max_grad_norm)
             steps += 1
@@ -257,8 +297,9 @@ def version_dir(root: Path, version: int) -> Path:
 
 def publish_folder(root: Path, version: int, candidate: Candidate, summary: dict) -> Path:
     """Writes the version folder atomically (temp sibling, fsync, rename) and returns its path."""
-    path = save_model_folder(version_dir(root, version), candidate.model, candidate.tokenizer,
-                             summary, overwrite=True)  # a folder left by a crash before the record
+    path = save_model_folder(
+        version_dir(root, version), candidate.model, candidate.tokenizer, summary, overwrite=True
+    )  # a folder left by a crash before the record
     for file in path.iterdir():
         with open(file, "rb") as f:
             os.fsync(f.fileno())
@@ -281,26 +322,52 @@ def prune_versions(root: Path, keep: int, current: Path) -> None:
 
 class RefreshMetrics:
     def __init__(self, registry: CollectorRegistry):
-        self.records = Counter("rlhf_refresh_records_consumed_total",
-                               "Preference records read, by what became of them "
-                               "(pair, label, duplicate, invalid).", ["kind"], registry=registry)
-        self.pairs = Counter("rlhf_refresh_pairs_consumed_total", "New pairs stored, by split.",
-                             ["split"], registry=registry)
+        self.records = Counter(
+            "rlhf_refresh_records_consumed_total",
+            "Preference records read, by what became of them (pair, label, duplicate, invalid).",
+            ["kind"],
+            registry=registry,
+        )
+        self.pairs = Counter(
+            "rlhf_refresh_pairs_consumed_total",
+            "New pairs stored, by split.",
+            ["split"],
+            registry=registry,
+        )
         self.runs = Counter("rlhf_refresh_refreshes_run_total", "Refreshes run.", registry=registry)
-        self.published = Counter("rlhf_refresh_refreshes_published_total",
-                                 "Refreshes whose model was published.", registry=registry)
-        self.rejected = Counter("rlhf_refresh_refreshes_rejected_total",
-                                "Refreshes dropped: held-out accuracy fell.", registry=registry)
-        self.reloads = Counter("rlhf_refresh_reloads_total", "ReloadModel outcomes, by result "
-                               "(accepted, refused, unreachable).", ["result"], registry=registry)
-        self.accuracy = Gauge("rlhf_refresh_held_out_accuracy",
-                              "Held-out pairwise accuracy of the current and the last candidate model.",
-                              ["model"], registry=registry)
-        self.version = Gauge("rlhf_refresh_reward_model_version",
-                             "Version of the last published reward model.", registry=registry)
-        self.duration = Histogram("rlhf_refresh_duration_seconds", "Time of one refresh.",
-                                  buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
-                                  registry=registry)
+        self.published = Counter(
+            "rlhf_refresh_refreshes_published_total",
+            "Refreshes whose model was published.",
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "rlhf_refresh_refreshes_rejected_total",
+            "Refreshes dropped: held-out accuracy fell.",
+            registry=registry,
+        )
+        self.reloads = Counter(
+            "rlhf_refresh_reloads_total",
+            "ReloadModel outcomes, by result (accepted, refused, unreachable).",
+            ["result"],
+            registry=registry,
+        )
+        self.accuracy = Gauge(
+            "rlhf_refresh_held_out_accuracy",
+            "Held-out pairwise accuracy of the current and the last candidate model.",
+            ["model"],
+            registry=registry,
+        )
+        self.version = Gauge(
+            "rlhf_refresh_reward_model_version",
+            "Version of the last published reward model.",
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "rlhf_refresh_duration_seconds",
+            "Time of one refresh.",
+            buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+            registry=registry,
+        )
 
 
 @dataclass(frozen=True)
@@ -335,8 +402,12 @@ class RefreshWorker:
         self.base = CurrentVersion(settings.base_version, base_dir, manifest(base_dir), False)
         self.metrics.version.set(self.store.current(self.base).version)
         self.stored_offsets: dict[tuple[str, int], int] = self.store.offsets()
-        self.consumer = make_consumer(settings.kafka, settings.group_id,
-                                      max_poll_records=settings.max_poll_records)
+        self.consumer = make_consumer(
+            settings.kafka,
+            settings.group_id,
+            max_poll_records=settings.max_poll_records,
+            max_poll_interval_ms=settings.max_poll_interval_ms,
+        )
         self.consumer.subscribe([settings.topic], listener=_SeekToStored(self))
         self.stopping = threading.Event()
         if self.store.current(self.base).reload_pending:  # a crash between record and reload
@@ -360,8 +431,10 @@ class RefreshWorker:
             for tp, offset in next_offsets.items():
                 self.store.set_offset(tp.topic, tp.partition, offset)
             self.store.commit()
-            self.stored_offsets = {**self.stored_offsets,
-                                   **{(tp.topic, tp.partition): o for tp, o in next_offsets.items()}}
+            self.stored_offsets = {
+                **self.stored_offsets,
+                **{(tp.topic, tp.partition): o for tp, o in next_offsets.items()},
+            }
         except Exception:
             self.store.rollback()
             for tp, records in batches.items():  # read this batch again next cycle
@@ -386,8 +459,10 @@ class RefreshWorker:
             return "invalid"
         kind = record.WhichOneof("kind")
         if not record.preference_id or kind not in RECORD_HANDLERS:
-            log.warning("preference record without id or kind skipped",
-                        extra={"fields": {"preference_id": record.preference_id}})
+            log.warning(
+                "preference record without id or kind skipped",
+                extra={"fields": {"preference_id": record.preference_id}},
+            )
             return "invalid"
         if not self.store.mark_seen(record.preference_id):
             return "duplicate"
@@ -396,7 +471,9 @@ class RefreshWorker:
     def _store_pair(self, record: events_pb2.PreferenceRecord) -> str:
         pair = PreferencePair(record.prompt, record.pair.chosen, record.pair.rejected)
         if not (pair.prompt and pair.chosen and pair.rejected) or pair.chosen == pair.rejected:
-            log.warning("unusable pair skipped", extra={"fields": {"preference_id": record.preference_id}})
+            log.warning(
+                "unusable pair skipped", extra={"fields": {"preference_id": record.preference_id}}
+            )
             return "invalid"
         held_out = is_held_out(pair.prompt, self.settings.held_out_modulus)
         self.store.add_pair(record.preference_id, pair, held_out)
@@ -407,15 +484,24 @@ class RefreshWorker:
 
     # 4. refresh ------------------------------------------------------------------------------
     def refresh_due(self) -> bool:
-        return (self.store.count(held_out=False, trained=False) >= self.settings.refresh_every
-                and self.store.count(held_out=True) >= self.settings.min_held_out)
+        return (
+            self.store.count(held_out=False, trained=False) >= self.settings.refresh_every
+            and self.store.count(held_out=True) >= self.settings.min_held_out
+        )
 
     def training_config(self, current: CurrentVersion) -> RewardConfig:
         s = self.settings
-        return RewardConfig(data=Path("kafka:" + s.topic), output=version_dir(s.versions_root, current.version + 1),
-                            model=current.path, epochs=s.epochs, batch_size=s.batch_size,
-                            learning_rate=s.learning_rate, max_length=s.max_length, seed=s.seed,
-                            device=s.device)
+        return RewardConfig(
+            data=Path("kafka:" + s.topic),
+            output=version_dir(s.versions_root, current.version + 1),
+            model=current.path,
+            epochs=s.epochs,
+            batch_size=s.batch_size,
+            learning_rate=s.learning_rate,
+            max_length=s.max_length,
+            seed=s.seed,
+            device=s.device,
+        )
 
     def refresh(self) -> RefreshResult:
         started = time.monotonic()
@@ -424,7 +510,8 @@ class RefreshWorker:
         # Seeded by the data's extent, so a refresh re-run after a crash draws the same replay.
         rng = random.Random(f"{self.settings.seed}-{current.version}-{new[-1][0]}")
         replay = self.store.pairs_by_seq(
-            replay_sample(self.store.trained_seqs(), len(new), self.settings.replay_ratio, rng))
+            replay_sample(self.store.trained_seqs(), len(new), self.settings.replay_ratio, rng)
+        )
         held_out = self.store.held_out_pairs(self.settings.max_held_out)
         # a. fine-tune, b. evaluate before and after
         config = self.training_config(current)
@@ -435,12 +522,20 @@ class RefreshWorker:
         self.metrics.accuracy.labels("candidate").set(after)
         # c. the version folder durable, then its record and the trained marks together
         if decision.publish:
-            summary = {"stage": "reward-refresh", "base_version": current.version,
-                       "base_model": str(current.path), "new_pairs": len(new), "replay_pairs": len(replay),
-                       "held_out_pairs": len(held_out), "steps": candidate.steps,
-                       "metrics": {f"eval/{k}_before": v for k, v in candidate.before.items()}
-                       | {f"eval/{k}_after": v for k, v in candidate.after.items()}}
-            path = publish_folder(self.settings.versions_root, current.version + 1, candidate, summary)
+            summary = {
+                "stage": "reward-refresh",
+                "base_version": current.version,
+                "base_model": str(current.path),
+                "new_pairs": len(new),
+                "replay_pairs": len(replay),
+                "held_out_pairs": len(held_out),
+                "steps": candidate.steps,
+                "metrics": {f"eval/{k}_before": v for k, v in candidate.before.items()}
+                | {f"eval/{k}_after": v for k, v in candidate.after.items()},
+            }
+            path = publish_folder(
+                self.settings.versions_root, current.version + 1, candidate, summary
+            )
             current = CurrentVersion(current.version + 1, path, manifest(path), reload_pending=True)
             self.store.set_current(current)
         self.store.mark_trained(new[-1][0])
@@ -450,9 +545,19 @@ class RefreshWorker:
             prune_versions(self.settings.versions_root, self.settings.keep_versions, current.path)
         (self.metrics.published if decision.publish else self.metrics.rejected).inc()
         self.metrics.accuracy.labels("current").set(after if decision.publish else before)
-        result = RefreshResult(decision.publish, current.version, before, after, len(new), len(replay),
-                               len(held_out), candidate.steps, time.monotonic() - started,
-                               decision.reason, reload_accepted)
+        result = RefreshResult(
+            decision.publish,
+            current.version,
+            before,
+            after,
+            len(new),
+            len(replay),
+            len(held_out),
+            candidate.steps,
+            time.monotonic() - started,
+            decision.reason,
+            reload_accepted,
+        )
         self.metrics.duration.observe(result.seconds)
         log.info("refresh", extra={"fields": {k: v for k, v in result.__dict__.items()}})
         return result
@@ -461,27 +566,44 @@ class RefreshWorker:
         """Tells the reward service about the current version; True/False is its answer, None when
         it could not be reached. Never retried beyond `reload_attempts`."""
         current = self.store.current(self.base)
-        request = reward_pb2.ReloadModelRequest(reward_model_version=current.version, path=str(current.path),
-                                                file_sha256=current.file_sha256)
+        request = reward_pb2.ReloadModelRequest(
+            reward_model_version=current.version,
+            path=str(current.path),
+            file_sha256=current.file_sha256,
+        )
         answer: bool | None = None
         for attempt in range(self.settings.reload_attempts):
             try:
                 with grpc.insecure_channel(self.settings.reward_address) as channel:
                     reply = reward_pb2_grpc.RewardServiceStub(channel).ReloadModel(
-                        request, timeout=self.settings.reload_timeout_s)
+                        request, timeout=self.settings.reload_timeout_s
+                    )
                 answer = reply.accepted
                 self.metrics.reloads.labels("accepted" if reply.accepted else "refused").inc()
-                log.log(logging.INFO if reply.accepted else logging.ERROR, "reward model reload",
-                        extra={"fields": {"version": current.version, "accepted": reply.accepted,
-                                          "serving": reply.reward_model_version, "reason": reply.reason}})
+                log.log(
+                    logging.INFO if reply.accepted else logging.ERROR,
+                    "reward model reload",
+                    extra={
+                        "fields": {
+                            "version": current.version,
+                            "accepted": reply.accepted,
+                            "serving": reply.reward_model_version,
+                            "reason": reply.reason,
+                        }
+                    },
+                )
                 break
             except grpc.RpcError as error:
-                log.warning("reward service unreachable for reload",
-                            extra={"fields": {"attempt": attempt + 1, "code": str(error.code())}})
+                log.warning(
+                    "reward service unreachable for reload",
+                    extra={"fields": {"attempt": attempt + 1, "code": str(error.code())}},
+                )
                 time.sleep(min(2.0**attempt, 10.0))
         else:
             self.metrics.reloads.labels("unreachable").inc()
-        self.store.set_current(CurrentVersion(current.version, current.path, current.file_sha256, False))
+        self.store.set_current(
+            CurrentVersion(current.version, current.path, current.file_sha256, False)
+        )
         self.store.commit()
         self.metrics.version.set(current.version)
         return answer

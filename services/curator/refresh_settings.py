@@ -34,9 +34,7 @@ class RefreshSettings(BaseSettings):
     )
     topic: str = Field(topics.PREFERENCES, description="Topic of the PreferenceRecords.")
     group_id: str = Field("rlhf-reward-refresh", description="Kafka consumer group.")
-    refresh_every: int = Field(
-        256, ge=1, description="New training pairs that trigger a refresh."
-    )
+    refresh_every: int = Field(256, ge=1, description="New training pairs that trigger a refresh.")
     min_held_out: int = Field(
         16, ge=1, description="Held-out pairs needed before the first refresh may be judged."
     )
@@ -53,21 +51,35 @@ class RefreshSettings(BaseSettings):
     batch_size: int = Field(16, ge=1, description="Pairs per optimizer step.")
     learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate (constant).")
     max_length: int = Field(
-        512, ge=8, description="Tokens per (prompt, response) pair; must equal the reward service's."
+        512,
+        ge=8,
+        description="Tokens per (prompt, response) pair; must equal the reward service's.",
     )
     tolerance: float = Field(
-        0.0, ge=0, le=1, description="Held-out accuracy may drop by at most this to publish (0: not at all)."
+        0.0,
+        ge=0,
+        le=1,
+        description="Held-out accuracy may drop by at most this to publish (0: not at all).",
     )
     keep_versions: int = Field(3, ge=1, description="Published version folders kept on disk.")
     reload_attempts: int = Field(
-        3, ge=1, description="Tries of ReloadModel when the service is unreachable (a refusal is final)."
+        3,
+        ge=1,
+        description="Tries of ReloadModel when the service is unreachable (a refusal is final).",
     )
     reload_timeout_s: float = Field(300.0, gt=0, description="Deadline of one ReloadModel call.")
     device: str = Field("auto", description="`auto` (CUDA when present), `cpu`, `cuda:0`, ...")
-    torch_threads: int = Field(0, ge=0, description="CPU threads for torch; 0 keeps torch's default.")
+    torch_threads: int = Field(
+        0, ge=0, description="CPU threads for torch; 0 keeps torch's default."
+    )
     seed: int = Field(0, description="Seed of shuffling, replay sampling and torch.")
     poll_timeout_ms: int = Field(500, ge=10, description="Longest wait of one poll.")
     max_poll_records: int = Field(500, ge=1, description="Records stored per transaction.")
+    max_poll_interval_ms: int = Field(
+        1_800_000,
+        ge=10_000,
+        description="A refresh runs between two polls; one longer than this makes the group reassign partitions.",
+    )
     metrics_port: int = Field(9106, ge=0, le=65535, description="Prometheus port; 0 disables.")
     log_level: str = Field("INFO", description="Root log level.")
     kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="Kafka connection.")

@@ -29,7 +29,19 @@ from services.reward.checkpoint import manifest
 from tests.support.scoring_stacks import reward_stack
 
 MAX_LENGTH = 64
-WORDS = ["the", "food", "was", "service", "staff", "room", "quite", "really", "place", "view", "price"]
+WORDS = [
+    "the",
+    "food",
+    "was",
+    "service",
+    "staff",
+    "room",
+    "quite",
+    "really",
+    "place",
+    "view",
+    "price",
+]
 Source = events_pb2.PreferenceSource
 
 
@@ -63,14 +75,18 @@ def _pairs(count: int, seed: int, inverted: bool = False, train_only: bool = Fal
 
 
 def _records(pairs) -> list[events_pb2.PreferenceRecord]:
-    return [pair_record(p, c, r, Source.PREFERENCE_SOURCE_FILE, [], derived_id("pair-test", p, c, r))
-            for p, c, r in pairs]
+    return [
+        pair_record(p, c, r, Source.PREFERENCE_SOURCE_FILE, [], derived_id("pair-test", p, c, r))
+        for p, c, r in pairs
+    ]
 
 
 def _produce(kafka_settings, records) -> None:
     producer = make_producer(kafka_settings)
     try:
-        futures = [producer.send(topics.PREFERENCES, key=prompt_hash(r.prompt), value=r) for r in records]
+        futures = [
+            producer.send(topics.PREFERENCES, key=prompt_hash(r.prompt), value=r) for r in records
+        ]
         for future in futures:
             future.get(timeout=30)
     finally:
@@ -81,8 +97,10 @@ def _start_group_at_end(kafka_settings, group_id: str) -> None:
     """The shared topic holds other tests' records: this group starts after them."""
     consumer = make_consumer(kafka_settings, group_id)
     try:
-        tps = [TopicPartition(topics.PREFERENCES, p)
-               for p in consumer.partitions_for_topic(topics.PREFERENCES)]
+        tps = [
+            TopicPartition(topics.PREFERENCES, p)
+            for p in consumer.partitions_for_topic(topics.PREFERENCES)
+        ]
         consumer.assign(tps)
         commit(consumer, consumer.end_offsets(tps))
     finally:
@@ -102,25 +120,49 @@ def _score(reward, pairs) -> tuple[list[float], list[float], set[int]]:
     with grpc.insecure_channel(reward.address) as channel:
         stub = reward_pb2_grpc.RewardServiceStub(channel)
         texts = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
-        reply = stub.Score(reward_pb2.ScoreRequest(pairs=[
-            reward_pb2.ScoredPair(prompt=common_pb2.Prompt(text=p), response=t) for p, t in texts]), timeout=60)
+        reply = stub.Score(
+            reward_pb2.ScoreRequest(
+                pairs=[
+                    reward_pb2.ScoredPair(prompt=common_pb2.Prompt(text=p), response=t)
+                    for p, t in texts
+                ]
+            ),
+            timeout=60,
+        )
     scores = list(reply.scores)
-    return scores[: len(pairs)], scores[len(pairs):], {reply.reward_model_version}
+    return scores[: len(pairs)], scores[len(pairs) :], {reply.reward_model_version}
 
 
 def test_refresh_publishes_a_better_version_the_reward_service_serves(
-        kafka_settings, reward, tiny_rm_dir, tmp_path: Path):
+    kafka_settings, reward, tiny_rm_dir, tmp_path: Path
+):
     group_id = f"refresh-test-{uuid.uuid4().hex[:8]}"
     _start_group_at_end(kafka_settings, group_id)
     settings = RefreshSettings(
-        kafka=kafka_settings, group_id=group_id, state_dir=tmp_path / "state",
-        versions_root=tmp_path / "versions", base_model_dir=tiny_rm_dir, base_version=1,
-        reward_address=reward.address, refresh_every=150, min_held_out=10, replay_ratio=0.5,
-        epochs=3, batch_size=16, learning_rate=2e-3, max_length=MAX_LENGTH, device="cpu",
-        torch_threads=2, poll_timeout_ms=300, metrics_port=0)
+        kafka=kafka_settings,
+        group_id=group_id,
+        state_dir=tmp_path / "state",
+        versions_root=tmp_path / "versions",
+        base_model_dir=tiny_rm_dir,
+        base_version=1,
+        reward_address=reward.address,
+        refresh_every=150,
+        min_held_out=10,
+        replay_ratio=0.5,
+        epochs=3,
+        batch_size=16,
+        learning_rate=2e-3,
+        max_length=MAX_LENGTH,
+        device="cpu",
+        torch_threads=2,
+        poll_timeout_ms=300,
+        metrics_port=0,
+    )
     rule = _pairs(180, seed=1)
     records = _records(rule)
-    label = label_record(rule[0][0], rule[0][1], True, Source.PREFERENCE_SOURCE_LIVE_FEEDBACK, [], "label-x")
+    label = label_record(
+        rule[0][0], rule[0][1], True, Source.PREFERENCE_SOURCE_LIVE_FEEDBACK, [], "label-x"
+    )
     _produce(kafka_settings, records + records[:5] + [label])  # 5 duplicates, 1 KTO label
     held_out = [p for p in rule if _held_out(p[0])]
     assert len(held_out) >= 10

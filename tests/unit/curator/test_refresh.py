@@ -52,7 +52,9 @@ def test_replay_sample_draws_ratio_times_new_without_replacement():
     picked = replay_sample(older, new_count=30, ratio=1.5, rng=random.Random(3))
     assert len(picked) == 45 and len(set(picked)) == 45 and set(picked) <= set(older)
     assert picked == replay_sample(older, 30, 1.5, random.Random(3))  # seeded: same draw
-    assert sorted(replay_sample(older[:10], 30, 1.0, random.Random(0))) == older[:10]  # all when fewer
+    assert (
+        sorted(replay_sample(older[:10], 30, 1.0, random.Random(0))) == older[:10]
+    )  # all when fewer
     assert replay_sample(older, 30, 0.0, random.Random(0)) == []
     assert replay_sample([], 30, 1.0, random.Random(0)) == []
 
