@@ -48,7 +48,7 @@ def raw_tcp_copy(payload: memoryview) -> float:
         buffer = bytearray(len(payload))
         view, got = memoryview(buffer), 0
         while got < len(payload):
-            got += conn.recv_into(view[got:], 1 << 22)
+            got += conn.recv_into(view[got:], min(1 << 22, len(payload) - got))
         conn.close()
         done.set()
 
@@ -57,7 +57,8 @@ def raw_tcp_copy(payload: memoryview) -> float:
     client = socket.create_connection(("127.0.0.1", port))
     start = time.perf_counter()
     client.sendall(payload)
-    done.wait()
+    if not done.wait(timeout=300):
+        raise TimeoutError("raw TCP copy did not finish")
     elapsed = time.perf_counter() - start
     client.close()
     receiver.join()
