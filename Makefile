@@ -127,8 +127,12 @@ stack-down: ## Stop the local stack
 	$(PY) -m deploy.local down
 
 .PHONY: demo
-demo: setup ## The main job: bring the local stack up, run one round trip through it, stop it
+demo: setup models ## The main job: the whole RLHF loop as services on real Kafka and Triton (SmolLM2), then stop
 	$(PY) -m deploy.local demo
+
+.PHONY: smoke
+smoke: setup ## Bring the local stack up, one round trip through Kafka and Triton, stop it
+	$(PY) -m deploy.local smoke
 
 .PHONY: lock
 lock: ## Rewrite requirements.lock from the current environment (after changing requirements.in)

@@ -3,7 +3,8 @@
     python -m deploy.local up       # start both (state, logs and pid files under .local/stack/)
     python -m deploy.local status   # what runs, where, and whether it answers
     python -m deploy.local down     # stop both
-    python -m deploy.local demo     # up, one round trip through each, down
+    python -m deploy.local smoke    # up, one round trip through each, down
+    python -m deploy.local demo     # the main job: the whole RLHF loop as services (deploy/local/demo.py)
     python -m deploy.local reap     # stop every daemon a run left under .local/ (tests included)
 
 `up` writes `.local/stack/env` with the settings the services read
@@ -100,6 +101,12 @@ def reap() -> None:
 
 
 def demo() -> None:
+    from deploy.local import demo as main_job
+
+    main_job.main()
+
+
+def smoke() -> None:
     """One round trip through the real Kafka broker and the real Triton server."""
     import numpy as np
 
@@ -143,8 +150,8 @@ def demo() -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.local", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["up", "down", "status", "demo", "reap"])
-    commands = {"up": up, "down": down, "status": status, "demo": demo, "reap": reap}
+    parser.add_argument("command", choices=["up", "down", "status", "smoke", "demo", "reap"])
+    commands = {"up": up, "down": down, "status": status, "smoke": smoke, "demo": demo, "reap": reap}
     result = commands[parser.parse_args().command]()
     return result if isinstance(result, int) else 0
 

@@ -31,6 +31,6 @@ class CuratorSettings(BaseSettings):
     )
     poll_timeout_ms: int = Field(500, ge=10, description="Longest wait of one poll.")
     max_poll_records: int = Field(500, ge=1, description="Records processed per transaction.")
-    metrics_port: int = Field(9102, ge=0, le=65535, description="Prometheus port; 0 disables.")
+    metrics_port: int = Field(9104, ge=0, le=65535, description="Prometheus port; 0 disables.")
     log_level: str = Field("INFO", description="Root log level.")
     kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="Kafka connection.")
