@@ -67,14 +67,19 @@ class PolicyService:
         self.engine.close()
 
 
-def load_triton_model(settings: PolicySettings) -> None:
-    """Writes the Triton model into the repository and (re)loads it (local runs and tests)."""
+def write_triton_model(settings: PolicySettings) -> Path:
+    """Writes the Triton model into `settings.model_repository`; returns its folder."""
     spec = policy_spec(
         Path(settings.model_dir).resolve(), Path(settings.weights_root).resolve(),
         settings.initial_weights_version, settings.triton_model,
         settings.max_batch_size, settings.max_queue_delay_us,
     )
-    write_model(Path(settings.model_repository), spec)
+    return write_model(Path(settings.model_repository), spec)
+
+
+def load_triton_model(settings: PolicySettings) -> None:
+    """Writes the Triton model into the repository and (re)loads it (local runs and tests)."""
+    write_triton_model(settings)
     client = connect(settings.triton)
     try:
         client.load_model(settings.triton_model)

@@ -16,6 +16,8 @@ Triton), scorer.py (logic), servicer.py (gRPC).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry
 
 from services.common.grpc_server import ModelServer
@@ -29,10 +31,8 @@ from services.reference.settings import ReferenceSettings
 from services.reference.triton_model import reference_spec
 
 
-def prepare_triton_model(settings: ReferenceSettings) -> None:
-    """Writes the Triton model into `settings.model_repository` and loads it (when that is set)."""
-    if settings.model_repository is None:
-        return
+def write_triton_model(settings: ReferenceSettings) -> Path:
+    """Writes the Triton model into `settings.model_repository`; returns its folder."""
     spec = reference_spec(
         settings.triton_model,
         settings.model_dir,
@@ -40,7 +40,14 @@ def prepare_triton_model(settings: ReferenceSettings) -> None:
         max_queue_delay_us=settings.triton_queue_delay_us,
         device=settings.device,
     )
-    write_model(settings.model_repository, spec)
+    return write_model(settings.model_repository, spec)
+
+
+def prepare_triton_model(settings: ReferenceSettings) -> None:
+    """Writes the Triton model into `settings.model_repository` and loads it (when that is set)."""
+    if settings.model_repository is None:
+        return
+    write_triton_model(settings)
     client = connect(settings.triton)
     try:
         client.load_model(settings.triton_model)

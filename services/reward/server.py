@@ -15,6 +15,8 @@ checks), triton_model.py (the model inside Triton), scorer.py (logic), servicer.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry
 
 from services.common.grpc_server import ModelServer
@@ -28,10 +30,8 @@ from services.reward.settings import RewardSettings
 from services.reward.triton_model import reward_spec
 
 
-def prepare_triton_model(settings: RewardSettings) -> None:
-    """Writes the Triton model into `settings.model_repository` and loads it (when that is set)."""
-    if settings.model_repository is None:
-        return
+def write_triton_model(settings: RewardSettings) -> Path:
+    """Writes the Triton model into `settings.model_repository`; returns its folder."""
     spec = reward_spec(
         settings.triton_model,
         settings.model_dir,
@@ -41,7 +41,14 @@ def prepare_triton_model(settings: RewardSettings) -> None:
         max_queue_delay_us=settings.triton_queue_delay_us,
         device=settings.device,
     )
-    write_model(settings.model_repository, spec)
+    return write_model(settings.model_repository, spec)
+
+
+def prepare_triton_model(settings: RewardSettings) -> None:
+    """Writes the Triton model into `settings.model_repository` and loads it (when that is set)."""
+    if settings.model_repository is None:
+        return
+    write_triton_model(settings)
     client = connect(settings.triton)
     try:
         client.load_model(settings.triton_model)

@@ -1,0 +1,33 @@
+"""`python -m services.<svc>.repository`, the Helm chart's init container, writes a loadable
+model repository from the service's settings, and refuses to run without a target folder."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+
+@pytest.mark.parametrize(
+    "service, model_fixture",
+    [("policy", "tiny_lm_dir"), ("reward", "tiny_rm_dir"), ("reference", "tiny_lm_dir")],
+)
+def test_repository_command_writes_the_model(service, model_fixture, request, tmp_path, monkeypatch):
+    prefix = f"RLHF_{service.upper()}_"
+    monkeypatch.setenv(prefix + "MODEL_DIR", str(request.getfixturevalue(model_fixture)))
+    monkeypatch.setenv(prefix + "MODEL_REPOSITORY", str(tmp_path / "repo"))
+    monkeypatch.setenv(prefix + "WEIGHTS_ROOT", str(tmp_path / "weights"))
+    module = importlib.import_module(f"services.{service}.repository")
+    assert module.main() == 0
+    config = (tmp_path / "repo" / service / "config.pbtxt").read_text()
+    assert f'name: "{service}"' in config and 'backend: "python"' in config
+    assert "dynamic_batching" in config
+    assert (tmp_path / "repo" / service / "1" / "model.py").exists()
+
+
+@pytest.mark.parametrize("service", ["policy", "reward", "reference"])
+def test_repository_command_needs_a_target(service, monkeypatch, tmp_path):
+    monkeypatch.delenv(f"RLHF_{service.upper()}_MODEL_REPOSITORY", raising=False)
+    monkeypatch.setenv(f"RLHF_{service.upper()}_MODEL_DIR", str(tmp_path))
+    module = importlib.import_module(f"services.{service}.repository")
+    assert module.main() == 2
