@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import struct
 import time
 from collections.abc import Iterator
@@ -172,6 +173,24 @@ def serving_version(address: str, timeout_s: float = 10.0) -> int | None:
             return None
 
 
+def replica_addresses(addresses: list[str]) -> list[str]:
+    """Every replica behind each `host:port`: a Kubernetes headless Service name resolves to one
+    address per ready policy pod, so the push reaches all of them; an IP stays as it is."""
+    replicas: list[str] = []
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        try:
+            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except socket.gaierror:
+            infos = []
+        ips = sorted({info[4][0] for info in infos}) or [host]
+        for ip in ips:
+            replica = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+            if replica not in replicas:
+                replicas.append(replica)
+    return replicas
+
+
 def push_all(
     addresses: list[str],
     folder: Path,
@@ -191,6 +210,7 @@ def push_all(
                 return PushResult(address, True, current, "already serving", 0, 0.0)
         return push(address, folder, manifest, chunk_bytes, timeout_s, max_message_bytes)
 
+    addresses = replica_addresses(addresses)
     if not addresses:
         return []
     with ThreadPoolExecutor(max_workers=len(addresses)) as pool:

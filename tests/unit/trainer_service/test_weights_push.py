@@ -71,3 +71,13 @@ def test_a_resume_voids_the_updates_a_crash_undid():
         {"event": "update", "step": 3, "rollout_ids": ["c2"]},
     ]
     assert [u["rollout_ids"] for u in effective_updates(log)] == [["a"], ["b"], ["c2"]]
+
+
+def test_replica_addresses_expand_a_name_to_every_address():
+    from services.trainer.weights_push import replica_addresses
+
+    # localhost resolves (here to 127.0.0.1 and maybe ::1): each address becomes one replica.
+    replicas = replica_addresses(["localhost:50051", "127.0.0.1:50051", "10.0.0.7:50051"])
+    assert "127.0.0.1:50051" in replicas and "10.0.0.7:50051" in replicas
+    assert len(replicas) == len(set(replicas))
+    assert all(r.endswith(":50051") for r in replicas)
