@@ -93,7 +93,7 @@ def main() -> None:
         start = time.perf_counter()
         manifest = build_manifest(opts.model_dir, 0)
         manifest_s = time.perf_counter() - start
-        raw, push = [], []
+        raw, push, phases = [], [], []
         for k in range(opts.rounds):
             raw.append(raw_tcp_copy(payload))
             manifest.weights_version = service.servicer.updater.version + 1
@@ -101,11 +101,12 @@ def main() -> None:
             response = push_folder(stub, opts.model_dir, manifest.weights_version, opts.chunk_mib << 20, manifest)
             push.append(time.perf_counter() - start)
             assert response.accepted, response.reason
+            phases.append(dict(service.servicer.updater.last_timings))
         result = {
             "model": opts.model_dir.name, "bytes": len(payload), "rounds": opts.rounds, "chunk_mib": opts.chunk_mib,
             "raw_tcp_copy_s": statistics.median(raw), "push_verify_swap_s": statistics.median(push),
             "raw_tcp_copy_runs_s": raw, "push_verify_swap_runs_s": push,
-            "sender_manifest_s": manifest_s,
+            "sender_manifest_s": manifest_s, "service_phases_s": phases,
             "ratio_vs_raw_copy": statistics.median(push) / statistics.median(raw),
             "served_version": service.servicer.updater.version,
         }

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -50,6 +51,8 @@ class WeightsUpdater:
         """Asks Triton to pick up the published set; returns the version it now serves."""
         self._on_version = on_version
         self._lock = threading.Lock()
+        self.last_timings: dict[str, float] = {}
+        """Seconds spent in each phase of the last accepted update (logged, read by the benchmark)."""
 
     def _check_newer(self, version: int) -> None:
         if version <= self.version:
@@ -72,6 +75,7 @@ class WeightsUpdater:
             compare_specs(self.served_specs, expected, "manifest vs served model")
             staged = self.store.staging(manifest.weights_version)
             received, files = 0, {}
+            clock = time.perf_counter()
             try:
                 files = {
                     n: IncomingFile(staged / n, int(manifest.file_size[n]), manifest.file_sha256[n])
@@ -86,10 +90,18 @@ class WeightsUpdater:
                         received += len(chunk.data)
                 finally:
                     writer.close()
+                received_at = time.perf_counter()
                 for f in files.values():
                     f.finish()
                 compare_specs(expected, files_specs([f.path for f in files.values()]), "files vs manifest")
-                return self._publish(manifest.weights_version, staged), received
+                verified_at = time.perf_counter()
+                version = self._publish(manifest.weights_version, staged)
+                self.last_timings = {
+                    "receive_s": received_at - clock, "verify_s": verified_at - received_at,
+                    "publish_and_swap_s": time.perf_counter() - verified_at,
+                }
+                log.info("weights version %s accepted: %s", version, self.last_timings)
+                return version, received
             finally:
                 for f in files.values():
                     f.close()
