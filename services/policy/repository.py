@@ -9,20 +9,15 @@ with `--load-model=policy`); local runs and tests let the service write and load
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
+from services.common.repository_command import run
 from services.policy.settings import PolicySettings
 
 
 def main() -> int:
-    settings = PolicySettings()
-    if settings.model_repository is None:
-        print("RLHF_POLICY_MODEL_REPOSITORY is not set", file=sys.stderr)
-        return 2
     from services.policy.server import write_triton_model
 
-    print(write_triton_model(settings))
-    return 0
+    return run(PolicySettings, write_triton_model)
 
 
 if __name__ == "__main__":

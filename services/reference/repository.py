@@ -9,20 +9,15 @@ with `--load-model=reference`); local runs and tests let the service write and l
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
+from services.common.repository_command import run
 from services.reference.settings import ReferenceSettings
 
 
 def main() -> int:
-    settings = ReferenceSettings()
-    if settings.model_repository is None:
-        print("RLHF_REFERENCE_MODEL_REPOSITORY is not set", file=sys.stderr)
-        return 2
     from services.reference.server import write_triton_model
 
-    print(write_triton_model(settings))
-    return 0
+    return run(ReferenceSettings, write_triton_model)
 
 
 if __name__ == "__main__":

@@ -9,20 +9,15 @@ with `--load-model=reward`); local runs and tests let the service write and load
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
+from services.common.repository_command import run
 from services.reward.settings import RewardSettings
 
 
 def main() -> int:
-    settings = RewardSettings()
-    if settings.model_repository is None:
-        print("RLHF_REWARD_MODEL_REPOSITORY is not set", file=sys.stderr)
-        return 2
     from services.reward.server import write_triton_model
 
-    print(write_triton_model(settings))
-    return 0
+    return run(RewardSettings, write_triton_model)
 
 
 if __name__ == "__main__":
