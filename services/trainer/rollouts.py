@@ -1,0 +1,232 @@
+"""Rollouts in, tensors out: the learner's input types, their collation into padded tensors,
+per-token log-probs of responses under a model, and in-process sampling of scored rollouts
+(what the rollout worker does with the services, in one process: learning tests, benchmarks).
+
+Legend: `B` batch, `P` prompt tokens (left-padded), `A` response tokens (right-padded),
+`T` = P + A all tokens, `V` vocabulary, `H` hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class RolloutSample:
+    """One scored sample, as a `rlhf.v1.Rollout` carries it (plain Python values)."""
+
+    prompt_token_ids: list[int]
+    """The prompt as the policy saw it (chat template applied)."""
+    response_token_ids: list[int]
+    """The sampled response, EOS included when the policy stopped by itself."""
+    behaviour_logprobs: list[float]
+    """Log-prob of each response token under the policy that generated it."""
+    reference_logprobs: list[float]
+    """Log-prob of each response token under the frozen reference model."""
+    reward: float
+    """The reward model's score of the whole response."""
+    group_id: str
+    """Samples of the same prompt share it (the GRPO/RLOO baseline group)."""
+    weights_version: int = 0
+    """Policy weights version that generated the sample."""
+    rollout_id: str = ""
+    """Unique id of the rollout (de-duplication happens upstream, in the Kafka trainer)."""
+
+    def validate(self) -> None:
+        """Raises ValueError saying what is wrong with this sample."""
+        name = self.rollout_id or "rollout"
+        if not self.prompt_token_ids or not self.response_token_ids:
+            raise ValueError(f"{name}: prompt and response need at least one token each")
+        n = len(self.response_token_ids)
+        if len(self.behaviour_logprobs) != n or len(self.reference_logprobs) != n:
+            raise ValueError(
+                f"{name}: {n} response tokens but {len(self.behaviour_logprobs)} behaviour and "
+                f"{len(self.reference_logprobs)} reference log-probs"
+            )
+        if min(self.prompt_token_ids) < 0 or min(self.response_token_ids) < 0:
+            raise ValueError(f"{name}: negative token id")
+        if not math.isfinite(self.reward):
+            raise ValueError(f"{name}: reward {self.reward} is not finite")
+        for label, values in (
+            ("behaviour", self.behaviour_logprobs),
+            ("reference", self.reference_logprobs),
+        ):
+            if not all(math.isfinite(v) and v <= 1e-4 for v in values):
+                raise ValueError(f"{name}: {label} log-probs must be finite and <= 0")
+
+
+@dataclass
+class RolloutBatch:
+    """A padded batch: prompts left-padded to P, responses right-padded to A."""
+
+    input_ids: torch.Tensor  # (B, T) long, T = P + A
+    attention_mask: torch.Tensor  # (B, T) long, 1 on real tokens
+    position_ids: torch.Tensor  # (B, T) long, counted from each row's first real token
+    response_ids: torch.Tensor  # (B, A) long, pad_id on padding
+    response_mask: torch.Tensor  # (B, A) float32, 1.0 on response tokens
+    behaviour_logprobs: torch.Tensor  # (B, A) float32, 0 on padding
+    reference_logprobs: torch.Tensor  # (B, A) float32, 0 on padding
+    scores: torch.Tensor  # (B,) float32, the reward model's score
+    group_index: torch.Tensor  # (B,) long, the group of each sample, numbered from 0
+    weights_version: torch.Tensor  # (B,) long
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device) -> RolloutBatch:
+        return RolloutBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def select(self, rows: torch.Tensor) -> RolloutBatch:
+        return RolloutBatch(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+
+def collate(samples: list[RolloutSample], pad_id: int) -> RolloutBatch:
+    """Validates the samples and pads them into one `RolloutBatch` (shapes on its fields)."""
+    if not samples:
+        raise ValueError("collate needs at least one rollout")
+    for sample in samples:
+        sample.validate()
+    B = len(samples)
+    P = max(len(s.prompt_token_ids) for s in samples)
+    A = max(len(s.response_token_ids) for s in samples)
+    input_ids = torch.full((B, P + A), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, P + A), dtype=torch.long)
+    behaviour = torch.zeros((B, A), dtype=torch.float32)
+    reference = torch.zeros((B, A), dtype=torch.float32)
+    groups: dict[str, int] = {}
+    for i, s in enumerate(samples):
+        p, a = len(s.prompt_token_ids), len(s.response_token_ids)
+        input_ids[i, P - p : P] = torch.tensor(s.prompt_token_ids)
+        input_ids[i, P : P + a] = torch.tensor(s.response_token_ids)
+        attention_mask[i, P - p : P + a] = 1
+        behaviour[i, :a] = torch.tensor(s.behaviour_logprobs)
+        reference[i, :a] = torch.tensor(s.reference_logprobs)
+        groups.setdefault(s.group_id, len(groups))
+    return RolloutBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+        response_ids=input_ids[:, P:].clone(),
+        response_mask=attention_mask[:, P:].float(),
+        behaviour_logprobs=behaviour,
+        reference_logprobs=reference,
+        scores=torch.tensor([float(s.reward) for s in samples], dtype=torch.float32),
+        group_index=torch.tensor([groups[s.group_id] for s in samples], dtype=torch.long),
+        weights_version=torch.tensor([int(s.weights_version) for s in samples], dtype=torch.long),
+    )
+
+
+def sequence_logits(model, batch: RolloutBatch, need_hidden: bool = False):
+    """Logits that predict each response token (b, A, V) and, optionally, the last hidden
+    state at the same positions (b, A, H): position P-1+j predicts response token j."""
+    A = batch.response_ids.shape[1]
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        output_hidden_states=need_hidden,
+        logits_to_keep=A + 1,  # positions P-1 .. T-1; the last one predicts nothing we sampled
+    )
+    logits = out.logits[:, :-1]  # (b, A, V)
+    hidden = out.hidden_states[-1][:, -(A + 1) : -1] if need_hidden else None  # (b, A, H)
+    return logits, hidden
+
+
+def response_logprobs(model, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs of the response tokens under `model`: (B, A), 0 on padding."""
+    logits, _ = sequence_logits(model, batch)
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, A, V)
+    return logprobs.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1) * batch.response_mask
+
+
+# ---- in-process sampling (learning tests, benchmarks) -------------------------------------
+
+
+@torch.no_grad()
+def sample_rollouts(
+    policy,
+    reference,
+    prompts: list[list[int]],
+    *,
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    reward_fn: Callable[[list[int], list[int]], float],
+    eos_token_id: int | None,
+    pad_id: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    weights_version: int = 0,
+    group_prefix: str = "g",
+) -> list[RolloutSample]:
+    """Samples `samples_per_prompt` responses per prompt from `policy`, recording the behaviour
+    log-probs of the sampled tokens, scores them with `reward_fn(prompt_ids, response_ids)` and
+    adds reference log-probs from the frozen `reference`: what the rollout worker does with
+    the policy, reward and reference services, in one process.
+    """
+    device = next(policy.parameters()).device
+    rows = [list(p) for p in prompts for _ in range(samples_per_prompt)]
+    B, P = len(rows), max(len(p) for p in rows)
+    input_ids = torch.full((B, P), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, P), dtype=torch.long)
+    for i, prompt in enumerate(rows):
+        input_ids[i, P - len(prompt) :] = torch.tensor(prompt)
+        attention_mask[i, P - len(prompt) :] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, logprobs, alive = [], [], []  # each a list of (B,)
+    cache, step_ids = None, input_ids
+    for _ in range(max_new_tokens):
+        out = policy(
+            input_ids=step_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        step_logprobs = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)  # (B, V)
+        token = torch.multinomial(step_logprobs.exp(), 1, generator=generator).squeeze(-1)  # (B,)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        logprobs.append(step_logprobs.gather(-1, token[:, None]).squeeze(-1))
+        alive.append(~finished)
+        if eos_token_id is not None:
+            finished = finished | (token == eos_token_id)
+        if bool(finished.all()):
+            break
+        step_ids = token[:, None]  # (B, 1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(step_ids)], dim=-1)
+        position_ids = position_ids[:, -1:] + 1
+    tokens_t, logprobs_t, alive_t = (
+        torch.stack(x, dim=1).cpu() for x in (tokens, logprobs, alive)
+    )  # (B, A)
+    samples = []
+    for i, prompt in enumerate(rows):
+        n = int(alive_t[i].sum())
+        response = tokens_t[i, :n].tolist()
+        group = i // samples_per_prompt
+        samples.append(
+            RolloutSample(
+                prompt_token_ids=prompt,
+                response_token_ids=response,
+                behaviour_logprobs=logprobs_t[i, :n].tolist(),
+                reference_logprobs=[0.0] * n,  # filled below
+                reward=float(reward_fn(prompt, response)),
+                group_id=f"{group_prefix}{group}",
+                weights_version=weights_version,
+                rollout_id=f"{group_prefix}{group}-{i % samples_per_prompt}",
+            )
+        )
+    batch = collate(samples, pad_id).to(next(reference.parameters()).device)
+    reference_logprobs = response_logprobs(reference, batch, temperature).cpu()  # (B, A)
+    for i, sample in enumerate(samples):
+        sample.reference_logprobs = reference_logprobs[i, : len(sample.response_token_ids)].tolist()
+    return samples
