@@ -11,7 +11,7 @@ One cycle (`RefreshWorker.step`):
      held-out side when `int(prompt_hash(prompt), 16) % held_out_modulus == 0` (the Kafka key's
      hash, so a prompt never crosses splits and all its records share a partition);
   3. store the next offsets and commit sqlite; only then commit the offsets to Kafka (on restart
-     the store's offsets win: `_SeekToStored`, as in the curator);
+     the store's offsets win: `SeekToStoredOffsets`, as in the curator);
   4. once `refresh_every` new training pairs are stored (and `min_held_out` held-out ones):
      a. fine-tune the current version on the new pairs plus a replay sample of older ones
         (`replay_ratio` older per new), Bradley-Terry loss, with the offline stage's functions;
@@ -31,13 +31,9 @@ Shapes: `P` preference pairs.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
-import shutil
 import signal
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -52,28 +48,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from services.common.kafka import commit, decode, make_consumer
 from services.common.logging import configure_logging
 from services.common.metrics import serve_metrics
-from services.common.models import load_tokenizer
 from services.curator.preferences import prompt_hash
 from services.curator.refresh_settings import RefreshSettings
-from services.curator.server import _SeekToStored
+from services.curator.refresh_store import CurrentVersion, PairStore
+from services.curator.refresh_training import (
+    fine_tune,
+    prune_versions,
+    publish_folder,
+    version_dir,
+)
+from services.curator.server import SeekToStoredOffsets
 from services.genproto.rlhf.v1 import events_pb2, reward_pb2, reward_pb2_grpc
 from services.reward.checkpoint import manifest
-from services.trainer.checkpoint import fsync_dir
-from services.trainer.offline.common import (
-    make_optimizer,
-    make_runtime,
-    optimizer_step,
-    save_model_folder,
-    shuffled_batches,
-)
 from services.trainer.offline.data import PreferencePair
-from services.trainer.offline.losses import LossName, get_loss
-from services.trainer.offline.reward import (
-    RewardConfig,
-    held_out_metrics,
-    load_reward_for_training,
-    pair_rewards,
-)
+from services.trainer.offline.reward import RewardConfig
 
 log = logging.getLogger(__name__)
 
@@ -103,217 +91,6 @@ def publish_decision(before: float, after: float, tolerance: float = 0.0) -> Dec
     if after + 1e-12 >= before - tolerance:
         return Decision(True, f"held-out accuracy {before:.4f} -> {after:.4f}")
     return Decision(False, f"held-out accuracy dropped {before:.4f} -> {after:.4f}")
-
-
-# ---------------------------------------------------------------------------------------------
-# The pair store: pairs, ids seen, offsets and the current version, in one sqlite file
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS pairs (
-  seq INTEGER PRIMARY KEY AUTOINCREMENT, preference_id TEXT UNIQUE, prompt TEXT, chosen TEXT,
-  rejected TEXT, held_out INTEGER, trained INTEGER DEFAULT 0);
-CREATE INDEX IF NOT EXISTS pairs_split ON pairs(held_out, trained);
-CREATE TABLE IF NOT EXISTS seen (preference_id TEXT PRIMARY KEY);
-CREATE TABLE IF NOT EXISTS offsets (
-  topic TEXT, partition INTEGER, next_offset INTEGER, PRIMARY KEY (topic, partition));
-CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT);
-"""
-
-
-@dataclass(frozen=True)
-class CurrentVersion:
-    """The reward model the next refresh starts from (the last one published)."""
-
-    version: int
-    path: Path
-    file_sha256: dict[str, str]
-    reload_pending: bool
-    """Published and recorded, but the reward service has not answered its reload yet."""
-
-
-class PairStore:
-    """Typed layer over the sqlite file; callers group writes with `commit`/`rollback`."""
-
-    def __init__(self, state_dir: Path):
-        Path(state_dir).mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(Path(state_dir) / "refresh.sqlite", isolation_level="DEFERRED")
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss
-        self.db.executescript(SCHEMA)
-        self.db.commit()
-
-    def commit(self) -> None:
-        self.db.commit()
-
-    def rollback(self) -> None:
-        self.db.rollback()
-
-    def close(self) -> None:
-        self.db.close()
-
-    def mark_seen(self, preference_id: str) -> bool:
-        """False when the id was stored before (a duplicate)."""
-        return (
-            self.db.execute("INSERT OR IGNORE INTO seen VALUES (?)", (preference_id,)).rowcount == 1
-        )
-
-    def add_pair(self, preference_id: str, pair: PreferencePair, held_out: bool) -> None:
-        self.db.execute(
-            "INSERT OR IGNORE INTO pairs (preference_id, prompt, chosen, rejected, held_out) "
-            "VALUES (?,?,?,?,?)",
-            (preference_id, pair.prompt, pair.chosen, pair.rejected, int(held_out)),
-        )
-
-    def count(self, held_out: bool, trained: bool | None = None) -> int:
-        sql, args = "SELECT COUNT(*) FROM pairs WHERE held_out=?", [int(held_out)]
-        if trained is not None:
-            sql, args = sql + " AND trained=?", args + [int(trained)]
-        return self.db.execute(sql, args).fetchone()[0]
-
-    def new_training_pairs(self) -> list[tuple[int, PreferencePair]]:
-        """(seq, pair) of training pairs no refresh has used yet, oldest first."""
-        rows = self.db.execute(
-            "SELECT seq, prompt, chosen, rejected FROM pairs "
-            "WHERE held_out=0 AND trained=0 ORDER BY seq"
-        ).fetchall()
-        return [(seq, PreferencePair(*texts)) for seq, *texts in rows]
-
-    def trained_seqs(self) -> list[int]:
-        return [
-            r[0]
-            for r in self.db.execute(
-                "SELECT seq FROM pairs WHERE held_out=0 AND trained=1 ORDER BY seq"
-            )
-        ]
-
-    def pairs_by_seq(self, seqs: list[int]) -> list[PreferencePair]:
-        out = []
-        for start in range(0, len(seqs), 500):  # sqlite's bound-parameter limit
-            chunk = seqs[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            out += [
-                PreferencePair(*r)
-                for r in self.db.execute(
-                    f"SELECT prompt, chosen, rejected FROM pairs WHERE seq IN ({marks}) ORDER BY seq",
-                    chunk,
-                )
-            ]
-        return out
-
-    def held_out_pairs(self, limit: int) -> list[PreferencePair]:
-        """The newest `limit` held-out pairs, in store order."""
-        rows = self.db.execute(
-            "SELECT prompt, chosen, rejected FROM (SELECT * FROM pairs "
-            "WHERE held_out=1 ORDER BY seq DESC LIMIT ?) ORDER BY seq",
-            (limit,),
-        )
-        return [PreferencePair(*r) for r in rows]
-
-    def mark_trained(self, up_to_seq: int) -> None:
-        self.db.execute("UPDATE pairs SET trained=1 WHERE held_out=0 AND seq<=?", (up_to_seq,))
-
-    def set_offset(self, topic: str, partition: int, next_offset: int) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO offsets VALUES (?,?,?)", (topic, partition, next_offset)
-        )
-
-    def offsets(self) -> dict[tuple[str, int], int]:
-        return {
-            (t, p): o
-            for t, p, o in self.db.execute("SELECT topic, partition, next_offset FROM offsets")
-        }
-
-    def current(self, base: CurrentVersion) -> CurrentVersion:
-        row = self.db.execute("SELECT value FROM state WHERE key='current'").fetchone()
-        if row is None:
-            return base
-        data = json.loads(row[0])
-        return CurrentVersion(
-            int(data["version"]),
-            Path(data["path"]),
-            dict(data["file_sha256"]),
-            bool(data["reload_pending"]),
-        )
-
-    def set_current(self, current: CurrentVersion) -> None:
-        value = json.dumps(
-            {
-                "version": current.version,
-                "path": str(current.path),
-                "file_sha256": current.file_sha256,
-                "reload_pending": current.reload_pending,
-            }
-        )
-        self.db.execute("INSERT OR REPLACE INTO state VALUES ('current', ?)", (value,))
-
-
-# ---------------------------------------------------------------------------------------------
-# Fine-tuning, with the offline train-reward stage's functions
-
-
-@dataclass
-class Candidate:
-    model: torch.nn.Module
-    tokenizer: object
-    before: dict[str, float]
-    """Held-out metrics of the starting version: accuracy, margin, loss."""
-    after: dict[str, float]
-    """Held-out metrics of the fine-tuned model."""
-    steps: int
-
-
-def fine_tune(
-    model_dir: Path,
-    train: list[PreferencePair],
-    held_out: list[PreferencePair],
-    config: RewardConfig,
-    rng: random.Random,
-) -> Candidate:
-    """Bradley-Terry fine-tuning of `model_dir` on `train`, evaluated on `held_out` around it."""
-    runtime = make_runtime(config)
-    tokenizer = load_tokenizer(model_dir)
-    model = load_reward_for_training(model_dir, runtime.device)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    before = held_out_metrics(model, tokenizer, held_out, config, runtime)
-    optimizer = make_optimizer(model, config)
-    bradley_terry = get_loss(LossName.BRADLEY_TERRY)
-    steps = 0
-    for _ in range(config.epochs):
-        for chunk in shuffled_batches(train, config.batch_size, rng):
-            chosen, rejected = pair_rewards(
-                model, tokenizer, chunk, config.max_length, runtime
-            )  # (P,), (P,)
-            loss, _ = bradley_terry(chosen, rejected)
-            optimizer_step(model, optimizer, loss, config.max_grad_norm)
-            steps += 1
-    after = held_out_metrics(model, tokenizer, held_out, config, runtime)
-    return Candidate(model.eval(), tokenizer, before, after, steps)
-
-
-def version_dir(root: Path, version: int) -> Path:
-    return Path(root).resolve() / f"v{version:06d}"
-
-
-def publish_folder(root: Path, version: int, candidate: Candidate, summary: dict) -> Path:
-    """Writes the version folder atomically (temp sibling, fsync, rename) and returns its path."""
-    path = save_model_folder(
-        version_dir(root, version), candidate.model, candidate.tokenizer, summary, overwrite=True
-    )  # a folder left by a crash before the record
-    for file in path.iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
-    fsync_dir(path)
-    fsync_dir(path.parent)
-    return path
-
-
-def prune_versions(root: Path, keep: int, current: Path) -> None:
-    """Removes all but the `keep` newest version folders (never the current one)."""
-    folders = sorted((p for p in Path(root).glob("v[0-9]*") if p.is_dir()), reverse=True)
-    for old in folders[keep:]:
-        if old.resolve() != Path(current).resolve():
-            shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,7 +185,7 @@ class RefreshWorker:
             max_poll_records=settings.max_poll_records,
             max_poll_interval_ms=settings.max_poll_interval_ms,
         )
-        self.consumer.subscribe([settings.topic], listener=_SeekToStored(self))
+        self.consumer.subscribe([settings.topic], listener=SeekToStoredOffsets(self))
         self.stopping = threading.Event()
         if self.store.current(self.base).reload_pending:  # a crash between record and reload
             self._reload()

@@ -55,7 +55,10 @@ class CuratorMetrics:
                              registry=registry)
 
 
-class _SeekToStored(ConsumerRebalanceListener):
+class SeekToStoredOffsets(ConsumerRebalanceListener):
+    """On assignment, seeks each partition to the offset the worker's durable store holds (the
+    store, not Kafka's committed offsets, is the source of truth after a crash)."""
+
     def __init__(self, worker: CuratorWorker):
         self.worker = worker
 
@@ -85,7 +88,7 @@ class CuratorWorker:
             settings.kafka, settings.group_id, max_poll_records=settings.max_poll_records,
             partition_assignment_strategy=[RangePartitionAssignor],
         )
-        self.consumer.subscribe([topics.GENERATIONS, topics.FEEDBACK], listener=_SeekToStored(self))
+        self.consumer.subscribe([topics.GENERATIONS, topics.FEEDBACK], listener=SeekToStoredOffsets(self))
         self.stopping = threading.Event()
         self._last_prune = 0.0
 
