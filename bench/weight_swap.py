@@ -3,7 +3,9 @@ policy service, against a raw transfer of the same bytes over a loopback TCP soc
 
     python -m bench.weight_swap           # writes bench/results/weight_swap.json
 
-The push is timed from the first message until UpdateWeights returns, which it does only after
+The pusher runs in its own process, as the trainer does in production (a client and a server
+sharing one interpreter lock would measure the lock). The push is timed from the first message
+until UpdateWeights returns, which it does only after
 every check (sizes, sha256 of every file, tensor names/shapes/dtypes against the manifest and the
 served model) and after the Triton model serves the new version. The sender's manifest (hashing
 the files it is about to send) is built before the clock starts and reported on its own: the
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import socket
@@ -66,6 +69,21 @@ def raw_tcp_copy(payload: memoryview) -> float:
     return elapsed
 
 
+def pusher(conn, address: str, model_dir: Path, chunk_bytes: int) -> None:
+    """Child process: for each (version, manifest) received, push the folder and send back
+    (accepted, reason, seconds from the first message to the answer)."""
+    from services.genproto.rlhf.v1 import policy_pb2
+
+    options = [("grpc.max_send_message_length", chunk_bytes + (8 << 20))]
+    stub = policy_pb2_grpc.PolicyServiceStub(grpc.insecure_channel(address, options=options))
+    while (order := conn.recv()) is not None:
+        version, manifest_bytes = order
+        manifest = policy_pb2.WeightsManifest.FromString(manifest_bytes)
+        start = time.perf_counter()
+        response = push_folder(stub, model_dir, version, chunk_bytes, manifest)
+        conn.send((response.accepted, response.reason, time.perf_counter() - start))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=REPO / "models" / "smollm2-135m-instruct")
@@ -88,8 +106,11 @@ def main() -> None:
             log_generations=False, follow_weights_topic=False,
         )
         service = build(settings)
-        channel = grpc.insecure_channel(service.address, options=[("grpc.max_send_message_length", (opts.chunk_mib + 8) << 20)])
-        stub = policy_pb2_grpc.PolicyServiceStub(channel)
+        parent, child = multiprocessing.get_context("spawn").Pipe()
+        process = multiprocessing.get_context("spawn").Process(
+            target=pusher, args=(child, service.address, opts.model_dir, opts.chunk_mib << 20)
+        )
+        process.start()
         start = time.perf_counter()
         manifest = build_manifest(opts.model_dir, 0)
         manifest_s = time.perf_counter() - start
@@ -97,11 +118,13 @@ def main() -> None:
         for k in range(opts.rounds):
             raw.append(raw_tcp_copy(payload))
             manifest.weights_version = service.servicer.updater.version + 1
-            start = time.perf_counter()
-            response = push_folder(stub, opts.model_dir, manifest.weights_version, opts.chunk_mib << 20, manifest)
-            push.append(time.perf_counter() - start)
-            assert response.accepted, response.reason
+            parent.send((manifest.weights_version, manifest.SerializeToString()))
+            accepted, reason, seconds = parent.recv()
+            assert accepted, reason
+            push.append(seconds)
             phases.append(dict(service.servicer.updater.last_timings))
+        parent.send(None)
+        process.join(timeout=60)
         result = {
             "model": opts.model_dir.name, "bytes": len(payload), "rounds": opts.rounds, "chunk_mib": opts.chunk_mib,
             "raw_tcp_copy_s": statistics.median(raw), "push_verify_swap_s": statistics.median(push),

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from kafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from services.common import topics
-from services.common.kafka import commit, make_consumer, make_producer
+from services.common.kafka import ensure_topics, make_producer
 from services.curator.preferences import derived_id, label_record, pair_record, prompt_hash
 from services.curator.refresh import RefreshResult, RefreshWorker
 from services.curator.refresh_settings import RefreshSettings
@@ -81,30 +80,23 @@ def _records(pairs) -> list[events_pb2.PreferenceRecord]:
     ]
 
 
-def _produce(kafka_settings, records) -> None:
+def _private_topic(kafka_settings) -> str:
+    """A preferences topic of the test's own: the session's shared one holds other tests' records
+    (and may still receive some from their curators)."""
+    name = f"test.preferences.{uuid.uuid4().hex[:8]}"
+    spec = next(t for t in topics.TOPICS if t.name == topics.PREFERENCES)
+    ensure_topics(kafka_settings, [topics.TopicSpec(name, spec.partitions, spec.configs)])
+    return name
+
+
+def _produce(kafka_settings, topic: str, records) -> None:
     producer = make_producer(kafka_settings)
     try:
-        futures = [
-            producer.send(topics.PREFERENCES, key=prompt_hash(r.prompt), value=r) for r in records
-        ]
+        futures = [producer.send(topic, key=prompt_hash(r.prompt), value=r) for r in records]
         for future in futures:
             future.get(timeout=30)
     finally:
         producer.close(timeout=10)
-
-
-def _start_group_at_end(kafka_settings, group_id: str) -> None:
-    """The shared topic holds other tests' records: this group starts after them."""
-    consumer = make_consumer(kafka_settings, group_id)
-    try:
-        tps = [
-            TopicPartition(topics.PREFERENCES, p)
-            for p in consumer.partitions_for_topic(topics.PREFERENCES)
-        ]
-        consumer.assign(tps)
-        commit(consumer, consumer.end_offsets(tps))
-    finally:
-        consumer.close(autocommit=False)
 
 
 def _step_until_refresh(worker: RefreshWorker, timeout_s: float = 60.0) -> RefreshResult:
@@ -137,9 +129,10 @@ def test_refresh_publishes_a_better_version_the_reward_service_serves(
     kafka_settings, reward, tiny_rm_dir, tmp_path: Path
 ):
     group_id = f"refresh-test-{uuid.uuid4().hex[:8]}"
-    _start_group_at_end(kafka_settings, group_id)
+    topic = _private_topic(kafka_settings)
     settings = RefreshSettings(
         kafka=kafka_settings,
+        topic=topic,
         group_id=group_id,
         state_dir=tmp_path / "state",
         versions_root=tmp_path / "versions",
@@ -163,7 +156,7 @@ def test_refresh_publishes_a_better_version_the_reward_service_serves(
     label = label_record(
         rule[0][0], rule[0][1], True, Source.PREFERENCE_SOURCE_LIVE_FEEDBACK, [], "label-x"
     )
-    _produce(kafka_settings, records + records[:5] + [label])  # 5 duplicates, 1 KTO label
+    _produce(kafka_settings, topic, records + records[:5] + [label])  # 5 duplicates, 1 KTO label
     held_out = [p for p in rule if _held_out(p[0])]
     assert len(held_out) >= 10
 
@@ -207,7 +200,7 @@ def test_refresh_publishes_a_better_version_the_reward_service_serves(
     #    twice; pairs of the inverted rule make held-out accuracy drop, so nothing is published.
     #    (Restarted with a smaller N, a little replay and one pass, to keep the test short.)
     inverted = _pairs(110, seed=2, inverted=True, train_only=True)
-    _produce(kafka_settings, _records(inverted))
+    _produce(kafka_settings, topic, _records(inverted))
     registry = CollectorRegistry()
     settings = settings.model_copy(update={"refresh_every": 100, "replay_ratio": 0.2, "epochs": 1})
     worker = RefreshWorker(settings, registry)

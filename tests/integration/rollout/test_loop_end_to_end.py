@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 
 import grpc
 import pytest
@@ -26,8 +27,11 @@ from tests.support.scoring_stacks import reference_stack, reward_stack
 @pytest.fixture(scope="module")
 def stacks(triton_server, kafka_settings, tiny_lm_dir, tiny_rm_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("loop")
+    # A model name of its own: the session's weights topic holds other tests' announcements for
+    # the tiny model's default name, and a replica rightly catches up to those.
+    name = f"loop-{uuid.uuid4().hex[:8]}"
     with (
-        policy_stack(triton_server, kafka_settings, tiny_lm_dir, work / "policy") as policy,
+        policy_stack(triton_server, kafka_settings, tiny_lm_dir, work / "policy", model_name=name) as policy,
         reward_stack(triton_server, tiny_rm_dir) as reward,
         reference_stack(triton_server, tiny_lm_dir) as reference,
     ):
