@@ -88,7 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=REPO / "models" / "smollm2-135m-instruct")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--chunk-mib", type=int, default=32)
+    parser.add_argument("--chunk-mib", type=int, default=1)
     opts = parser.parse_args()
     convert_smollm2(opts.model_dir)
     files = sorted(opts.model_dir.glob("*.safetensors"))

@@ -46,8 +46,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         state = app.state
         state.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kafka-send")
         state.publisher = EventPublisher(
+            # linger 0: each request waits for its own ack, so lingering only adds latency;
+            # records that arrive while a request is in flight are still batched together.
             lambda: make_producer(settings.kafka, max_block_ms=settings.kafka_max_block_ms,
-                                  reconnect_backoff_max_ms=1000),
+                                  reconnect_backoff_max_ms=1000, linger_ms=0),
             settings.publish_timeout_s, state.executor, settings.producer_reset_after_s,
         )
         state.policy = PolicyClient(settings.policy_url, settings.policy_timeout_s)
