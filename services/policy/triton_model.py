@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from services.common.models import load_causal_lm, load_tokenizer, select_device, select_dtype
-from services.common.triton_repo import PythonModelSpec, TensorIO, write_model
+from services.common.triton_repo import PythonModelSpec, TensorIO
 from services.policy.generation import Finish, Row, generate_rows
 from services.policy.sampling import RowSampling
 from services.policy.weights import compare_specs, files_specs, folder_weight_files, read_marker

@@ -29,7 +29,6 @@ import uuid
 import zlib
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp

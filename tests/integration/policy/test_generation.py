@@ -4,7 +4,6 @@ seeds, streaming, cancellation, stop strings, chat prompts, bad input, overload,
 
 from __future__ import annotations
 
-import threading
 import time
 import urllib.request
 
@@ -180,7 +179,7 @@ def test_overload_is_resource_exhausted(stub):
 def test_deadline_is_honoured(stub):
     start = time.monotonic()
     with pytest.raises(grpc.RpcError) as err:
-        generate_call = stub.Generate(policy_pb2.GenerateRequest(prompts=[common_pb2.Prompt(text="Hi")], sampling=sampling(max_new_tokens=480)), timeout=0.3)
+        stub.Generate(policy_pb2.GenerateRequest(prompts=[common_pb2.Prompt(text="Hi")], sampling=sampling(max_new_tokens=480)), timeout=0.3)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - start < 5
 
