@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -60,10 +61,21 @@ class DemoConfig:
 
 
 PROMPT_TOPICS = [
-    "the capital of France", "what a CPU does", "why the sky is blue", "how plants make food",
-    "what Kafka is used for", "the boiling point of water", "what a prime number is",
-    "how vaccines work", "what DNS does", "why we have seasons", "what an API is",
-    "how a rainbow forms", "what RAM is", "how bees make honey", "what gravity is",
+    "the capital of France",
+    "what a CPU does",
+    "why the sky is blue",
+    "how plants make food",
+    "what Kafka is used for",
+    "the boiling point of water",
+    "what a prime number is",
+    "how vaccines work",
+    "what DNS does",
+    "why we have seasons",
+    "what an API is",
+    "how a rainbow forms",
+    "what RAM is",
+    "how bees make honey",
+    "what gravity is",
     "what a black hole is",
 ]
 FILLER = [
@@ -86,7 +98,9 @@ def preference_data(path: Path, seed: int = 0) -> Path:
 
 
 def prompt_data(path: Path) -> Path:
-    path.write_text("".join(json.dumps({"prompt": f"Tell me about {t}."}) + "\n" for t in PROMPT_TOPICS))
+    path.write_text(
+        "".join(json.dumps({"prompt": f"Tell me about {t}."}) + "\n" for t in PROMPT_TOPICS)
+    )
     return path
 
 
@@ -115,7 +129,9 @@ def preferences_from(bootstrap_servers: str, response_ids: set[str], timeout_s: 
 
 def _health_ok(port: int) -> bool:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        answer = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=2
+        )
         return answer.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -153,18 +169,42 @@ def step(title: str) -> float:
     return time.monotonic()
 
 
+def fresh_state() -> None:
+    """Each demo starts from scratch: a previous run's broker data, checkpoints and weights would
+    otherwise be resumed (the trainer would find its steps done). Its daemons are stopped first."""
+    for pid_file in DEMO.rglob("*.pid") if DEMO.exists() else []:
+        Daemon(pid_file.stem, pid_file.parent).stop()
+    shutil.rmtree(DEMO, ignore_errors=True)
+    DEMO.mkdir(parents=True)
+
+
 def run(config: DemoConfig) -> None:
-    DEMO.mkdir(parents=True, exist_ok=True)
+    fresh_state()
     t0 = step("1. reward model: rlhf train-reward on preference pairs (concise answers preferred)")
     if not (config.reward_dir / "model.safetensors").exists():
         data = preference_data(DEMO / "preferences.jsonl")
         subprocess.run(
-            [sys.executable, "-m", "services.cli", "train-reward", "--data", str(data),
-             "--output", str(config.reward_dir), "--set", "epochs=2", "--set", "learning_rate=5e-5"],
-            check=True, cwd=REPO_ROOT,
+            [
+                sys.executable,
+                "-m",
+                "services.cli",
+                "train-reward",
+                "--data",
+                str(data),
+                "--output",
+                str(config.reward_dir),
+                "--set",
+                "epochs=2",
+                "--set",
+                "learning_rate=5e-5",
+            ],
+            check=True,
+            cwd=REPO_ROOT,
         )
     summary = json.loads((config.reward_dir / "training_summary.json").read_text())
-    print(f"reward model ready in {time.monotonic() - t0:.0f}s: {json.dumps(summary.get('metrics', summary))[:300]}")
+    print(
+        f"reward model ready in {time.monotonic() - t0:.0f}s: {json.dumps(summary.get('metrics', summary))[:300]}"
+    )
 
     t0 = step("2. stack: Kafka, Triton, policy/reward/reference services, gateway, curator")
     broker = KafkaBroker(state_dir=DEMO / "kafka")
@@ -184,89 +224,159 @@ def run(config: DemoConfig) -> None:
         }
         services = Services(env)
         repo = str(DEMO / "model-repository")
-        services.start("policy", "services.policy.server", {
-            "RLHF_POLICY_MODEL_DIR": str(config.policy_dir), "RLHF_POLICY_MODEL_REPOSITORY": repo,
-            "RLHF_POLICY_MODEL_NAME": "policy", "RLHF_POLICY_WEIGHTS_ROOT": str(DEMO / "policy-weights"),
-            "RLHF_POLICY_GRPC__PORT": str(ports["policy"]), "RLHF_POLICY_GRPC__METRICS_PORT": "0",
-        })
-        services.start("reward", "services.reward.server", {
-            "RLHF_REWARD_MODEL_DIR": str(config.reward_dir), "RLHF_REWARD_MODEL_REPOSITORY": repo,
-            "RLHF_REWARD_GRPC_PORT": str(ports["reward"]), "RLHF_REWARD_GRPC_METRICS_PORT": "0",
-        })
-        services.start("reference", "services.reference.server", {
-            "RLHF_REFERENCE_MODEL_DIR": str(config.policy_dir), "RLHF_REFERENCE_MODEL_REPOSITORY": repo,
-            "RLHF_REFERENCE_GRPC_PORT": str(ports["reference"]), "RLHF_REFERENCE_GRPC_METRICS_PORT": "0",
-        })
+        services.start(
+            "policy",
+            "services.policy.server",
+            {
+                "RLHF_POLICY_MODEL_DIR": str(config.policy_dir),
+                "RLHF_POLICY_MODEL_REPOSITORY": repo,
+                "RLHF_POLICY_MODEL_NAME": "policy",
+                "RLHF_POLICY_WEIGHTS_ROOT": str(DEMO / "policy-weights"),
+                "RLHF_POLICY_GRPC__PORT": str(ports["policy"]),
+                "RLHF_POLICY_GRPC__METRICS_PORT": "0",
+            },
+        )
+        services.start(
+            "reward",
+            "services.reward.server",
+            {
+                "RLHF_REWARD_MODEL_DIR": str(config.reward_dir),
+                "RLHF_REWARD_MODEL_REPOSITORY": repo,
+                "RLHF_REWARD_GRPC_PORT": str(ports["reward"]),
+                "RLHF_REWARD_GRPC_METRICS_PORT": "0",
+            },
+        )
+        services.start(
+            "reference",
+            "services.reference.server",
+            {
+                "RLHF_REFERENCE_MODEL_DIR": str(config.policy_dir),
+                "RLHF_REFERENCE_MODEL_REPOSITORY": repo,
+                "RLHF_REFERENCE_GRPC_PORT": str(ports["reference"]),
+                "RLHF_REFERENCE_GRPC_METRICS_PORT": "0",
+            },
+        )
         for name in ("policy", "reward", "reference"):
             daemon = next(d for d in services.daemons if d.name == name)
             daemon.wait_ready(lambda p=ports[name]: _health_ok(p), timeout_s=900)
             print(f"{name:9s} serving on 127.0.0.1:{ports[name]} ({time.monotonic() - t0:.0f}s)")
-        gateway = services.start("gateway", "services.gateway.app", {
-            "RLHF_GATEWAY_HOST": "127.0.0.1", "RLHF_GATEWAY_PORT": str(ports["gateway"]),
-            "RLHF_GATEWAY_API_KEY_SHA256": hashlib.sha256(api_key.encode()).hexdigest(),
-            "RLHF_GATEWAY_POLICY_URL": f"127.0.0.1:{ports['policy']}",
-        })
+        gateway = services.start(
+            "gateway",
+            "services.gateway.app",
+            {
+                "RLHF_GATEWAY_HOST": "127.0.0.1",
+                "RLHF_GATEWAY_PORT": str(ports["gateway"]),
+                "RLHF_GATEWAY_API_KEY_SHA256": hashlib.sha256(api_key.encode()).hexdigest(),
+                "RLHF_GATEWAY_POLICY_URL": f"127.0.0.1:{ports['policy']}",
+            },
+        )
         base = f"http://127.0.0.1:{ports['gateway']}"
-        gateway.wait_ready(lambda: _http("GET", f"{base}/readyz").get("policy", False), timeout_s=120)
-        services.start("curator", "services.curator.server", {
-            "RLHF_CURATOR_STATE_DIR": str(DEMO / "curator"), "RLHF_CURATOR_METRICS_PORT": "0",
-        })
+        gateway.wait_ready(
+            lambda: _http("GET", f"{base}/readyz").get("policy", False), timeout_s=120
+        )
+        services.start(
+            "curator",
+            "services.curator.server",
+            {
+                "RLHF_CURATOR_STATE_DIR": str(DEMO / "curator"),
+                "RLHF_CURATOR_METRICS_PORT": "0",
+            },
+        )
         print(f"gateway   {base} (chat page at {base}/), curator running")
 
         t0 = step("3. live feedback: chat through the gateway, thumbs up and down")
         answers = []
         for question in ("Tell me about what DNS does.", "Tell me about how a rainbow forms."):
-            reply = _http("POST", f"{base}/v1/chat/completions", {
-                "model": "policy", "messages": [{"role": "user", "content": question}],
-                "max_tokens": config.max_new_tokens, "temperature": 0.7, "seed": 1,
-            }, api_key)
+            reply = _http(
+                "POST",
+                f"{base}/v1/chat/completions",
+                {
+                    "model": "policy",
+                    "messages": [{"role": "user", "content": question}],
+                    "max_tokens": config.max_new_tokens,
+                    "temperature": 0.7,
+                    "seed": 1,
+                },
+                api_key,
+            )
             answers.append(reply)
             text = reply["choices"][0]["message"]["content"].replace("\n", " ")
             print(f"Q: {question}\nA: {text[:160]}  [id {reply['id']}]")
         for reply, thumb in zip(answers, ("up", "down")):
-            ack = _http("POST", f"{base}/v1/feedback", {"response_id": reply["id"], "thumb": thumb}, api_key)
+            ack = _http(
+                "POST", f"{base}/v1/feedback", {"response_id": reply["id"], "thumb": thumb}, api_key
+            )
             print(f"thumbs {thumb:4s} on {reply['id']} -> 202 {ack}")
 
-        t0 = step(f"4. online RL: rollout worker -> Kafka -> GRPO trainer x{config.train_steps} -> weights pushed")
+        t0 = step(
+            f"4. online RL: rollout worker -> Kafka -> GRPO trainer x{config.train_steps} -> weights pushed"
+        )
         batch = config.samples_per_prompt * config.prompts_per_step
-        services.start("trainer", "services.trainer.server", {
-            "RLHF_TRAINER_MODEL_DIR": str(config.policy_dir), "RLHF_TRAINER_ALGORITHM": "grpo",
-            "RLHF_TRAINER_POLICY_ADDRESSES": f"127.0.0.1:{ports['policy']}",
-            "RLHF_TRAINER_BATCH_SIZE": str(batch), "RLHF_TRAINER_MAX_STEPS": str(config.train_steps),
-            "RLHF_TRAINER_STATE_DIR": str(DEMO / "trainer"),
-            "RLHF_TRAINER_LEARNER": json.dumps({"lr": 1e-5, "kl_coef": 0.02}),
-        })
-        services.start("rollout", "services.rollout.worker", {
-            "RLHF_ROLLOUT_DATASET": str(prompt_data(DEMO / "prompts.jsonl")),
-            "RLHF_ROLLOUT_POLICY_ADDRESS": f"127.0.0.1:{ports['policy']}",
-            "RLHF_ROLLOUT_REWARD_ADDRESS": f"127.0.0.1:{ports['reward']}",
-            "RLHF_ROLLOUT_REFERENCE_ADDRESS": f"127.0.0.1:{ports['reference']}",
-            "RLHF_ROLLOUT_SAMPLES_PER_PROMPT": str(config.samples_per_prompt),
-            "RLHF_ROLLOUT_PROMPTS_PER_CALL": str(config.prompts_per_step),
-            "RLHF_ROLLOUT_MAX_NEW_TOKENS": str(config.max_new_tokens),
-            "RLHF_ROLLOUT_MAX_ROLLOUTS": str(batch * config.train_steps),
-        })
+        services.start(
+            "trainer",
+            "services.trainer.server",
+            {
+                "RLHF_TRAINER_MODEL_DIR": str(config.policy_dir),
+                "RLHF_TRAINER_ALGORITHM": "grpo",
+                "RLHF_TRAINER_POLICY_ADDRESSES": f"127.0.0.1:{ports['policy']}",
+                "RLHF_TRAINER_BATCH_SIZE": str(batch),
+                "RLHF_TRAINER_MAX_STEPS": str(config.train_steps),
+                "RLHF_TRAINER_STATE_DIR": str(DEMO / "trainer"),
+                "RLHF_TRAINER_LEARNER": json.dumps({"lr": 1e-5, "kl_coef": 0.02}),
+            },
+        )
+        services.start(
+            "rollout",
+            "services.rollout.worker",
+            {
+                "RLHF_ROLLOUT_DATASET": str(prompt_data(DEMO / "prompts.jsonl")),
+                "RLHF_ROLLOUT_POLICY_ADDRESS": f"127.0.0.1:{ports['policy']}",
+                "RLHF_ROLLOUT_REWARD_ADDRESS": f"127.0.0.1:{ports['reward']}",
+                "RLHF_ROLLOUT_REFERENCE_ADDRESS": f"127.0.0.1:{ports['reference']}",
+                "RLHF_ROLLOUT_SAMPLES_PER_PROMPT": str(config.samples_per_prompt),
+                "RLHF_ROLLOUT_PROMPTS_PER_CALL": str(config.prompts_per_step),
+                "RLHF_ROLLOUT_MAX_NEW_TOKENS": str(config.max_new_tokens),
+                "RLHF_ROLLOUT_MAX_ROLLOUTS": str(batch * config.train_steps),
+            },
+        )
         trainer = next(d for d in services.daemons if d.name == "trainer")
         log_file = DEMO / "trainer" / "metrics.jsonl"
         shown = 0
         deadline = time.monotonic() + 1800
         while trainer.pid is not None and time.monotonic() < deadline:
-            records = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.exists() else []
+            records = (
+                [json.loads(line) for line in log_file.read_text().splitlines()]
+                if log_file.exists()
+                else []
+            )
             updates = [r for r in records if r.get("event") == "update"]
             for r in updates[shown:]:
-                print(f"step {r['step']}: weights v{r['weights_version']}  reward/mean {r.get('reward/mean', float('nan')):+.3f}"
-                      f"  kl {r.get('kl/behaviour_ref_k1', float('nan')):.4f}  rollouts {len(r.get('rollout_ids', []))}"
-                      f"  ({time.monotonic() - t0:.0f}s)", flush=True)
+                print(
+                    f"step {r['step']}: weights v{r['weights_version']}  reward/mean {r.get('reward/mean', float('nan')):+.3f}"
+                    f"  kl {r.get('kl/behaviour_ref_k1', float('nan')):.4f}  rollouts {len(r.get('rollout_ids', []))}"
+                    f"  ({time.monotonic() - t0:.0f}s)",
+                    flush=True,
+                )
             shown = len(updates)
             time.sleep(2)
         if trainer.pid is not None:
-            raise TimeoutError("the trainer did not finish its steps in time; see .local/demo/trainer.log")
+            raise TimeoutError(
+                "the trainer did not finish its steps in time; see .local/demo/trainer.log"
+            )
 
         step("5. the policy serves the trained version")
-        reply = _http("POST", f"{base}/v1/chat/completions", {
-            "model": "policy", "messages": [{"role": "user", "content": "Tell me about what DNS does."}],
-            "max_tokens": config.max_new_tokens, "temperature": 0.7, "seed": 1,
-        }, api_key)
+        reply = _http(
+            "POST",
+            f"{base}/v1/chat/completions",
+            {
+                "model": "policy",
+                "messages": [{"role": "user", "content": "Tell me about what DNS does."}],
+                "max_tokens": config.max_new_tokens,
+                "temperature": 0.7,
+                "seed": 1,
+            },
+            api_key,
+        )
         print(f"A: {reply['choices'][0]['message']['content'][:160]!r}")
         print(f"served by {reply['system_fingerprint']} (the demo started from weights-v1)")
 
