@@ -24,6 +24,15 @@ def connect(settings: TritonSettings) -> grpcclient.InferenceServerClient:
     return grpcclient.InferenceServerClient(settings.url, channel_args=options)
 
 
+def load_model(settings: TritonSettings, name: str) -> None:
+    """Asks Triton (explicit model control) to load or reload model `name` from its repository."""
+    client = connect(settings)
+    try:
+        client.load_model(name)
+    finally:
+        client.close()
+
+
 def make_inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
     """Triton inputs from numpy arrays; object/str arrays become BYTES tensors."""
     inputs = []

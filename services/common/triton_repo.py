@@ -86,6 +86,14 @@ def config_pbtxt(spec: PythonModelSpec) -> str:
 CHECKOUT = Path(__file__).resolve().parents[2]
 
 
+def instance_device(args: dict) -> torch.device:
+    """The device Triton gave a Python-backend model instance (its `initialize` args):
+    KIND_GPU -> that CUDA device, otherwise the CPU."""
+    if args.get("model_instance_kind") == "GPU":
+        return torch.device(f"cuda:{int(args.get('model_instance_device_id', 0))}")
+    return torch.device("cpu")
+
+
 def write_model(
     repository: Path, spec: PythonModelSpec, version: int = 1, python_path: list[str] | None = None
 ) -> Path:

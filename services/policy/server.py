@@ -22,15 +22,15 @@ from prometheus_client import CollectorRegistry
 from services.common.grpc_server import ModelServer
 from services.common.kafka import ensure_topics, make_producer
 from services.common.models import load_tokenizer
-from services.common.topics import TOPICS, GENERATIONS, WEIGHTS
-from services.common.triton_client import connect
+from services.common.topics import GENERATIONS, TOPICS, WEIGHTS
+from services.common.triton_client import load_model
+from services.common.triton_repo import write_model
 from services.genproto.rlhf.v1 import policy_pb2_grpc
 from services.policy.engine import PolicyEngine
 from services.policy.follower import WeightsFollower
 from services.policy.metrics import PolicyMetrics
 from services.policy.servicer import PolicyServicer
 from services.policy.settings import PolicySettings
-from services.common.triton_repo import write_model
 from services.policy.triton_model import policy_spec
 from services.policy.updates import WeightsUpdater
 from services.policy.validation import Limits
@@ -80,11 +80,7 @@ def write_triton_model(settings: PolicySettings) -> Path:
 def load_triton_model(settings: PolicySettings) -> None:
     """Writes the Triton model into the repository and (re)loads it (local runs and tests)."""
     write_triton_model(settings)
-    client = connect(settings.triton)
-    try:
-        client.load_model(settings.triton_model)
-    finally:
-        client.close()
+    load_model(settings.triton, settings.triton_model)
 
 
 def model_context(model_dir: Path) -> int:

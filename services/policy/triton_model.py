@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.common.models import load_causal_lm, load_tokenizer, select_device, select_dtype
-from services.common.triton_repo import PythonModelSpec, TensorIO
+from services.common.models import load_causal_lm, load_tokenizer, select_dtype
+from services.common.triton_repo import PythonModelSpec, TensorIO, instance_device
 from services.policy.generation import Finish, Row, generate_rows
 from services.policy.sampling import RowSampling
 from services.policy.weights import compare_specs, files_specs, folder_weight_files, read_marker
@@ -88,10 +88,7 @@ class PolicyTritonModel:
         self.pb = pb_utils
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config["parameters"].items()}
-        kind = args.get("model_instance_kind", "CPU")
-        self.device = select_device("cuda" if kind == "GPU" and torch.cuda.is_available() else "cpu")
-        if self.device.type == "cuda":
-            self.device = torch.device(f"cuda:{args.get('model_instance_device_id', '0')}")
+        self.device = instance_device(args)
         self.dtype = select_dtype(self.device)
         if self.device.type == "cpu":
             torch.set_num_threads(int(os.environ.get("RLHF_POLICY_TORCH_THREADS", os.cpu_count() or 1)))

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from services.common.grpc_server import ModelServer
 from services.common.logging import configure_logging
-from services.common.triton_client import connect
+from services.common.triton_client import load_model
 from services.common.triton_repo import write_model
 from services.genproto.rlhf.v1 import reference_pb2_grpc
 from services.reference.scorer import ReferenceScorer, model_limits
@@ -48,11 +48,7 @@ def prepare_triton_model(settings: ReferenceSettings) -> None:
     if settings.model_repository is None:
         return
     write_triton_model(settings)
-    client = connect(settings.triton)
-    try:
-        client.load_model(settings.triton_model)
-    finally:
-        client.close()
+    load_model(settings.triton, settings.triton_model)
 
 
 def build_server(

@@ -20,10 +20,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from services.common.models import load_causal_lm, select_dtype
-from services.common.triton_repo import PythonModelSpec, TensorIO
+from services.common.triton_repo import PythonModelSpec, TensorIO, instance_device
 from services.reference.logprobs import ScoredSequence, response_logprobs
 
 INPUTS = (
@@ -54,13 +53,6 @@ def reference_spec(
         device=device,
         parameters={"model_dir": str(model_dir)},
     )
-
-
-def instance_device(args: dict) -> torch.device:
-    """The device Triton gave this instance (KIND_GPU -> its CUDA device, else CPU)."""
-    if args.get("model_instance_kind") == "GPU":
-        return torch.device(f"cuda:{int(args.get('model_instance_device_id', 0))}")
-    return torch.device("cpu")
 
 
 class ReferenceTritonModel:

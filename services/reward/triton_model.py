@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from services.common.models import load_reward_model, load_tokenizer, select_dtype
-from services.common.triton_repo import PythonModelSpec, TensorIO
+from services.common.triton_repo import PythonModelSpec, TensorIO, instance_device
 from services.reward.checkpoint import (
     CheckpointRefused,
     compare_specs,
@@ -79,13 +79,6 @@ def reward_spec(
             "max_length": str(max_length),
         },
     )
-
-
-def instance_device(args: dict) -> torch.device:
-    """The device Triton gave this instance (KIND_GPU -> its CUDA device, else CPU)."""
-    if args.get("model_instance_kind") == "GPU":
-        return torch.device(f"cuda:{int(args.get('model_instance_device_id', 0))}")
-    return torch.device("cpu")
 
 
 @dataclass(frozen=True)
