@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.curator.store import DurableStore
 from services.trainer.offline.data import PreferencePair
 
 log = logging.getLogger(__name__)
@@ -24,8 +24,6 @@ CREATE TABLE IF NOT EXISTS pairs (
   rejected TEXT, held_out INTEGER, trained INTEGER DEFAULT 0);
 CREATE INDEX IF NOT EXISTS pairs_split ON pairs(held_out, trained);
 CREATE TABLE IF NOT EXISTS seen (preference_id TEXT PRIMARY KEY);
-CREATE TABLE IF NOT EXISTS offsets (
-  topic TEXT, partition INTEGER, next_offset INTEGER, PRIMARY KEY (topic, partition));
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT);
 """
 
@@ -41,25 +39,11 @@ class CurrentVersion:
     """Published and recorded, but the reward service has not answered its reload yet."""
 
 
-class PairStore:
-    """Typed layer over the sqlite file; callers group writes with `commit`/`rollback`."""
+class PairStore(DurableStore):
+    """Typed layer over the refresh's sqlite file."""
 
     def __init__(self, state_dir: Path):
-        Path(state_dir).mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(Path(state_dir) / "refresh.sqlite", isolation_level="DEFERRED")
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss
-        self.db.executescript(SCHEMA)
-        self.db.commit()
-
-    def commit(self) -> None:
-        self.db.commit()
-
-    def rollback(self) -> None:
-        self.db.rollback()
-
-    def close(self) -> None:
-        self.db.close()
+        super().__init__(state_dir, "refresh.sqlite", SCHEMA)
 
     def mark_seen(self, preference_id: str) -> bool:
         """False when the id was stored before (a duplicate)."""
@@ -121,17 +105,6 @@ class PairStore:
 
     def mark_trained(self, up_to_seq: int) -> None:
         self.db.execute("UPDATE pairs SET trained=1 WHERE held_out=0 AND seq<=?", (up_to_seq,))
-
-    def set_offset(self, topic: str, partition: int, next_offset: int) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO offsets VALUES (?,?,?)", (topic, partition, next_offset)
-        )
-
-    def offsets(self) -> dict[tuple[str, int], int]:
-        return {
-            (t, p): o
-            for t, p, o in self.db.execute("SELECT topic, partition, next_offset FROM offsets")
-        }
 
     def current(self, base: CurrentVersion) -> CurrentVersion:
         row = self.db.execute("SELECT value FROM state WHERE key='current'").fetchone()

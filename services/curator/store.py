@@ -27,21 +27,26 @@ CREATE TABLE IF NOT EXISTS judged (
   prompt_key TEXT, response_id TEXT, desirable INTEGER, response TEXT, seen_at REAL,
   PRIMARY KEY (prompt_key, response_id, desirable));
 CREATE TABLE IF NOT EXISTS emitted (preference_id TEXT PRIMARY KEY, seen_at REAL);
+"""
+
+OFFSETS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS offsets (
   topic TEXT, partition INTEGER, next_offset INTEGER, PRIMARY KEY (topic, partition));
 """
 
 
-class JoinStore:
-    """A thin, typed layer over the sqlite file; callers group writes with `commit`/`rollback`."""
+class DurableStore:
+    """A sqlite file in WAL mode with synchronous commits and the consumed offsets of each
+    partition: the state a Kafka worker commits before it commits its offsets to Kafka.
+    Callers group writes with `commit`/`rollback`."""
 
-    def __init__(self, state_dir: Path):
+    def __init__(self, state_dir: Path, file_name: str, schema: str):
         state_dir = Path(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(state_dir / "curator.sqlite", isolation_level="DEFERRED")
+        self.db = sqlite3.connect(state_dir / file_name, isolation_level="DEFERRED")
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss
-        self.db.executescript(SCHEMA)
+        self.db.executescript(OFFSETS_SCHEMA + schema)
         self.db.commit()
 
     def commit(self) -> None:
@@ -52,6 +57,19 @@ class JoinStore:
 
     def close(self) -> None:
         self.db.close()
+
+    def set_offset(self, topic: str, partition: int, next_offset: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO offsets VALUES (?,?,?)", (topic, partition, next_offset))
+
+    def offsets(self) -> dict[tuple[str, int], int]:
+        return {(t, p): o for t, p, o in self.db.execute("SELECT topic, partition, next_offset FROM offsets")}
+
+
+class JoinStore(DurableStore):
+    """A thin, typed layer over the curator's sqlite file."""
+
+    def __init__(self, state_dir: Path):
+        super().__init__(state_dir, "curator.sqlite", SCHEMA)
 
     # ----- generations -----
     def add_generation(self, response_id: str, partition: int, prompt: str, prompt_key: str,
@@ -124,13 +142,6 @@ class JoinStore:
             "AND response_id<>? ORDER BY seen_at LIMIT ?",
             (prompt_key, int(not desirable), response_id, limit)).fetchall()
         return [tuple(r) for r in rows]
-
-    # ----- offsets -----
-    def set_offset(self, topic: str, partition: int, next_offset: int) -> None:
-        self.db.execute("INSERT OR REPLACE INTO offsets VALUES (?,?,?)", (topic, partition, next_offset))
-
-    def offsets(self) -> dict[tuple[str, int], int]:
-        return {(t, p): o for t, p, o in self.db.execute("SELECT topic, partition, next_offset FROM offsets")}
 
     def prune(self, older_than: float) -> None:
         for table in ("generations", "joined", "judged", "emitted"):
