@@ -16,7 +16,6 @@ Run it (settings in `services/gateway/settings.py`):
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -27,13 +26,12 @@ from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
 
-from services.common.kafka import make_producer
 from services.common.logging import configure_logging
 from services.gateway.api_router import api, bench, ops
 from services.gateway.auth import ApiKeyVerifier, TokenBucket
 from services.gateway.chat_serving import PolicyClient
 from services.gateway.metrics import GatewayMetrics, MetricsMiddleware
-from services.gateway.publisher import EventPublisher, RecentEvents
+from services.gateway.publisher import EventPublisher, RecentEvents, make_producer
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -44,14 +42,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state = app.state
-        state.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kafka-send")
-        state.publisher = EventPublisher(
-            # linger 0: each request waits for its own ack, so lingering only adds latency;
-            # records that arrive while a request is in flight are still batched together.
-            lambda: make_producer(settings.kafka, max_block_ms=settings.kafka_max_block_ms,
-                                  reconnect_backoff_max_ms=1000, linger_ms=0),
-            settings.publish_timeout_s, state.executor, settings.producer_reset_after_s,
-        )
+        state.publisher = EventPublisher(lambda: make_producer(settings.kafka), settings.publish_timeout_s)
         state.policy = PolicyClient(settings.policy_url, settings.policy_timeout_s)
         log.info("gateway ready", extra={"fields": {"kafka": settings.kafka.bootstrap_servers,
                                                     "policy": settings.policy_url}})
@@ -60,7 +51,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         finally:
             await state.policy.close()
             state.publisher.close(timeout_s=settings.publish_timeout_s)
-            state.executor.shutdown(wait=True)
 
     app = FastAPI(
         title="RLHF platform gateway",

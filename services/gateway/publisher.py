@@ -1,32 +1,33 @@
 """Writes events to Kafka and answers only once Kafka has them (acks=all), in bounded time.
 
-`EventPublisher.publish` hands the records to the idempotent producer on a worker thread
-(sending may block on metadata or a full buffer, never on the event loop), then awaits the
-producer's acknowledgements through asyncio futures. If they do not all arrive within
-`timeout_s`, it raises `PublishUnavailable` and the route answers 503 with Retry-After: the client
-retries with the same idempotency key, and a late copy of the first attempt is recognised
-downstream by its id. Nothing is acknowledged that Kafka has not acknowledged.
+The gateway's producer is librdkafka (confluent-kafka), not the kafka-python client the other
+services use: feedback ingestion is the one hot path where the client's CPU per record decides
+the throughput (kafka-python cost about 4 ms of CPU an event on this machine class, and a
+gateway replica sustained a third of its no-op request rate; see bench/feedback_ingest.py).
 
-A producer that keeps failing after Kafka is back (kafka-python's idempotent producer can stay
-stuck re-initialising its producer id after batches expired during an outage) is replaced by a
-fresh one once failures have lasted `reset_after_s` with no success; the old one is closed
-without waiting, which fails its unacknowledged records (their clients already got 503).
+`EventPublisher.publish` hands the records to the idempotent producer straight from the event
+loop (`produce` only queues; it never blocks), then awaits their delivery reports, which a
+poller thread serves and hands back to the loop. If they do not all arrive within `timeout_s`,
+it raises `PublishUnavailable` and the route answers 503 with Retry-After: the client retries
+with the same idempotency key, and a late copy of the first attempt is recognised downstream by
+its id. Nothing is acknowledged that Kafka has not acknowledged.
 
-`RecentEvents` is the per-replica memory of idempotency keys: a key seen before answers with the
-first event's id without writing again; two concurrent requests with one key share one write.
+A producer that hit a fatal error (an idempotent producer that can no longer guarantee order
+and uniqueness) is replaced by a fresh one; its queued records fail (their clients got 503).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
-import time
+import threading
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 
-from kafka import KafkaProducer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
+from services.common.settings import KafkaSettings
 from services.gateway.events import Event
 
 log = logging.getLogger(__name__)
@@ -36,95 +37,95 @@ class PublishUnavailable(Exception):
     """Kafka did not acknowledge within the bound; the request must be answered 503."""
 
 
+def make_producer(settings: KafkaSettings, **overrides) -> Producer:
+    """An idempotent librdkafka producer that waits for all in-sync replicas (acks=all)."""
+    config = {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "client.id": settings.client_id,
+        "enable.idempotence": True,
+        "acks": "all",
+        "message.timeout.ms": settings.delivery_timeout_ms,
+        "request.timeout.ms": min(settings.request_timeout_ms, settings.delivery_timeout_ms),
+        # Each request waits for its own record, so lingering only adds latency; records queued
+        # while a produce request is in flight still go out together in the next one.
+        "linger.ms": 0,
+        "reconnect.backoff.max.ms": 1000,
+    }
+    config.update(overrides)
+    return Producer(config)
+
+
 class EventPublisher:
-    def __init__(self, make_producer: Callable[[], KafkaProducer], timeout_s: float,
-                 executor: ThreadPoolExecutor, reset_after_s: float = 15.0):
+    def __init__(self, make_producer: Callable[[], Producer], timeout_s: float, poll_s: float = 0.05):
         self.make_producer = make_producer
         self.producer = make_producer()
         self.timeout_s = timeout_s
-        self.executor = executor
-        self.reset_after_s = reset_after_s
-        self._failing_since: float | None = None
-        self._resetting = False
+        self._fatal = False
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll, args=(poll_s,), name="kafka-poll", daemon=True)
+        self._poller.start()
 
-    def _send_all(self, event: Event, loop: asyncio.AbstractEventLoop) -> list[asyncio.Future]:
-        acks: list[asyncio.Future] = []
-        for record in event.records:
-            ack = loop.create_future()
-            kafka_future = self.producer.send(record.topic, key=record.key, value=record.value)
-            kafka_future.add_callback(_resolve, loop, ack)
-            kafka_future.add_errback(_resolve_error, loop, ack)
-            acks.append(ack)
-        return acks
+    def _poll(self, poll_s: float) -> None:
+        """Serves delivery reports (their callbacks run on this thread) until closed."""
+        while not self._stop.is_set():
+            try:
+                self.producer.poll(poll_s)
+            except Exception:  # the poller must outlive any one report (its request got 503)
+                log.exception("serving Kafka delivery reports failed")
+                self._stop.wait(poll_s)
 
     async def publish(self, event: Event) -> None:
         loop = asyncio.get_running_loop()
+        acks: list[asyncio.Future] = []
         try:
             async with asyncio.timeout(self.timeout_s):
-                acks = await loop.run_in_executor(self.executor, self._send_all, event, loop)
+                for record in event.records:
+                    ack = loop.create_future()
+                    self.producer.produce(
+                        record.topic, key=record.key.encode(), value=record.value.SerializeToString(),
+                        on_delivery=functools.partial(self._delivered, loop, ack),
+                    )
+                    acks.append(ack)
                 await asyncio.gather(*acks)
-        except Exception as exc:  # a timeout or a Kafka error: either way, not acknowledged
-            await self._after_failure()
+        except Exception as exc:  # a timeout, a full queue or a Kafka error: not acknowledged
+            for ack in acks:
+                ack.cancel()
+            self._after_failure(exc)
             raise PublishUnavailable(f"Kafka did not acknowledge: {exc!r}") from exc
-        self._failing_since = None
 
-    async def _after_failure(self) -> None:
-        now = time.monotonic()
-        if self._failing_since is None:
-            self._failing_since = now
+    def _delivered(self, loop: asyncio.AbstractEventLoop, ack: asyncio.Future, error, _message) -> None:
+        if error is not None and error.fatal():
+            self._fatal = True
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(_set, ack, error)
+
+    def _after_failure(self, exc: Exception) -> None:
+        if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
+            self._fatal = self._fatal or exc.args[0].fatal()
+        if not self._fatal:
             return
-        if self._resetting or now - self._failing_since < self.reset_after_s:
-            return
-        self._resetting = True
-        loop = asyncio.get_running_loop()
-        try:
-            fresh = await loop.run_in_executor(self.executor, self.make_producer)
-        except Exception as exc:  # Kafka still unreachable: keep the old producer, try later
-            log.warning("producer reset failed", extra={"fields": {"error": repr(exc)}})
-            self._failing_since = now
-            return
-        finally:
-            self._resetting = False
-        old, self.producer = self.producer, fresh
-        self._failing_since = None
-        log.warning("replaced a Kafka producer that kept failing")
-        loop.run_in_executor(self.executor, _close_now, old)
+        old, self.producer = self.producer, self.make_producer()
+        self._fatal = False
+        log.warning("replaced a Kafka producer after a fatal error")
+        old.purge()  # its records fail now (their clients got 503) instead of lingering
+        old.flush(0)
 
     def close(self, timeout_s: float) -> None:
-        """Flushes what is buffered (a late acknowledgement is not lost), then closes."""
-        try:
-            self.producer.close(timeout=timeout_s)
-        except Exception as exc:
-            log.warning("producer did not flush on close", extra={"fields": {"error": repr(exc)}})
+        """Stops the poller, then flushes what is queued (a late acknowledgement is not lost)."""
+        self._stop.set()
+        self._poller.join()
+        remaining = self.producer.flush(timeout_s)
+        if remaining:
+            log.warning("producer did not flush on close", extra={"fields": {"unflushed": remaining}})
 
 
-def _close_now(producer: KafkaProducer) -> None:
-    """Closes without waiting; its unacknowledged records fail (their clients got 503)."""
-    try:
-        producer.close(timeout=0)
-    except Exception:
-        # kafka-python's close() flushes first and raises on a timeout before force-closing its
-        # sender thread; force it here so the stuck producer does not linger.
-        if producer._sender is not None:
-            producer._sender.force_close()
-            producer._sender.join(5)
-
-
-def _resolve(loop: asyncio.AbstractEventLoop, ack: asyncio.Future, _metadata) -> None:
-    loop.call_soon_threadsafe(_set, ack, None, None)
-
-
-def _resolve_error(loop: asyncio.AbstractEventLoop, ack: asyncio.Future, error) -> None:
-    loop.call_soon_threadsafe(_set, ack, None, error)
-
-
-def _set(ack: asyncio.Future, result, error) -> None:
+def _set(ack: asyncio.Future, error) -> None:
     if ack.done():
         return
     if error is not None:
-        ack.set_exception(error if isinstance(error, BaseException) else RuntimeError(str(error)))
+        ack.set_exception(KafkaException(error))
     else:
-        ack.set_result(result)
+        ack.set_result(None)
 
 
 class RecentEvents:

@@ -45,12 +45,6 @@ class GatewaySettings(BaseSettings):
         5.0, gt=0, le=60,
         description="How long a request waits for Kafka's acks=all before answering 503.",
     )
-    kafka_max_block_ms: int = Field(
-        2000, ge=100, description="How long producing may block on metadata or a full buffer."
-    )
-    producer_reset_after_s: float = Field(
-        15.0, gt=0, description="Failures lasting this long with no success replace the producer."
-    )
     rate_limit_per_s: float = Field(50.0, gt=0, description="Sustained requests/s per API key.")
     rate_limit_burst: int = Field(100, ge=1, description="Requests a key may send at once.")
     idempotency_cache_size: int = Field(

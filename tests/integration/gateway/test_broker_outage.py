@@ -36,8 +36,7 @@ def test_acknowledged_feedback_survives_a_broker_outage(kafka_broker, kafka_sett
         return sum(1 for a in answers if a[0] == code)
 
     try:
-        with running_gateway(kafka_settings, run_dir / "gateway", publish_timeout_s=2, producer_reset_after_s=5,
-                             kafka_max_block_ms=1000, rate_limit_burst=100_000,
+        with running_gateway(kafka_settings, run_dir / "gateway", publish_timeout_s=2, rate_limit_burst=100_000,
                              rate_limit_per_s=100_000) as gw:
             threads = [threading.Thread(target=client, args=(n, gw.url, gw.headers)) for n in range(CLIENTS)]
             for t in threads:
