@@ -73,7 +73,7 @@ class WeightsUpdater:
                 check_file_name(name)
             expected = manifest_specs(manifest)
             compare_specs(self.served_specs, expected, "manifest vs served model")
-            staged = self.store.staging(manifest.weights_version)
+            staged = self.store.staging(manifest.weights_version, reuse=names)
             received, files = 0, {}
             clock = time.perf_counter()
             try:

@@ -71,3 +71,33 @@ def test_store_publishes_atomically_and_points_back(tmp_path):
     assert sorted(p.name for p in store.root.glob("v*")) == ["v00000003", "v00000004", "v00000005"]
     store.point(4)
     assert read_marker(store.root).weights_version == 4
+
+
+def test_staging_recycles_a_version_the_next_publish_would_prune(tmp_path):
+    store = WeightsStore(tmp_path / "root")
+    for version in (2, 3, 4):
+        staged = store.staging(version)
+        (staged / "model.safetensors").write_bytes(b"old bytes of version %d, long" % version)
+        (staged / "stray.safetensors").write_bytes(b"x")
+        store.publish(version, staged)
+    staged = store.staging(5, reuse=["model.safetensors"])
+    assert not (store.root / "v00000002").exists()  # recycled: v3, v4 (and v5) remain
+    assert [p.name for p in staged.iterdir()] == ["model.safetensors"]  # only the named file
+    incoming = IncomingFile(staged / "model.safetensors", 5, hashlib.sha256(b"fresh").hexdigest())
+    incoming.write(0, b"fresh")
+    incoming.finish()  # cut to the new size: no byte of version 2 is left behind
+    assert (staged / "model.safetensors").read_bytes() == b"fresh"
+    store.publish(5, staged)
+    assert sorted(p.name for p in store.root.glob("v*")) == ["v00000003", "v00000004", "v00000005"]
+
+
+def test_staging_never_recycles_what_current_points_at(tmp_path):
+    store = WeightsStore(tmp_path / "root")
+    for version in (2, 3, 4):
+        staged = store.staging(version)
+        (staged / "model.safetensors").write_bytes(b"v%d" % version)
+        store.publish(version, staged)
+    store.point(2)  # a failed swap pointed back at the oldest kept version
+    staged = store.staging(5, reuse=["model.safetensors"])
+    assert (store.root / "v00000002" / "model.safetensors").read_bytes() == b"v2"
+    assert list(staged.iterdir()) == []
