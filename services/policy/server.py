@@ -25,11 +25,10 @@ from services.common.models import load_tokenizer
 from services.common.topics import GENERATIONS, TOPICS, WEIGHTS
 from services.common.triton_client import load_model
 from services.common.triton_repo import write_model
-from services.genproto.rlhf.v1 import policy_pb2_grpc
 from services.policy.engine import PolicyEngine
 from services.policy.follower import WeightsFollower
 from services.policy.metrics import PolicyMetrics
-from services.policy.servicer import PolicyServicer
+from services.policy.servicer import PolicyServicer, add_to_server
 from services.policy.settings import PolicySettings
 from services.policy.triton_model import policy_spec
 from services.policy.updates import WeightsUpdater
@@ -118,7 +117,7 @@ def build(settings: PolicySettings, registry: CollectorRegistry | None = None) -
         engine, load_tokenizer(settings.model_dir), limits, updater, metrics, info,
         settings.max_queued_sequences, producer, settings.kafka_ack_timeout_s, settings.triton.timeout_s,
     )
-    server.add(policy_pb2_grpc.add_PolicyServiceServicer_to_server, servicer, "rlhf.v1.PolicyService")
+    server.add(add_to_server, servicer, "rlhf.v1.PolicyService")
     if settings.follow_weights_topic:
         follower = WeightsFollower(settings.kafka, {settings.served_name, settings.triton_model}, updater, metrics)
         follower.start()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import grpc
@@ -27,6 +28,7 @@ from services.policy.sampling import first_stop_string
 from services.policy.updates import WeightsUpdater
 from services.policy.validation import GenerationPlan, InvalidArgument, Limits, plan_generation
 from services.policy.weights import WeightsRejected
+from services.policy.weights_wire import ChunkView, WireError, decode_request
 
 log = logging.getLogger(__name__)
 STOP_STRING = 3
@@ -117,12 +119,17 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         )
 
     def UpdateWeights(self, request_iterator, context):
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "manifest":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "manifest: the first message must be the manifest")
-        chunks = (m.chunk for m in request_iterator if m.WhichOneof("part") == "chunk")
+        """Its requests arrive undecoded (see `add_to_server`): `weights_wire` parses them and
+        leaves each chunk's data in the received bytes."""
         try:
-            version, received = self.updater.receive_push(first.manifest, chunks)
+            first = decode_request(next(request_iterator, b""))
+        except WireError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"manifest: {exc}")
+        if not isinstance(first, policy_pb2.WeightsManifest):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "manifest: the first message must be the manifest")
+        chunks = _chunks(request_iterator)
+        try:
+            version, received = self.updater.receive_push(first, chunks)
         except WeightsRejected as exc:
             log.warning("weights refused: %s", exc)
             self.metrics.weights_updates.labels("push", "refused").inc()
@@ -217,3 +224,35 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             except Exception as exc:  # noqa: BLE001 - any Kafka failure means "not durable"
                 self.metrics.generation_log_errors.inc()
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"generation log (Kafka) did not acknowledge: {exc}")
+
+
+def _chunks(requests) -> Iterator[ChunkView]:
+    """The chunks of an UpdateWeights stream after its manifest; a malformed one refuses the push."""
+    for raw in requests:
+        try:
+            part = decode_request(raw)
+        except WireError as exc:
+            raise WeightsRejected(f"malformed chunk message: {exc}") from exc
+        if isinstance(part, ChunkView):
+            yield part
+
+
+class _Registrations:
+    """Stands in for a server to capture the generated code's method handlers."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def add_to_server(servicer: PolicyServicer, server: grpc.Server) -> None:
+    """The generated registration, except that UpdateWeights receives its requests as bytes:
+    protobuf would copy every chunk's data twice on the way in (services/policy/weights_wire)."""
+    captured = _Registrations()
+    policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, captured)
+    handlers = dict(captured.handlers)
+    handlers["UpdateWeights"] = handlers["UpdateWeights"]._replace(request_deserializer=None)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.service, handlers),))
+    server.add_registered_method_handlers(captured.service, handlers)

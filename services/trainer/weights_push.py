@@ -8,8 +8,10 @@ policy replica over `PolicyService.UpdateWeights`, then announced on `rlhf.weigh
 
 The stream is the manifest first (version, sha256 and size of every file, name/shape/dtype of
 every tensor), then the files in chunks of `chunk_bytes`, read lazily from disk so a large model
-never sits in memory twice. The channel's message limit is raised above the chunk size on this
-side; the policy raises its own (services/common/grpc_server.message_size_options).
+never sits in memory twice, and serialized by `services.policy.weights_wire` (protobuf's bytes
+on the wire, built with one copy from the page cache). The channel's message limit is raised
+above the chunk size on this side; the policy raises its own
+(services/common/grpc_server.message_size_options).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
 import socket
@@ -34,6 +37,7 @@ from safetensors.torch import save
 
 from services.common.grpc_server import message_size_options
 from services.genproto.rlhf.v1 import events_pb2, policy_pb2, policy_pb2_grpc
+from services.policy.weights_wire import UPDATE_WEIGHTS_METHOD, encode_chunk, encode_manifest
 
 log = logging.getLogger(__name__)
 
@@ -106,21 +110,31 @@ def manifest_to_json(manifest: policy_pb2.WeightsManifest) -> dict:
     }
 
 
-def iter_requests(
-    folder: Path, manifest: policy_pb2.WeightsManifest, chunk_bytes: int
-) -> Iterator[policy_pb2.UpdateWeightsRequest]:
-    """The UpdateWeights stream: the manifest, then each file in order, `chunk_bytes` at a time."""
+def iter_requests(folder: Path, manifest: policy_pb2.WeightsManifest, chunk_bytes: int) -> Iterator[bytes]:
+    """The UpdateWeights stream, serialized: the manifest, then each file in order,
+    `chunk_bytes` at a time (encoded by `weights_wire`, which spares protobuf's copies)."""
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-    yield policy_pb2.UpdateWeightsRequest(manifest=manifest)
+    yield encode_manifest(manifest)
     for name in sorted(manifest.file_size):
         with open(Path(folder) / name, "rb") as f:
-            offset = 0
-            while data := f.read(chunk_bytes):
-                yield policy_pb2.UpdateWeightsRequest(
-                    chunk=policy_pb2.WeightsChunk(file_name=name, offset=offset, data=data)
-                )
-                offset += len(data)
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                continue
+            # Each message is built straight from the page cache: one copy per byte.
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                for offset in range(0, size, chunk_bytes):
+                    with memoryview(mapped)[offset:offset + chunk_bytes] as data:
+                        message = encode_chunk(name, offset, data)
+                    yield message
+
+
+def update_weights_call(channel: grpc.Channel) -> grpc.StreamUnaryMultiCallable:
+    """UpdateWeights on `channel`, taking already serialized requests (`iter_requests`)."""
+    return channel.stream_unary(
+        UPDATE_WEIGHTS_METHOD, request_serializer=None,
+        response_deserializer=policy_pb2.UpdateWeightsResponse.FromString,
+    )
 
 
 @dataclass
@@ -142,16 +156,15 @@ def push(
     chunk_bytes: int = 4 << 20,
     timeout_s: float = 300.0,
     max_message_bytes: int = 64 << 20,
-    requests: Iterator[policy_pb2.UpdateWeightsRequest] | None = None,
+    requests: Iterator[bytes] | None = None,
 ) -> PushResult:
     """Streams one version to one replica; a refusal or an RPC error is a result, not a raise."""
     limit = max(max_message_bytes, chunk_bytes + (1 << 20))
     started = time.perf_counter()
     sent = sum(manifest.file_size.values())
     with grpc.insecure_channel(address, options=message_size_options(limit)) as channel:
-        stub = policy_pb2_grpc.PolicyServiceStub(channel)
         try:
-            reply = stub.UpdateWeights(
+            reply = update_weights_call(channel)(
                 requests if requests is not None else iter_requests(folder, manifest, chunk_bytes),
                 timeout=timeout_s,
             )

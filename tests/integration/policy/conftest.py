@@ -21,10 +21,15 @@ def policy(triton_server, kafka_settings, tiny_lm_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def stub(policy):
+def channel(policy):
     channel = grpc.insecure_channel(policy.address, options=[("grpc.max_send_message_length", 256 << 20)])
-    yield policy_pb2_grpc.PolicyServiceStub(channel)
+    yield channel
     channel.close()
+
+
+@pytest.fixture(scope="session")
+def stub(channel):
+    return policy_pb2_grpc.PolicyServiceStub(channel)
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from services.common.models import load_causal_lm, load_tokenizer
 from services.common.topics import WEIGHTS
 from services.genproto.rlhf.v1 import common_pb2, events_pb2, policy_pb2
 from services.policy.push import build_manifest, push_folder
+from services.trainer.weights_push import update_weights_call
 from tests.support.tiny_models import tiny_causal_lm
 
 PROMPT = "The weather today is"
@@ -30,10 +31,10 @@ def other_weights(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def restore(stub, policy, tiny_lm_dir):
+def restore(channel, policy, tiny_lm_dir):
     """Leaves the session's service serving the original weights again (as a newer version)."""
     yield
-    response = push_folder(stub, tiny_lm_dir, policy.weights_version + 1)
+    response = push_folder(channel, tiny_lm_dir, policy.weights_version + 1)
     assert response.accepted, response.reason
 
 
@@ -50,9 +51,9 @@ def in_process_greedy(folder) -> list[int]:
     return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8)[0, ids.shape[1]:].tolist()
 
 
-def test_valid_push_swaps_the_served_model(stub, policy, other_weights, restore):
+def test_valid_push_swaps_the_served_model(stub, channel, policy, other_weights, restore):
     old = policy.weights_version
-    response = push_folder(stub, other_weights, old + 1, chunk_bytes=1 << 20)
+    response = push_folder(channel, other_weights, old + 1, chunk_bytes=1 << 20)
     assert response.accepted, response.reason
     assert response.weights_version == old + 1
     assert response.bytes_received == (other_weights / "model.safetensors").stat().st_size
@@ -63,9 +64,45 @@ def test_valid_push_swaps_the_served_model(stub, policy, other_weights, restore)
     assert policy.registry.get_sample_value("rlhf_policy_weights_version") == old + 1
 
 
-def refused(stub, policy, folder, version, manifest, expect_reason: str) -> None:
+def test_a_push_of_ordinary_protobuf_messages_is_accepted(stub, policy, other_weights, restore):
+    """The service parses the stream itself (weights_wire); a client that sends generated
+    protobuf messages, as any other language's client would, is served the same."""
+    version = policy.weights_version + 1
+    manifest = build_manifest(other_weights, version)
+    data = (other_weights / "model.safetensors").read_bytes()
+    step = 100_000
+    requests = [policy_pb2.UpdateWeightsRequest(manifest=manifest)] + [
+        policy_pb2.UpdateWeightsRequest(chunk=policy_pb2.WeightsChunk(
+            file_name="model.safetensors", offset=o, data=data[o:o + step]))
+        for o in range(0, len(data), step)
+    ]
+    response = stub.UpdateWeights(iter(requests), timeout=120)
+    assert response.accepted, response.reason
+    assert (response.weights_version, response.bytes_received) == (version, len(data))
+    assert list(greedy(stub).token_ids) == in_process_greedy(other_weights)
+
+
+def test_a_malformed_chunk_message_is_refused(stub, channel, policy, other_weights, restore):
+    before = policy.weights_version
+    manifest = build_manifest(other_weights, before + 1)
+    requests = [policy_pb2.UpdateWeightsRequest(manifest=manifest).SerializeToString(),
+                b"\x12\x09\x0a\x05model"]  # a chunk whose length says 9 bytes, with 7
+    response = update_weights_call(channel)(iter(requests), timeout=60)
+    assert not response.accepted
+    assert "malformed chunk message" in response.reason
+    assert response.weights_version == before == policy.weights_version
+
+
+def test_a_first_message_that_is_not_a_manifest_is_invalid(channel):
+    with pytest.raises(grpc.RpcError) as err:
+        update_weights_call(channel)(iter([b"\x12\x00"]), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "first message must be the manifest" in err.value.details()
+
+
+def refused(stub, channel, policy, folder, version, manifest, expect_reason: str) -> None:
     before_version, before = policy.weights_version, list(greedy(stub).token_ids)
-    response = push_folder(stub, folder, version, manifest=manifest)
+    response = push_folder(channel, folder, version, manifest=manifest)
     assert not response.accepted
     assert expect_reason in response.reason
     assert response.weights_version == before_version
@@ -74,33 +111,33 @@ def refused(stub, policy, folder, version, manifest, expect_reason: str) -> None
     assert list(sample.token_ids) == before
 
 
-def test_wrong_checksum_is_refused_and_old_version_serves(stub, policy, other_weights, restore):
+def test_wrong_checksum_is_refused_and_old_version_serves(stub, channel, policy, other_weights, restore):
     manifest = build_manifest(other_weights, policy.weights_version + 1)
     manifest.file_sha256["model.safetensors"] = "0" * 64
-    refused(stub, policy, other_weights, policy.weights_version + 1, manifest, "sha256")
+    refused(stub, channel, policy, other_weights, policy.weights_version + 1, manifest, "sha256")
 
 
-def test_wrong_shape_is_refused_and_old_version_serves(stub, policy, tmp_path, restore):
+def test_wrong_shape_is_refused_and_old_version_serves(stub, channel, policy, tmp_path, restore):
     wider = tiny_causal_lm(tmp_path / "wider", hidden=96)
     manifest = build_manifest(wider, policy.weights_version + 1)
-    refused(stub, policy, wider, policy.weights_version + 1, manifest, "shape")
+    refused(stub, channel, policy, wider, policy.weights_version + 1, manifest, "shape")
 
 
-def test_manifest_that_lies_about_the_file_is_refused(stub, policy, tmp_path, other_weights, restore):
+def test_manifest_that_lies_about_the_file_is_refused(stub, channel, policy, tmp_path, other_weights, restore):
     wider = tiny_causal_lm(tmp_path / "wider", hidden=96)
     honest = build_manifest(other_weights, policy.weights_version + 1)
     lying = build_manifest(wider, policy.weights_version + 1)
     del lying.tensors[:]
     lying.tensors.extend(honest.tensors)  # claims the served shapes, sends wider tensors
-    refused(stub, policy, wider, policy.weights_version + 1, lying, "files vs manifest")
+    refused(stub, channel, policy, wider, policy.weights_version + 1, lying, "files vs manifest")
 
 
-def test_stale_version_is_refused(stub, policy, other_weights, restore):
+def test_stale_version_is_refused(stub, channel, policy, other_weights, restore):
     manifest = build_manifest(other_weights, policy.weights_version)
-    refused(stub, policy, other_weights, policy.weights_version, manifest, "not newer")
+    refused(stub, channel, policy, other_weights, policy.weights_version, manifest, "not newer")
 
 
-def test_clients_see_no_error_during_several_pushes(stub, policy, other_weights, tiny_lm_dir, restore):
+def test_clients_see_no_error_during_several_pushes(stub, channel, policy, other_weights, tiny_lm_dir, restore):
     served = {policy.weights_version}
     errors, seen = [], []
     stop = threading.Event()
@@ -123,7 +160,7 @@ def test_clients_see_no_error_during_several_pushes(stub, policy, other_weights,
     try:
         for k, folder in enumerate([other_weights, tiny_lm_dir, other_weights]):
             time.sleep(0.3)
-            response = push_folder(stub, folder, policy.weights_version + 1)
+            response = push_folder(channel, folder, policy.weights_version + 1)
             assert response.accepted, response.reason
             served.add(response.weights_version)
         time.sleep(0.5)
