@@ -1,25 +1,28 @@
 """The online loop on the real broker and Triton: rollout worker -> Kafka -> trainer -> weights
 push -> the policy serves version 2, and generations after it carry version 2. Also: pushes with
-a wrong checksum or a wrong shape are refused and the old version keeps serving."""
+a wrong checksum or a wrong shape are refused and the old version keeps serving; live prompts
+from rlhf.generations.v1 become rollouts; the worker waits while the trainer is behind."""
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 
 import grpc
 import pytest
 import torch
+from kafka import TopicPartition
 
-from services.common.kafka import decode, make_consumer
+from services.common.kafka import commit, decode, make_consumer
 from services.genproto.rlhf.v1 import common_pb2, events_pb2, policy_pb2, policy_pb2_grpc
 from services.rollout.settings import RolloutSettings
 from services.rollout.worker import RolloutWorker
 from services.trainer.loop import TrainerService
 from services.trainer.settings import TrainerSettings
 from services.trainer.weights_push import build_manifest, push, sha256_file, write_version
-from tests.integration.trainer_service.helpers import private_topic
+from tests.integration.trainer_service.helpers import private_topic, produce_groups, synthetic_group
 from tests.support.policy_stack import policy_stack
 from tests.support.scoring_stacks import reference_stack, reward_stack
 
@@ -145,3 +148,88 @@ def test_rollouts_through_kafka_train_and_the_policy_serves_version_2(stacks, ka
     assert set(_generate_versions(stub)) == {2}
     publish = [json.loads(line) for line in settings.metrics_log.read_text().splitlines() if '"publish"' in line]
     assert publish[-1]["replicas"] == [{"address": policy.address, "accepted": True, "reason": ""}]
+
+
+def _read_rollouts(kafka_settings, topic: str, count: int) -> list[events_pb2.Rollout]:
+    consumer = make_consumer(kafka_settings, None, [], auto_offset_reset="earliest")
+    consumer.subscribe([topic])
+    rollouts: list[events_pb2.Rollout] = []
+    for _ in range(60):
+        rollouts += [decode(events_pb2.Rollout, r.value) for rs in consumer.poll(timeout_ms=500).values() for r in rs]
+        if len(rollouts) >= count:
+            break
+    consumer.close()
+    return rollouts
+
+
+def _worker(stacks, kafka_settings, dataset, topic: str, **settings) -> RolloutWorker:
+    policy, reward, reference = stacks
+    return RolloutWorker(RolloutSettings(
+        dataset=dataset, policy_address=policy.address, reward_address=reward.address,
+        reference_address=reference.address, model_name=policy.model_name, max_new_tokens=4,
+        rollouts_topic=topic, trainer_group=f"trainer-{topic}", kafka=kafka_settings, **settings,
+    ))  # fmt: skip
+
+
+def test_live_prompts_from_the_generations_topic_become_rollouts(stacks, kafka_settings, tmp_path):
+    """A product's user asks the policy something; the policy logs it to rlhf.generations.v1; the
+    worker, drawing live prompts, turns that very prompt into a group of rollouts."""
+    policy, _, _ = stacks
+    topic = private_topic(kafka_settings)
+    dataset = tmp_path / "prompts.jsonl"
+    dataset.write_text(json.dumps({"prompt": "Say hi."}) + "\n")
+    worker = _worker(stacks, kafka_settings, dataset, topic, live_prompt_fraction=1.0, samples_per_prompt=2,
+                     prompts_per_call=2, max_rollouts=4)
+    live_text = f"What is the capital of {uuid.uuid4().hex[:6]}?"
+    try:
+        stub = _stub(policy.address)
+        request = policy_pb2.GenerateRequest(prompts=[common_pb2.Prompt(text=live_text)],
+                                             sampling=policy_pb2.SamplingParams(n=1, max_new_tokens=2))
+        for _ in range(30):  # the worker tails from the latest offset: ask until it has seen one
+            live_ids = list(stub.Generate(request, timeout=60).completions[0].prompt_token_ids)
+            if any(p.text == live_text for p in worker.live):
+                break
+            time.sleep(1)
+        assert any(p.text == live_text for p in worker.live), "the live prompt never reached the worker"
+        assert worker.run() == 4
+    finally:
+        worker.close()
+    rollouts = _read_rollouts(kafka_settings, topic, 4)
+    groups = {}
+    for r in rollouts:
+        groups.setdefault(r.group_id, set()).add(tuple(r.prompt_token_ids))
+    assert len(rollouts) == 4 and len(groups) == 2
+    assert {ids for g in groups.values() for ids in g} >= {tuple(live_ids)}  # one group is the live prompt
+
+
+def test_the_worker_waits_while_the_trainer_is_behind(stacks, kafka_settings, tmp_path):
+    """8 rollouts the trainer group has not consumed, 2 rollouts per version: new rollouts would
+    be 4 versions stale when used, above max_staleness 2, so the worker produces nothing until
+    the group's committed offsets (on the real broker) catch up."""
+    topic = private_topic(kafka_settings)
+    produce_groups(kafka_settings, topic, [synthetic_group(f"backlog-{i}", 4) for i in range(2)])
+    dataset = tmp_path / "prompts.jsonl"
+    dataset.write_text(json.dumps({"prompt": "Say hi."}) + "\n")
+    worker = _worker(stacks, kafka_settings, dataset, topic, samples_per_prompt=2, prompts_per_call=1,
+                     max_rollouts=2, max_staleness=2, rollouts_per_version=2)
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    try:
+        time.sleep(4)
+        assert worker.produced == 0
+        assert worker.registry.get_sample_value("rlhf_rollout_expected_staleness_versions") == 4.0
+        # The trainer works through its backlog: its group commits the end of every partition.
+        group = make_consumer(kafka_settings, f"trainer-{topic}")
+        partitions = [TopicPartition(topic, p) for p in group.partitions_for_topic(topic)]
+        group.assign(partitions)
+        commit(group, group.end_offsets(partitions))
+        group.close()
+        runner.join(timeout=90)
+        assert not runner.is_alive(), "the worker did not resume once the backlog was consumed"
+    finally:
+        worker.stop_requested.set()
+        runner.join(timeout=30)
+        worker.close()
+    assert worker.produced == 2
+    assert worker.registry.get_sample_value("rlhf_rollout_backpressure_seconds_total") >= 4
+    assert len(_read_rollouts(kafka_settings, topic, 10)) == 8 + 2
