@@ -51,6 +51,18 @@ def test_stale_rollouts_are_dropped_and_counted():
     assert ids(b.take(b.peek())) == ["new1", "new2"]
 
 
+def test_an_incomplete_group_holds_the_resume_offset_only_until_it_is_stale():
+    """A group whose other members never arrive (a worker died mid-publish) keeps its partition's
+    resume offset at its first member, until the trainer is max_staleness versions past it."""
+    b = RolloutBatcher(batch_size=2, max_staleness=2)
+    _feed(b, [(0, 0, _r("lone1", "L", version=1)), (0, 1, _r("w1", "W", version=3)), (0, 2, _r("w2", "W", version=3))])
+    b.take(b.peek())
+    assert b.position().offsets == {0: 0}
+    assert b.drop_stale(trainer_version=3) == []  # staleness 2: it might still be completed
+    assert ids(b.drop_stale(trainer_version=4)) == ["lone1"]
+    assert b.position().offsets == {0: 3} and b.counts["stale"] == 1
+
+
 def test_position_resumes_at_first_unused_and_skips_used_after_it():
     b = RolloutBatcher(batch_size=2, max_staleness=9)
     _feed(b, [(0, 10, _r("x1", "X")), (0, 11, _r("y1", "Y")), (0, 12, _r("y2", "Y")), (1, 5, _r("z1", "Z", size=1))])
