@@ -18,11 +18,13 @@ One cycle (`RefreshWorker.step`):
      b. held-out pairwise accuracy before and after; publish only if after >= before - tolerance;
      c. publish: the Hugging Face folder written to a temporary sibling, fsynced, renamed to
         `versions_root/vNNNNNN`; then (version, path, sha256 manifest, "reload pending") and the
-        pairs' "trained" marks commit in one sqlite transaction, and only then the reward service
-        is told (ReloadModel). A crash before that commit re-runs the refresh; a crash after it
-        re-sends the reload on restart (the service accepts a repeated order as a no-op).
-     A refused reload is logged and counted, never retried; an unreachable service is tried
-     `reload_attempts` times. The next refresh starts from the published version either way.
+        pairs' "trained" marks commit in one sqlite transaction, and only then `versions_root/
+        CURRENT` is pointed at it and every reward replica is told (ReloadModel; a headless
+        Service name resolves to all of them). A crash before that commit re-runs the refresh; a
+        crash after it re-sends the reload on restart (a repeated order is a no-op).
+     A refused reload is logged and counted, never retried; an unreachable replica is tried
+     `reload_attempts` times, and catches up from CURRENT on its own (services/reward/follower).
+     The next refresh starts from the published version either way.
 KTO binary labels are counted and skipped: the curator already emits a chosen/rejected pair for
 every up/down combination of one prompt, so pairing labels here would count those twice.
 
@@ -59,7 +61,8 @@ from services.curator.refresh_training import (
 )
 from services.curator.server import SeekToStoredOffsets
 from services.genproto.rlhf.v1 import events_pb2, reward_pb2, reward_pb2_grpc
-from services.reward.checkpoint import manifest
+from services.common.replicas import replica_addresses
+from services.reward.checkpoint import manifest, write_published
 from services.trainer.offline.data import PreferencePair
 from services.trainer.offline.reward import RewardConfig
 
@@ -340,50 +343,58 @@ class RefreshWorker:
         return result
 
     def _reload(self) -> bool | None:
-        """Tells the reward service about the current version; True/False is its answer, None when
-        it could not be reached. Never retried beyond `reload_attempts`."""
+        """Points versions_root/CURRENT at the current version (what a reward replica that misses
+        this call serves when it catches up: services/reward/follower), then tells every replica
+        (ReloadModel). True when all that answered accepted, False when one refused, None when
+        none could be reached. Never retried beyond `reload_attempts`."""
         current = self.store.current(self.base)
+        if current.version > self.base.version:
+            write_published(self.settings.versions_root, current.version, current.path, current.file_sha256)
         request = reward_pb2.ReloadModelRequest(
             reward_model_version=current.version,
             path=str(current.path),
             file_sha256=current.file_sha256,
         )
-        answer: bool | None = None
-        for attempt in range(self.settings.reload_attempts):
-            try:
-                with grpc.insecure_channel(self.settings.reward_address) as channel:
-                    reply = reward_pb2_grpc.RewardServiceStub(channel).ReloadModel(
-                        request, timeout=self.settings.reload_timeout_s
-                    )
-                answer = reply.accepted
-                self.metrics.reloads.labels("accepted" if reply.accepted else "refused").inc()
-                log.log(
-                    logging.INFO if reply.accepted else logging.ERROR,
-                    "reward model reload",
-                    extra={
-                        "fields": {
-                            "version": current.version,
-                            "accepted": reply.accepted,
-                            "serving": reply.reward_model_version,
-                            "reason": reply.reason,
-                        }
-                    },
-                )
-                break
-            except grpc.RpcError as error:
-                log.warning(
-                    "reward service unreachable for reload",
-                    extra={"fields": {"attempt": attempt + 1, "code": str(error.code())}},
-                )
-                time.sleep(min(2.0**attempt, 10.0))
-        else:
-            self.metrics.reloads.labels("unreachable").inc()
+        answers = [self._reload_one(address, request) for address in replica_addresses([self.settings.reward_address])]
         self.store.set_current(
             CurrentVersion(current.version, current.path, current.file_sha256, False)
         )
         self.store.commit()
         self.metrics.version.set(current.version)
-        return answer
+        reached = [a for a in answers if a is not None]
+        return all(reached) if reached else None
+
+    def _reload_one(self, address: str, request: reward_pb2.ReloadModelRequest) -> bool | None:
+        for attempt in range(self.settings.reload_attempts):
+            try:
+                with grpc.insecure_channel(address) as channel:
+                    reply = reward_pb2_grpc.RewardServiceStub(channel).ReloadModel(
+                        request, timeout=self.settings.reload_timeout_s
+                    )
+            except grpc.RpcError as error:
+                log.warning(
+                    "reward service unreachable for reload",
+                    extra={"fields": {"address": address, "attempt": attempt + 1, "code": str(error.code())}},
+                )
+                time.sleep(min(2.0**attempt, 10.0))
+                continue
+            self.metrics.reloads.labels("accepted" if reply.accepted else "refused").inc()
+            log.log(
+                logging.INFO if reply.accepted else logging.ERROR,
+                "reward model reload",
+                extra={
+                    "fields": {
+                        "address": address,
+                        "version": request.reward_model_version,
+                        "accepted": reply.accepted,
+                        "serving": reply.reward_model_version,
+                        "reason": reply.reason,
+                    }
+                },
+            )
+            return reply.accepted
+        self.metrics.reloads.labels("unreachable").inc()
+        return None
 
     def run(self) -> None:
         while not self.stopping.is_set():

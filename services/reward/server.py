@@ -2,7 +2,9 @@
 
 Start here. Score turns a batch of (prompt, response) pairs into one scalar each, computed inside
 Triton (services.reward.triton_model) and named with the reward-model version that produced it;
-ReloadModel swaps in a newly published version after checking its checksums and tensor shapes.
+ReloadModel swaps in a newly published version after checking its checksums and tensor shapes;
+with RLHF_REWARD_VERSIONS_ROOT set, the service also serves what that folder's CURRENT names, at
+start and whenever it changes (a reload it missed while restarting: services.reward.follower).
 
     python -m services.reward.server        # settings from RLHF_REWARD_* (services.reward.settings)
 
@@ -24,6 +26,7 @@ from services.common.logging import configure_logging
 from services.common.triton_client import load_model
 from services.common.triton_repo import write_model
 from services.genproto.rlhf.v1 import reward_pb2_grpc
+from services.reward.follower import PublishedFollower
 from services.reward.scorer import RewardScorer
 from services.reward.servicer import RewardMetrics, RewardServicer
 from services.reward.settings import RewardSettings
@@ -65,14 +68,27 @@ def build_server(
     return server, scorer
 
 
+def follow_published(settings: RewardSettings, scorer: RewardScorer) -> PublishedFollower | None:
+    """With `versions_root` set: serves the published version before taking traffic, then
+    follows CURRENT (services.reward.follower). Returns the follower to stop, or None."""
+    if settings.versions_root is None:
+        return None
+    follower = PublishedFollower(settings.versions_root, scorer, settings.model_version, settings.follow_interval_s)
+    follower.sync()
+    return follower.start()
+
+
 def main() -> None:
     configure_logging("reward")
     settings = RewardSettings()
     prepare_triton_model(settings)
-    server, _ = build_server(settings)
+    server, scorer = build_server(settings)
+    follower = follow_published(settings, scorer)
     server.install_signal_handlers()
     server.start()
     server.wait()
+    if follower is not None:
+        follower.stop()
 
 
 if __name__ == "__main__":

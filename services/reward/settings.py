@@ -60,6 +60,14 @@ class RewardSettings(BaseSettings):
         None,
         description="Write the Triton model here and load it at start; unset when deployment does it.",
     )
+    versions_root: Path | None = Field(
+        None,
+        description="Folder of published versions (the refresh's, on a shared volume): the service "
+        "serves the version its CURRENT file names, at start and whenever it changes.",
+    )
+    follow_interval_s: float = Field(
+        10.0, gt=0, description="How often the service re-reads versions_root/CURRENT."
+    )
     grpc: GrpcSettings = Field(default_factory=RewardGrpcSettings, description="gRPC server block.")
     triton: TritonSettings = Field(
         default_factory=TritonSettings, description="How to reach Triton."

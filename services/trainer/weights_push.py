@@ -22,7 +22,6 @@ import logging
 import mmap
 import os
 import shutil
-import socket
 import struct
 import time
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from safetensors.torch import save
 
 from services.common.grpc_server import message_size_options
+from services.common.replicas import replica_addresses
 from services.genproto.rlhf.v1 import events_pb2, policy_pb2, policy_pb2_grpc
 from services.policy.weights_wire import UPDATE_WEIGHTS_METHOD, encode_chunk, encode_manifest
 
@@ -184,24 +184,6 @@ def serving_version(address: str, timeout_s: float = 10.0) -> int | None:
             ).weights_version
         except grpc.RpcError:
             return None
-
-
-def replica_addresses(addresses: list[str]) -> list[str]:
-    """Every replica behind each `host:port`: a Kubernetes headless Service name resolves to one
-    address per ready policy pod, so the push reaches all of them; an IP stays as it is."""
-    replicas: list[str] = []
-    for address in addresses:
-        host, _, port = address.rpartition(":")
-        try:
-            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-        except socket.gaierror:
-            infos = []
-        ips = sorted({info[4][0] for info in infos}) or [host]
-        for ip in ips:
-            replica = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-            if replica not in replicas:
-                replicas.append(replica)
-    return replicas
 
 
 def push_all(

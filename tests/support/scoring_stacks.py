@@ -55,6 +55,8 @@ class ServiceStack:
     server: ModelServer
     registry: CollectorRegistry
     """The service's Prometheus metrics (rlhf_reward_* / rlhf_reference_*)."""
+    follower: object | None = None
+    """The reward service's PublishedFollower, when `versions_root` is set."""
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float | None:
         return self.registry.get_sample_value(name, labels or {})
@@ -69,11 +71,14 @@ def _running(module, settings, triton_server) -> Iterator[ServiceStack]:
     module.prepare_triton_model(settings)
     registry = CollectorRegistry()
     server, scorer = module.build_server(settings, registry)
+    follower = module.follow_published(settings, scorer) if hasattr(module, "follow_published") else None
     try:
         port = server.start()
-        yield ServiceStack(f"127.0.0.1:{port}", settings, server, registry)
+        yield ServiceStack(f"127.0.0.1:{port}", settings, server, registry, follower)
     finally:
         server.stop(0)
+        if follower is not None:
+            follower.stop()
         scorer.close()
         client = grpcclient.InferenceServerClient(triton_server.grpc_url)
         try:

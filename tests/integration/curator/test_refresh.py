@@ -24,7 +24,7 @@ from services.curator.preferences import derived_id, label_record, pair_record, 
 from services.curator.refresh import RefreshResult, RefreshWorker
 from services.curator.refresh_settings import RefreshSettings
 from services.genproto.rlhf.v1 import common_pb2, events_pb2, reward_pb2, reward_pb2_grpc
-from services.reward.checkpoint import manifest
+from services.reward.checkpoint import manifest, read_published
 from tests.support.scoring_stacks import reward_stack
 
 MAX_LENGTH = 64
@@ -174,7 +174,10 @@ def test_refresh_publishes_a_better_version_the_reward_service_serves(
     assert first.accuracy_after >= first.accuracy_before and first.accuracy_after >= 0.9
     assert first.held_out_pairs == len(held_out) and first.replay_pairs == 0  # nothing older yet
     folder = tmp_path / "versions" / "v000002"
-    assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == ["v000002"]  # no temp left
+    assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == ["CURRENT", "v000002"]  # no temp left
+    published = read_published(tmp_path / "versions")  # what a replica that missed the reload serves
+    assert (published.version, published.path.resolve()) == (2, folder.resolve())
+    assert published.file_sha256 == manifest(folder)
     files = manifest(folder)
     assert {"model.safetensors", "config.json", "training_summary.json"} <= set(files)
     assert files["model.safetensors"] != manifest(tiny_rm_dir)["model.safetensors"]
@@ -216,5 +219,6 @@ def test_refresh_publishes_a_better_version_the_reward_service_serves(
     assert second.accuracy_after < second.accuracy_before == pytest.approx(first.accuracy_after)
     assert second.replay_pairs > 0
     assert value("rlhf_refresh_refreshes_rejected_total") == 1
-    assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == ["v000002"]
+    assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == ["CURRENT", "v000002"]
+    assert read_published(tmp_path / "versions").version == 2
     assert _score(reward, held_out[:2])[2] == {2}

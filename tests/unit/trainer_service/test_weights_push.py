@@ -76,7 +76,7 @@ def test_a_resume_voids_the_updates_a_crash_undid():
 
 
 def test_replica_addresses_expand_a_name_to_every_address():
-    from services.trainer.weights_push import replica_addresses
+    from services.common.replicas import replica_addresses
 
     # localhost resolves (here to 127.0.0.1 and maybe ::1): each address becomes one replica.
     replicas = replica_addresses(["localhost:50051", "127.0.0.1:50051", "10.0.0.7:50051"])
