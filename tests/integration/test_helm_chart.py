@@ -118,10 +118,32 @@ def test_policy_has_a_headless_service_over_its_replicas(minimal, production):
         "rlhf-rlhf-platform-policy-headless.rlhf.svc.cluster.local:50051")
 
 
+def test_refresh_publishes_to_a_shared_volume_every_reward_replica_follows(minimal):
+    claim = find(minimal, "PersistentVolumeClaim", "rlhf-rlhf-platform-refresh-versions")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    specs = pod_specs(minimal)
+    refresh = container(specs["rlhf-rlhf-platform-refresh"], "refresh")
+    env = env_of(refresh)
+    assert env["RLHF_REFRESH_VERSIONS_ROOT"] == "/reward-versions"
+    assert env["RLHF_REFRESH_REWARD_ADDRESS"] == "rlhf-rlhf-platform-reward-headless.rlhf.svc.cluster.local:50051"
+    assert find(minimal, "Service", "rlhf-rlhf-platform-reward-headless")["spec"]["clusterIP"] == "None"
+    assert {"name": "versions", "mountPath": "/reward-versions"} in refresh["volumeMounts"]
+    reward = specs["rlhf-rlhf-platform-reward"]
+    assert {"name": "reward-versions", "persistentVolumeClaim": {
+        "claimName": "rlhf-rlhf-platform-refresh-versions", "readOnly": True}} in reward["volumes"]
+    for name in ("service", "triton"):  # Triton reads the files the reload order names
+        mounts = container(reward, name)["volumeMounts"]
+        assert {"name": "reward-versions", "mountPath": "/reward-versions", "readOnly": True} in mounts, name
+    assert env_of(container(reward, "service"))["RLHF_REWARD_VERSIONS_ROOT"] == "/reward-versions"
+    off = pod_specs(render(*SECRET, "--set", "refresh.enabled=false"))
+    assert "rlhf-rlhf-platform-refresh" not in off
+    assert "RLHF_REWARD_VERSIONS_ROOT" not in env_of(container(off["rlhf-rlhf-platform-reward"], "service"))
+
+
 def test_every_container_has_resources_probes_and_a_locked_down_context(minimal, production):
     for docs in (minimal, production):
         specs = pod_specs(docs)
-        assert len(specs) == 7  # policy reward reference rollout trainer gateway curator
+        assert len(specs) == 8  # policy reward reference rollout trainer gateway curator refresh
         for name, spec in specs.items():
             assert spec["securityContext"]["runAsNonRoot"] is True, name
             assert spec["automountServiceAccountToken"] is False, name
