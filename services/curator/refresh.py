@@ -50,6 +50,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from services.common.kafka import commit, decode, make_consumer
 from services.common.logging import configure_logging
 from services.common.metrics import serve_metrics
+from services.common.replicas import replica_addresses
 from services.curator.preferences import prompt_hash
 from services.curator.refresh_settings import RefreshSettings
 from services.curator.refresh_store import CurrentVersion, PairStore
@@ -61,7 +62,6 @@ from services.curator.refresh_training import (
 )
 from services.curator.server import SeekToStoredOffsets
 from services.genproto.rlhf.v1 import events_pb2, reward_pb2, reward_pb2_grpc
-from services.common.replicas import replica_addresses
 from services.reward.checkpoint import manifest, write_published
 from services.trainer.offline.data import PreferencePair
 from services.trainer.offline.reward import RewardConfig

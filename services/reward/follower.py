@@ -42,8 +42,8 @@ class PublishedFollower:
             return self.served
         self.reloads += 1
         result = self.scorer.reload(published.version, str(published.path), published.file_sha256)
-        if result.accepted:
-            log.info("caught up with the published reward model", extra={"fields": {"version": result.version}})
+        if result.accepted or result.version >= published.version:  # a ReloadModel got there first
+            log.info("serving the published reward model", extra={"fields": {"version": result.version}})
         else:
             self.refused.add(published.version)
             log.error("published reward model refused",
