@@ -24,6 +24,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common.digest import sha256_file
+
 TensorSpecs = dict[str, tuple[tuple[int, ...], str]]
 """tensor name -> (shape, safetensors dtype name such as "F32")."""
 
@@ -82,14 +84,6 @@ def compare_specs(expected: TensorSpecs, got: TensorSpecs, what: str) -> None:
             raise WeightsRejected(f"{what}: tensor {name} has shape {list(got[name][0])}, expected {list(expected[name][0])}")
         if expected[name][1] != got[name][1]:
             raise WeightsRejected(f"{what}: tensor {name} has dtype {got[name][1]}, expected {expected[name][1]}")
-
-
-def sha256_file(path: Path, block: int = 16 * 1024 * 1024) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_file_name(name: str) -> None:

@@ -14,7 +14,6 @@ loaded (the next older checkpoint is used instead).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save
+
+from services.common.digest import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +80,6 @@ class Checkpoint:
     positions: dict[int, ConsumerPosition]
     """Rank -> that rank's consumer position."""
     path: Path | None = None
-
-
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_durable(path: Path, data: bytes) -> None:

@@ -16,7 +16,6 @@ above the chunk size on this side; the policy raises its own
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import mmap
@@ -34,6 +33,7 @@ import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 from safetensors.torch import save
 
+from services.common.digest import sha256_file
 from services.common.grpc_server import message_size_options
 from services.common.replicas import replica_addresses
 from services.genproto.rlhf.v1 import events_pb2, policy_pb2, policy_pb2_grpc
@@ -78,14 +78,6 @@ def tensor_specs(path: Path) -> list[policy_pb2.TensorSpec]:
         for name, meta in sorted(header.items())
         if name != "__metadata__"
     ]
-
-
-def sha256_file(path: Path, block: int = 16 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def build_manifest(folder: Path, version: int) -> policy_pb2.WeightsManifest:
