@@ -118,6 +118,7 @@ def main() -> None:
         start = time.perf_counter()
         manifest = build_manifest(opts.model_dir, 0)
         manifest_s = time.perf_counter() - start
+
         def push_once() -> float:
             manifest.weights_version = service.servicer.updater.version + 1
             parent.send((manifest.weights_version, manifest.SerializeToString()))

@@ -13,7 +13,7 @@ any protobuf client or server interoperates (tests/unit/policy/test_weights_wire
   received bytes (no copy); the manifest is parsed by protobuf. Malformed input raises
   `WireError`. Parsing follows protobuf's rules: unknown fields (and known ones with another
   wire type) are skipped, a field seen twice keeps its last value, and of the oneof's two
-  members the last one wins.
+  members the last one wins. Groups (a wire type deprecated since proto2) are refused.
 """
 
 from __future__ import annotations
