@@ -60,7 +60,7 @@ OUTPUTS = (
 
 def policy_spec(
     model_dir: Path, weights_root: Path, initial_version: int, name: str = "policy",
-    max_batch_size: int = 32, max_queue_delay_us: int = 5_000, device: str = "auto",
+    max_batch_size: int = 32, max_queue_delay_us: int = 100_000, device: str = "auto",
 ) -> PythonModelSpec:
     return PythonModelSpec(
         name=name,
