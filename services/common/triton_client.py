@@ -7,7 +7,9 @@ between numpy arrays and Triton tensors in one place.
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -31,6 +33,16 @@ def load_model(settings: TritonSettings, name: str) -> None:
         client.load_model(name)
     finally:
         client.close()
+
+
+def write_and_load(settings, write: Callable[[Any], Path]) -> None:
+    """Writes a model service's Triton model into `settings.model_repository` with `write` and
+    (re)loads it, when that is set (local runs and tests). Unset in Kubernetes: an init container
+    writes the repository and Triton loads the model at start."""
+    if settings.model_repository is None:
+        return
+    write(settings)
+    load_model(settings.triton, settings.triton_model)
 
 
 def make_inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:

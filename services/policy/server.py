@@ -23,7 +23,7 @@ from services.common.grpc_server import ModelServer
 from services.common.kafka import ensure_topics, make_producer
 from services.common.models import load_tokenizer
 from services.common.topics import GENERATIONS, TOPICS, WEIGHTS
-from services.common.triton_client import load_model
+from services.common.triton_client import write_and_load
 from services.common.triton_repo import write_model
 from services.policy.engine import PolicyEngine
 from services.policy.follower import WeightsFollower
@@ -76,12 +76,6 @@ def write_triton_model(settings: PolicySettings) -> Path:
     return write_model(Path(settings.model_repository), spec)
 
 
-def load_triton_model(settings: PolicySettings) -> None:
-    """Writes the Triton model into the repository and (re)loads it (local runs and tests)."""
-    write_triton_model(settings)
-    load_model(settings.triton, settings.triton_model)
-
-
 def model_context(model_dir: Path) -> int:
     from transformers import AutoConfig
 
@@ -91,8 +85,7 @@ def model_context(model_dir: Path) -> int:
 def build(settings: PolicySettings, registry: CollectorRegistry | None = None) -> PolicyService:
     """Starts everything and returns the running service (its port is `service.server.port`)."""
     store = WeightsStore(Path(settings.weights_root).resolve())
-    if settings.model_repository is not None:
-        load_triton_model(settings)
+    write_and_load(settings, write_triton_model)
     engine = PolicyEngine(settings.triton, settings.triton_model)
     version, info = engine.control(settings.weights_sync_timeout_s)
     server = ModelServer("policy", settings.grpc, registry)

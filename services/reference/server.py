@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from services.common.grpc_server import ModelServer
 from services.common.logging import configure_logging
-from services.common.triton_client import load_model
+from services.common.triton_client import write_and_load
 from services.common.triton_repo import write_model
 from services.genproto.rlhf.v1 import reference_pb2_grpc
 from services.reference.scorer import ReferenceScorer, model_limits
@@ -41,14 +41,6 @@ def write_triton_model(settings: ReferenceSettings) -> Path:
         device=settings.device,
     )
     return write_model(settings.model_repository, spec)
-
-
-def prepare_triton_model(settings: ReferenceSettings) -> None:
-    """Writes the Triton model into `settings.model_repository` and loads it (when that is set)."""
-    if settings.model_repository is None:
-        return
-    write_triton_model(settings)
-    load_model(settings.triton, settings.triton_model)
 
 
 def build_server(
@@ -71,7 +63,7 @@ def build_server(
 def main() -> None:
     configure_logging("reference")
     settings = ReferenceSettings()
-    prepare_triton_model(settings)
+    write_and_load(settings, write_triton_model)
     server, _ = build_server(settings)
     server.install_signal_handlers()
     server.start()

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from services.common.grpc_server import ModelServer
 from services.common.logging import configure_logging
-from services.common.triton_client import load_model
+from services.common.triton_client import write_and_load
 from services.common.triton_repo import write_model
 from services.genproto.rlhf.v1 import reward_pb2_grpc
 from services.reward.follower import PublishedFollower
@@ -45,14 +45,6 @@ def write_triton_model(settings: RewardSettings) -> Path:
         device=settings.device,
     )
     return write_model(settings.model_repository, spec)
-
-
-def prepare_triton_model(settings: RewardSettings) -> None:
-    """Writes the Triton model into `settings.model_repository` and loads it (when that is set)."""
-    if settings.model_repository is None:
-        return
-    write_triton_model(settings)
-    load_model(settings.triton, settings.triton_model)
 
 
 def build_server(
@@ -81,7 +73,7 @@ def follow_published(settings: RewardSettings, scorer: RewardScorer) -> Publishe
 def main() -> None:
     configure_logging("reward")
     settings = RewardSettings()
-    prepare_triton_model(settings)
+    write_and_load(settings, write_triton_model)
     server, scorer = build_server(settings)
     follower = follow_published(settings, scorer)
     server.install_signal_handlers()

@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry
 
 from services.common.grpc_server import GrpcSettings, ModelServer
 from services.common.settings import TritonSettings
+from services.common.triton_client import write_and_load
 from services.reference import server as reference_server
 from services.reference.settings import ReferenceSettings
 from services.reward import server as reward_server
@@ -68,7 +69,7 @@ def _grpc_settings() -> GrpcSettings:
 
 @contextmanager
 def _running(module, settings, triton_server) -> Iterator[ServiceStack]:
-    module.prepare_triton_model(settings)
+    write_and_load(settings, module.write_triton_model)
     registry = CollectorRegistry()
     server, scorer = module.build_server(settings, registry)
     follower = module.follow_published(settings, scorer) if hasattr(module, "follow_published") else None
