@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -48,9 +47,8 @@ from kafka import TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.kafka import commit, decode, make_consumer
-from services.common.logging import configure_logging
-from services.common.metrics import serve_metrics
 from services.common.replicas import replica_addresses
+from services.common.worker import run_cycles, serve
 from services.curator.preferences import prompt_hash
 from services.curator.refresh_settings import RefreshSettings
 from services.curator.refresh_store import CurrentVersion, PairStore
@@ -397,12 +395,7 @@ class RefreshWorker:
         return None
 
     def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                self.step()
-            except Exception:
-                log.exception("refresh cycle failed; retrying from the stored offsets")
-                time.sleep(1.0)
+        run_cycles(self, "refresh")
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)
@@ -414,19 +407,7 @@ RECORD_HANDLERS = {"pair": RefreshWorker._store_pair, "label": RefreshWorker._sk
 
 
 def main() -> None:
-    settings = RefreshSettings()
-    configure_logging("reward-refresh", settings.log_level)
-    registry = CollectorRegistry()
-    if settings.metrics_port:
-        serve_metrics(registry, settings.metrics_port)
-    worker = RefreshWorker(settings, registry)
-    signal.signal(signal.SIGTERM, lambda *_: worker.stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: worker.stopping.set())
-    log.info("reward refresh started", extra={"fields": {"state_dir": str(settings.state_dir)}})
-    try:
-        worker.run()
-    finally:
-        worker.close()
+    serve("reward-refresh", RefreshSettings(), RefreshWorker)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ partitions is complete when one member holds all partitions (the default single 
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 
@@ -29,8 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from services.common import topics
 from services.common.kafka import commit, decode, make_consumer, make_producer
-from services.common.logging import configure_logging
-from services.common.metrics import serve_metrics
+from services.common.worker import run_cycles, serve
 from services.curator.join import JoinCounts, JoinLimits, expire_waiting, on_feedback, on_generation
 from services.curator.preferences import prompt_hash
 from services.curator.settings import CuratorSettings
@@ -148,12 +146,7 @@ class CuratorWorker:
         self.metrics.pending.set(self.store.pending_count())
 
     def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                self.step()
-            except Exception:
-                log.exception("curator cycle failed; retrying from the stored offsets")
-                time.sleep(1.0)
+        run_cycles(self, "curator")
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)
@@ -162,19 +155,7 @@ class CuratorWorker:
 
 
 def main() -> None:
-    settings = CuratorSettings()
-    configure_logging("curator", settings.log_level)
-    registry = CollectorRegistry()
-    if settings.metrics_port:
-        serve_metrics(registry, settings.metrics_port)
-    worker = CuratorWorker(settings, registry)
-    signal.signal(signal.SIGTERM, lambda *_: worker.stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: worker.stopping.set())
-    log.info("curator started", extra={"fields": {"state_dir": str(settings.state_dir)}})
-    try:
-        worker.run()
-    finally:
-        worker.close()
+    serve("curator", CuratorSettings(), CuratorWorker)
 
 
 if __name__ == "__main__":
