@@ -46,7 +46,7 @@ from google.protobuf.message import DecodeError
 from kafka import TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.common.kafka import commit, decode, make_consumer
+from services.common.kafka import decode, make_consumer
 from services.common.replicas import replica_addresses
 from services.common.worker import run_cycles, serve
 from services.curator.preferences import prompt_hash
@@ -58,7 +58,7 @@ from services.curator.refresh_training import (
     publish_folder,
     version_dir,
 )
-from services.curator.server import SeekToStoredOffsets
+from services.curator.server import SeekToStoredOffsets, durable_cycle
 from services.genproto.rlhf.v1 import events_pb2, reward_pb2, reward_pb2_grpc
 from services.reward.checkpoint import manifest, write_published
 from services.trainer.offline.data import PreferencePair
@@ -201,27 +201,11 @@ class RefreshWorker:
         batches = self.consumer.poll(timeout_ms=self.settings.poll_timeout_ms)
         next_offsets: dict[TopicPartition, int] = {}
         kinds: list[str] = []
-        try:
+        with durable_cycle(self, batches, next_offsets):
             for tp, records in batches.items():
                 for record in records:
                     kinds.append(self._take(record.value))
                     next_offsets[tp] = record.offset + 1
-            for tp, offset in next_offsets.items():
-                self.store.set_offset(tp.topic, tp.partition, offset)
-            self.store.commit()
-            self.stored_offsets = {
-                **self.stored_offsets,
-                **{(tp.topic, tp.partition): o for tp, o in next_offsets.items()},
-            }
-        except Exception:
-            self.store.rollback()
-            for tp, records in batches.items():  # read this batch again next cycle
-                self.consumer.seek(tp, records[0].offset)
-            raise
-        try:
-            commit(self.consumer, next_offsets)
-        except Exception as exc:  # noqa: BLE001 - a rebalance: the store's offsets are the truth
-            log.warning("kafka offset commit failed", extra={"fields": {"error": repr(exc)}})
         for kind in kinds:
             self.metrics.records.labels(kind.split(":")[0]).inc()
             if kind.startswith("pair:"):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import contextmanager
 
 from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.coordinator.assignors.range import RangePartitionAssignor
@@ -71,6 +72,33 @@ class SeekToStoredOffsets(ConsumerRebalanceListener):
                 self.worker.consumer.seek(tp, stored[(tp.topic, tp.partition)])
 
 
+@contextmanager
+def durable_cycle(worker, batches: dict, next_offsets: dict[TopicPartition, int]):
+    """Steps 4-5 of a cycle, around its processing (the `with` body), for a worker with a
+    DurableStore `store`, a `consumer` and `stored_offsets` (the curator, the reward refresh).
+    When the body succeeds, the offsets it put in `next_offsets` are stored and the store's
+    transaction committed, then they are committed to Kafka (a failure there is only logged: the
+    store's copy wins on restart). When the body fails, the transaction is rolled back and the
+    consumer rewound to the batch's start, so the next cycle reads the batch again."""
+    try:
+        yield
+        for tp, offset in next_offsets.items():
+            worker.store.set_offset(tp.topic, tp.partition, offset)
+        worker.store.commit()
+        worker.stored_offsets = {
+            **worker.stored_offsets, **{(tp.topic, tp.partition): o for tp, o in next_offsets.items()}
+        }
+    except Exception:
+        worker.store.rollback()
+        for tp, records in batches.items():
+            worker.consumer.seek(tp, records[0].offset)
+        raise
+    try:
+        commit(worker.consumer, next_offsets)
+    except Exception as exc:  # noqa: BLE001 - a rebalance: the store's offsets are the truth
+        log.warning("kafka offset commit failed", extra={"fields": {"error": repr(exc)}})
+
+
 class CuratorWorker:
     """The join loop; `step()` runs one cycle (tests drive it), `run()` loops until stopped."""
 
@@ -99,7 +127,7 @@ class CuratorWorker:
         next_offsets: dict[TopicPartition, int] = {}
         # 1-2. generations first, then feedback, each in offset order
         ordered = sorted(batches.items(), key=lambda kv: kv[0].topic != topics.GENERATIONS)
-        try:
+        with durable_cycle(self, batches, next_offsets):  # 4-5. on success; rewinds on failure
             for tp, records in ordered:
                 self.metrics.consumed.labels(tp.topic).inc(len(records))
                 for record in records:
@@ -119,22 +147,6 @@ class CuratorWorker:
                        for r in out]
             for future in futures:
                 future.get(timeout=self.settings.kafka.delivery_timeout_ms / 1000)
-            # 4.
-            for tp, offset in next_offsets.items():
-                self.store.set_offset(tp.topic, tp.partition, offset)
-            self.store.commit()
-            self.stored_offsets = {**self.stored_offsets,
-                                   **{(tp.topic, tp.partition): o for tp, o in next_offsets.items()}}
-        except Exception:
-            self.store.rollback()
-            for tp, records in batches.items():  # read this batch again next cycle
-                self.consumer.seek(tp, records[0].offset)
-            raise
-        # 5.
-        try:
-            commit(self.consumer, next_offsets)
-        except Exception as exc:  # a rebalance: the store's offsets are the truth
-            log.warning("kafka offset commit failed", extra={"fields": {"error": repr(exc)}})
         self._count(out, counts)
         return out
 
