@@ -30,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.run import RESULTS, write_result
 from deploy.local.kafka import KafkaBroker
 from services.common import topics
 from services.common.settings import KafkaSettings
@@ -84,7 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=5, help="Seconds per wrk run.")
     parser.add_argument("--connections", default="1,2,4,8,16,32", help="Connection counts to try.")
-    parser.add_argument("--out", type=Path, default=REPO / "bench/results/feedback_ingest.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "feedback_ingest.json")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
@@ -131,8 +132,7 @@ def main() -> None:
         "load_generator": "wrk -t1 (closed loop), one uvicorn process, acks=all idempotent producer",
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result("feedback_ingest", result, args.out)
     print(json.dumps({k: v for k, v in result.items() if not k.endswith("_runs")}, indent=2))
 
 

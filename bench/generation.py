@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from bench.run import write_result
 from deploy.local.kafka import KafkaBroker
 from deploy.local.triton import TritonServer
 from services.common.grpc_server import GrpcSettings
@@ -35,7 +36,6 @@ from services.policy.server import build
 from services.policy.settings import PolicySettings
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
 PROMPTS = [
     "Write a short poem about the sea.",
     "Explain what a neural network is.",
@@ -187,8 +187,7 @@ def main() -> None:
             "concurrent_latency_p99_s": percentile(conc_latencies, 0.99),
             "batch_size_mean": _mean_batch(service),
         }
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "generation.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_result("generation", result)
         print(json.dumps(result, indent=2))
     finally:
         if service is not None:

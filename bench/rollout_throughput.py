@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
+from bench.run import write_result
 from services.common.kafka import connect_admin, make_producer
 from services.common.settings import KafkaSettings
 from services.genproto.rlhf.v1 import events_pb2
 from services.trainer.consumer import Received, RolloutBatcher, RolloutSource
 from services.trainer.learner import Learner, RolloutSample, TrainerConfig
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PARTITIONS = 4
 GROUP = 4
 BATCH = 8
@@ -192,8 +192,7 @@ def main() -> None:
     finally:
         if broker is not None:
             broker.stop()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "rollout_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result("rollout_throughput", result)
     print(json.dumps(result, indent=2))
 
 

@@ -29,6 +29,14 @@ HEADLINES: dict[str, list[tuple[str, float, str, str]]] = {
 }
 
 
+def write_result(name: str, result: dict, path: Path | None = None) -> Path:
+    """Writes a benchmark's result where `table` reads it (bench/results/<name>.json by default)."""
+    path = path or RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
 def run(names: list[str]) -> int:
     failed = 0
     for name in names:

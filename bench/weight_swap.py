@@ -42,6 +42,7 @@ from pathlib import Path
 
 import grpc
 
+from bench.run import write_result
 from deploy.local.triton import TritonServer
 from services.common.grpc_server import GrpcSettings
 from services.common.models import convert_smollm2
@@ -53,7 +54,6 @@ from services.policy.weights import KEEP_VERSIONS
 from services.trainer.weights_push import iter_requests
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
 
 
 def cpu_seconds() -> float:
@@ -221,8 +221,7 @@ def main() -> None:
             "ratio_vs_raw_copy": median(push) / median(raw),
             "served_version": service.servicer.updater.version,
         }
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "weight_swap.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_result("weight_swap", result)
         print(json.dumps(result, indent=2))
     finally:
         if service is not None:
