@@ -14,6 +14,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from services.policy.generation import Row, generate_rows
+from services.policy.sampling import RowSampling
+
 
 @dataclass
 class RolloutSample:
@@ -167,59 +170,31 @@ def sample_rollouts(
     """Samples `samples_per_prompt` responses per prompt from `policy`, recording the behaviour
     log-probs of the sampled tokens, scores them with `reward_fn(prompt_ids, response_ids)` and
     adds reference log-probs from the frozen `reference`: what the rollout worker does with
-    the policy, reward and reference services, in one process.
+    the policy, reward and reference services, in one process, through the policy's decoding
+    loop (services.policy.generation).
     """
-    device = next(policy.parameters()).device
-    rows = [list(p) for p in prompts for _ in range(samples_per_prompt)]
-    B, P = len(rows), max(len(p) for p in rows)
-    input_ids = torch.full((B, P), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, P), dtype=torch.long)
-    for i, prompt in enumerate(rows):
-        input_ids[i, P - len(prompt) :] = torch.tensor(prompt)
-        attention_mask[i, P - len(prompt) :] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    tokens, logprobs, alive = [], [], []  # each a list of (B,)
-    cache, step_ids = None, input_ids
-    for _ in range(max_new_tokens):
-        out = policy(
-            input_ids=step_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        cache = out.past_key_values
-        step_logprobs = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)  # (B, V)
-        token = torch.multinomial(step_logprobs.exp(), 1, generator=generator).squeeze(-1)  # (B,)
-        token = torch.where(finished, torch.full_like(token, pad_id), token)
-        tokens.append(token)
-        logprobs.append(step_logprobs.gather(-1, token[:, None]).squeeze(-1))
-        alive.append(~finished)
-        if eos_token_id is not None:
-            finished = finished | (token == eos_token_id)
-        if bool(finished.all()):
-            break
-        step_ids = token[:, None]  # (B, 1)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(step_ids)], dim=-1)
-        position_ids = position_ids[:, -1:] + 1
-    tokens_t, logprobs_t, alive_t = (
-        torch.stack(x, dim=1).cpu() for x in (tokens, logprobs, alive)
-    )  # (B, A)
+    prompt_rows = [list(p) for p in prompts for _ in range(samples_per_prompt)]
+    # The policy service's own decoding loop, each row with its own seeded generator.
+    rows = generate_rows(
+        policy,
+        [
+            Row(p, max_new_tokens, RowSampling(temperature, top_p=1.0, top_k=0, seed=seed * len(prompt_rows) + i))
+            for i, p in enumerate(prompt_rows)
+        ],
+        pad_id=pad_id,
+        eos_ids=set() if eos_token_id is None else {eos_token_id},
+        decode=lambda ids: "",  # no stop strings
+    )
     samples = []
-    for i, prompt in enumerate(rows):
-        n = int(alive_t[i].sum())
-        response = tokens_t[i, :n].tolist()
+    for i, (prompt, row) in enumerate(zip(prompt_rows, rows)):
         group = i // samples_per_prompt
         samples.append(
             RolloutSample(
                 prompt_token_ids=prompt,
-                response_token_ids=response,
-                behaviour_logprobs=logprobs_t[i, :n].tolist(),
-                reference_logprobs=[0.0] * n,  # filled below
-                reward=float(reward_fn(prompt, response)),
+                response_token_ids=row.tokens,
+                behaviour_logprobs=row.logprobs,
+                reference_logprobs=[0.0] * len(row.tokens),  # filled below
+                reward=float(reward_fn(prompt, row.tokens)),
                 group_id=f"{group_prefix}{group}",
                 weights_version=weights_version,
                 rollout_id=f"{group_prefix}{group}-{i % samples_per_prompt}",
