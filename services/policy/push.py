@@ -13,11 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from services.genproto.rlhf.v1 import policy_pb2
-from services.trainer.weights_push import build_manifest, iter_requests, update_weights_call
+from services.trainer.weights_push import (
+    DEFAULT_CHUNK_BYTES,
+    build_manifest,
+    iter_requests,
+    update_weights_call,
+)
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "build_manifest", "push_folder"]
-
-DEFAULT_CHUNK_BYTES = 1024 * 1024  # 1 and 4 MiB measured alike, 16 MiB slower (bench/weight_swap.py)
 
 
 def push_folder(

@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from services.common import topics
 from services.common.settings import KafkaSettings
+from services.trainer.weights_push import DEFAULT_CHUNK_BYTES
 
 
 class TrainerSettings(BaseSettings):
@@ -45,7 +46,7 @@ class TrainerSettings(BaseSettings):
         default_factory=list, description="host:port of every policy replica (comma-separated in env)."
     )
     push_chunk_bytes: int = Field(
-        1024 * 1024, ge=1024, description="Bytes per UpdateWeights chunk (1 and 4 MiB measured alike, 16 MiB slower: bench/weight_swap.py)."
+        DEFAULT_CHUNK_BYTES, ge=1024, description="Bytes per UpdateWeights chunk (1 and 4 MiB measured alike, 16 MiB slower: bench/weight_swap.py)."
     )
     push_timeout_s: float = Field(300.0, gt=0, description="Deadline of one push to one replica.")
     max_message_bytes: int = Field(
