@@ -321,7 +321,7 @@ class RefreshWorker:
             reload_accepted,
         )
         self.metrics.duration.observe(result.seconds)
-        log.info("refresh", extra={"fields": {k: v for k, v in result.__dict__.items()}})
+        log.info("refresh", extra={"fields": dict(result.__dict__)})
         return result
 
     def _reload(self) -> bool | None:
@@ -358,7 +358,8 @@ class RefreshWorker:
                     "reward service unreachable for reload",
                     extra={"fields": {"address": address, "attempt": attempt + 1, "code": str(error.code())}},
                 )
-                time.sleep(min(2.0**attempt, 10.0))
+                if attempt + 1 < self.settings.reload_attempts:
+                    time.sleep(min(2.0**attempt, 10.0))
                 continue
             self.metrics.reloads.labels("accepted" if reply.accepted else "refused").inc()
             log.log(

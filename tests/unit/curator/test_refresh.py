@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import random
+import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from services.curator import refresh
 from services.curator.refresh import (
     CurrentVersion,
     PairStore,
@@ -16,6 +20,7 @@ from services.curator.refresh import (
     publish_decision,
     replay_sample,
 )
+from services.genproto.rlhf.v1 import reward_pb2
 from services.trainer.offline.data import PreferencePair
 
 
@@ -99,3 +104,19 @@ def test_current_version_defaults_to_the_base_then_persists(tmp_path: Path):
     store.commit()
     store.close()
     assert PairStore(tmp_path).current(base) == published
+
+
+def test_an_unreachable_replica_is_tried_reload_attempts_times_with_pauses_only_between(monkeypatch):
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+    pauses: list[float] = []
+    monkeypatch.setattr(refresh.time, "sleep", pauses.append)
+    worker = SimpleNamespace(
+        settings=SimpleNamespace(reload_attempts=3, reload_timeout_s=5.0),
+        metrics=refresh.RefreshMetrics(CollectorRegistry()),
+    )
+    answer = refresh.RefreshWorker._reload_one(worker, address, reward_pb2.ReloadModelRequest(reward_model_version=2))
+    assert answer is None
+    assert pauses == [1.0, 2.0]  # after the 1st and 2nd tries, not after the last
+    assert worker.metrics.reloads.labels("unreachable")._value.get() == 1
