@@ -23,6 +23,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.digest import sha256_file
+
 TensorSpecs = dict[str, tuple[tuple[int, ...], str]]
 """Tensor name -> (shape, safetensors dtype such as "F32")."""
 
@@ -120,9 +122,7 @@ def compare_specs(served: TensorSpecs, new: TensorSpecs, limit: int = 3) -> None
 
 def manifest(folder: Path) -> dict[str, str]:
     """The sha256 of every file in `folder` (what a publisher sends with a new version)."""
-    return {
-        p.name: sha256_bytes(p.read_bytes()) for p in sorted(Path(folder).iterdir()) if p.is_file()
-    }
+    return {p.name: sha256_file(p) for p in sorted(Path(folder).iterdir()) if p.is_file()}
 
 
 PUBLISHED_MARKER = "CURRENT"
