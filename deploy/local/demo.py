@@ -284,21 +284,21 @@ def run(config: DemoConfig) -> None:
         )
         print(f"gateway   {base} (chat page at {base}/), curator running")
 
+        def chat(question: str) -> dict:
+            """One chat completion through the gateway's OpenAI-compatible API."""
+            body = {
+                "model": "policy",
+                "messages": [{"role": "user", "content": question}],
+                "max_tokens": config.max_new_tokens,
+                "temperature": 0.7,
+                "seed": 1,
+            }
+            return _http("POST", f"{base}/v1/chat/completions", body, api_key)
+
         t0 = step("3. live feedback: chat through the gateway, thumbs up and down")
         answers = []
         for question in ("Tell me about what DNS does.", "Tell me about how a rainbow forms."):
-            reply = _http(
-                "POST",
-                f"{base}/v1/chat/completions",
-                {
-                    "model": "policy",
-                    "messages": [{"role": "user", "content": question}],
-                    "max_tokens": config.max_new_tokens,
-                    "temperature": 0.7,
-                    "seed": 1,
-                },
-                api_key,
-            )
+            reply = chat(question)
             answers.append(reply)
             text = reply["choices"][0]["message"]["content"].replace("\n", " ")
             print(f"Q: {question}\nA: {text[:160]}  [id {reply['id']}]")
@@ -365,18 +365,7 @@ def run(config: DemoConfig) -> None:
             )
 
         step("5. the policy serves the trained version")
-        reply = _http(
-            "POST",
-            f"{base}/v1/chat/completions",
-            {
-                "model": "policy",
-                "messages": [{"role": "user", "content": "Tell me about what DNS does."}],
-                "max_tokens": config.max_new_tokens,
-                "temperature": 0.7,
-                "seed": 1,
-            },
-            api_key,
-        )
+        reply = chat("Tell me about what DNS does.")
         print(f"A: {reply['choices'][0]['message']['content'][:160]!r}")
         print(f"served by {reply['system_fingerprint']} (the demo started from weights-v1)")
 
