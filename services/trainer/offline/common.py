@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from services.common.digest import sha256_file
 from services.common.models import select_device, select_dtype
 from services.trainer.offline.data import (
     DataError,
     DataKind,
-    file_sha256,
     load_records,
     split_by_prompt,
 )
@@ -154,12 +154,12 @@ def load_split(
 ) -> tuple[list, list, dict]:
     """(train records, held-out records, provenance for the summary)."""
     train = load_records(config.data, kind, chat_allowed)
-    provenance = {"train": {"path": str(config.data), "sha256": file_sha256(config.data)}}
+    provenance = {"train": {"path": str(config.data), "sha256": sha256_file(config.data)}}
     if config.eval_data is not None:
         held_out = load_records(config.eval_data, kind, chat_allowed)
         provenance["eval"] = {
             "path": str(config.eval_data),
-            "sha256": file_sha256(config.eval_data),
+            "sha256": sha256_file(config.eval_data),
         }
     else:
         train, held_out = split_by_prompt(train, config.eval_fraction)

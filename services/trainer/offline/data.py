@@ -260,11 +260,3 @@ def split_by_prompt(records: list[Any], eval_fraction: float) -> tuple[list[Any]
     train = [r for r in records if prompt_bucket(r.prompt) >= eval_fraction]
     held_out = [r for r in records if prompt_bucket(r.prompt) < eval_fraction]
     return train, held_out
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -3,6 +3,7 @@ the policy service loads; bad data and bad configuration exit with status 2 and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -15,7 +16,6 @@ import torch
 from services.cli import main
 from services.common.models import load_causal_lm
 from services.trainer.offline.common import SUMMARY_FILE
-from services.trainer.offline.data import file_sha256
 from tests.unit.offline.synthetic import counting_demonstrations, write_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -64,7 +64,7 @@ def test_sft_from_the_command_line_writes_a_loadable_folder(tmp_path, tiny_lm_di
     assert printed["output"] == str(output)
     assert printed["metrics"]["eval/loss_after"] < printed["metrics"]["eval/loss_before"]
     summary = json.loads((output / SUMMARY_FILE).read_text())
-    assert summary["stage"] == "sft" and summary["data"]["train"]["sha256"] == file_sha256(data)
+    assert summary["stage"] == "sft" and summary["data"]["train"]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
     assert summary["config"]["learning_rate"] == 1e-3 and summary["config"]["epochs"] == 1
     model = load_causal_lm(output, torch.device("cpu"), torch.float32)
     assert model.config.vocab_size == 49152

@@ -3,13 +3,14 @@ reward service loads and scores (through `encode_for_reward`) as the trainer did
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import torch
 
 from services.common.models import load_reward_model, load_tokenizer
 from services.trainer.offline.common import SUMMARY_FILE
-from services.trainer.offline.data import DataKind, file_sha256, load_records
+from services.trainer.offline.data import DataKind, load_records
 from services.trainer.offline.encoding import reward_batch
 from services.trainer.offline.reward import RewardConfig, run_train_reward
 from tests.unit.offline.synthetic import reward_rows, write_jsonl, write_parquet
@@ -35,7 +36,7 @@ def test_reward_model_reaches_90_percent_held_out_pairwise_accuracy(tmp_path, ti
     # The folder loads as the service loads it, and scores the held-out pairs the same way.
     on_disk = json.loads((output / SUMMARY_FILE).read_text())
     assert (
-        on_disk["data"]["eval"]["sha256"] == file_sha256(held_out) and on_disk["metrics"] == metrics
+        on_disk["data"]["eval"]["sha256"] == hashlib.sha256(held_out.read_bytes()).hexdigest() and on_disk["metrics"] == metrics
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "eval.parquet",
