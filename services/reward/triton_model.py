@@ -151,8 +151,9 @@ class RewardTritonModel:
     def reload(self, order: dict) -> dict:
         """Applies a reload order; returns {accepted, version, reason}.
 
-        Repeating the order of the version being served is accepted and changes nothing, so a
-        follower of the versions topic may see the same record twice.
+        Repeating the order of the version being served is accepted and changes nothing: the
+        refresh re-sends its last order after a restart, and the CURRENT follower
+        (services/reward/follower) may order what a ReloadModel already swapped in.
         """
         if int(order["version"]) == self.served.version and Path(order["path"]) == self.served.path:
             return {
