@@ -233,3 +233,27 @@ reference:
   device: RLHF_REFERENCE_DEVICE
   dtype: RLHF_REFERENCE_DTYPE
 {{- end -}}
+
+{{/*
+A PersistentVolumeClaim kept on uninstall. Call with (dict "ctx" $ctx "suffix" "state"
+"accessMode" "ReadWriteOnce" "storage" $cfg.persistence), where storage has size and, optionally,
+storageClassName.
+*/}}
+{{- define "rlhf.pvc" -}}
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: {{ include "rlhf.componentName" .ctx }}-{{ .suffix }}
+  labels:
+    {{- include "rlhf.labels" .ctx | nindent 4 }}
+  annotations:
+    helm.sh/resource-policy: keep
+spec:
+  accessModes: [{{ .accessMode }}]
+  {{- with .storage.storageClassName }}
+  storageClassName: {{ . }}
+  {{- end }}
+  resources:
+    requests:
+      storage: {{ .storage.size }}
+{{- end -}}
