@@ -14,7 +14,7 @@ One cycle (`RefreshWorker.step`):
      the store's offsets win: `SeekToStoredOffsets`, as in the curator);
   4. once `refresh_every` new training pairs are stored (and `min_held_out` held-out ones):
      a. fine-tune the current version on the new pairs plus a replay sample of older ones
-        (`replay_ratio` older per new), Bradley-Terry loss, with the offline stage's functions;
+        (`replay_ratio` older per new), Bradley-Terry loss: the offline stage's `fit_reward`;
      b. held-out pairwise accuracy before and after; publish only if after >= before - tolerance;
      c. publish: the Hugging Face folder written to a temporary sibling, fsynced, renamed to
         `versions_root/vNNNNNN`; then (version, path, sha256 manifest, "reload pending") and the
@@ -52,17 +52,13 @@ from services.common.worker import run_cycles, serve
 from services.curator.preferences import prompt_hash
 from services.curator.refresh_settings import RefreshSettings
 from services.curator.refresh_store import CurrentVersion, PairStore
-from services.curator.refresh_training import (
-    fine_tune,
-    prune_versions,
-    publish_folder,
-    version_dir,
-)
+from services.curator.refresh_training import prune_versions, publish_folder, version_dir
 from services.curator.server import SeekToStoredOffsets, durable_cycle
 from services.genproto.rlhf.v1 import events_pb2, reward_pb2, reward_pb2_grpc
 from services.reward.checkpoint import manifest, write_published
+from services.trainer.offline.common import make_runtime
 from services.trainer.offline.data import PreferencePair
-from services.trainer.offline.reward import RewardConfig
+from services.trainer.offline.reward import RewardConfig, fit_reward
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +273,7 @@ class RefreshWorker:
         held_out = self.store.held_out_pairs(self.settings.max_held_out)
         # a. fine-tune, b. evaluate before and after
         config = self.training_config(current)
-        candidate = fine_tune(current.path, [p for _, p in new] + replay, held_out, config, rng)
+        candidate = fit_reward(config, [p for _, p in new] + replay, held_out, make_runtime(config), rng)
         before, after = candidate.before["accuracy"], candidate.after["accuracy"]
         decision = publish_decision(before, after, self.settings.tolerance)
         self.metrics.runs.inc()

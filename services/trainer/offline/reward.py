@@ -18,6 +18,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -97,32 +98,40 @@ def held_out_metrics(
     }
 
 
-def run_train_reward(config: RewardConfig) -> dict:
-    config.validate()
-    started = time.time()
-    runtime = make_runtime(config)
-    rng = random.Random(config.seed)
+@dataclass
+class FittedReward:
+    """A reward model fine-tuned by `fit_reward`, with held-out metrics around the training."""
 
-    # 1. Data: pairs, rankings expanded to pairs; held-out split by prompt, so a ranking's pairs
-    #    never sit on both sides.
-    train, held_out, provenance = load_split(config, DataKind.PREFERENCE, chat_allowed=False)
+    model: torch.nn.Module
+    tokenizer: Any
+    before: dict[str, float]
+    """Held-out accuracy, margin and loss of `config.model` ({} without held-out pairs)."""
+    after: dict[str, float]
+    """The same, after training."""
+    steps: int
+    last_loss: float | None
+    """Bradley-Terry loss of the last optimizer step."""
+
+
+def fit_reward(
+    config: RewardConfig,
+    train: list[PreferencePair],
+    held_out: list[PreferencePair],
+    runtime: Runtime,
+    rng: random.Random,
+) -> FittedReward:
+    """Bradley-Terry training of `config.model` on `train` (-log sigmoid(r_chosen - r_rejected)),
+    evaluated on `held_out` before and after: `rlhf train-reward`, and each reward refresh
+    (services/curator/refresh) on live pairs."""
     tokenizer = load_tokenizer(config.model)
-
-    # 2. Model: a sequence classifier with one scalar output.
+    # A sequence classifier with one scalar output.
     model = load_reward_for_training(config.model, runtime.device)
     if model.config.pad_token_id is None:  # decoder backbones find the last token through it
         model.config.pad_token_id = tokenizer.pad_token_id
     optimizer = make_optimizer(model, config)
     bradley_terry = get_loss(LossName.BRADLEY_TERRY)
-    metrics: dict[str, float] = {}
-    if held_out:
-        metrics |= {
-            f"eval/{k}_before": v
-            for k, v in held_out_metrics(model, tokenizer, held_out, config, runtime).items()
-        }
-
-    # 3. Train: -log sigmoid(r_chosen - r_rejected).
-    steps = 0
+    before = held_out_metrics(model, tokenizer, held_out, config, runtime) if held_out else {}
+    steps, last_loss = 0, None
     for epoch in range(config.epochs):
         batches = progress(
             shuffled_batches(train, config.batch_size, rng),
@@ -133,18 +142,34 @@ def run_train_reward(config: RewardConfig) -> dict:
             loss, step_metrics = bradley_terry(chosen, rejected)
             optimizer_step(model, optimizer, loss, config.max_grad_norm)
             steps += 1
+            last_loss = step_metrics["reward/loss"]
             batches.set_postfix(
                 loss=f"{step_metrics['reward/loss']:.4f}",
                 acc=f"{step_metrics['reward/accuracy']:.2f}",
             )
-        metrics["train/loss_last"] = step_metrics["reward/loss"]
+    after = held_out_metrics(model, tokenizer, held_out, config, runtime) if held_out else {}
+    return FittedReward(model.eval(), tokenizer, before, after, steps, last_loss)
 
-    # 4. Held-out pairwise accuracy, then the folder the reward service loads.
-    if held_out:
-        metrics |= {
-            f"eval/{k}_after": v
-            for k, v in held_out_metrics(model, tokenizer, held_out, config, runtime).items()
-        }
-    summary = build_summary("train-reward", config, metrics, provenance, started, steps)
-    save_model_folder(config.output, model.eval(), tokenizer, summary, config.overwrite)
+
+def run_train_reward(config: RewardConfig) -> dict:
+    config.validate()
+    started = time.time()
+    runtime = make_runtime(config)
+    rng = random.Random(config.seed)
+
+    # 1. Data: pairs, rankings expanded to pairs; held-out split by prompt, so a ranking's pairs
+    #    never sit on both sides.
+    train, held_out, provenance = load_split(config, DataKind.PREFERENCE, chat_allowed=False)
+
+    # 2-3. Model and training, held-out pairwise accuracy before and after.
+    fitted = fit_reward(config, train, held_out, runtime, rng)
+    metrics = (
+        {f"eval/{k}_before": v for k, v in fitted.before.items()}
+        | {"train/loss_last": fitted.last_loss}
+        | {f"eval/{k}_after": v for k, v in fitted.after.items()}
+    )
+
+    # 4. The folder the reward service loads.
+    summary = build_summary("train-reward", config, metrics, provenance, started, fitted.steps)
+    save_model_folder(config.output, fitted.model, fitted.tokenizer, summary, config.overwrite)
     return summary
