@@ -62,10 +62,15 @@ def _sentence(rng: random.Random, marker: str | None) -> str:
 
 
 def _pairs(count: int, seed: int, inverted: bool = False, train_only: bool = False):
-    """(prompt, chosen, rejected) of the rule; `inverted` swaps the winner."""
-    rng, tag, out = random.Random(seed), uuid.uuid4().hex[:6], []
+    """(prompt, chosen, rejected) of the rule; `inverted` swaps the winner.
+
+    The same seed gives the same pairs, so a run repeats. Nothing in a prompt tells one call's
+    pairs from another's: with a per-call tag in the prompts, the second refresh once fitted the
+    inverted pairs to a loss of 0.016 by the tag alone, kept the rule on held-out prompts, and
+    was published where the test expects a refusal."""
+    rng, out = random.Random(seed), []
     while len(out) < count:
-        prompt = f"review {tag}-{len(out)}-{rng.randrange(10**6)}: " + _sentence(rng, None)
+        prompt = f"review {len(out)}-{rng.randrange(10**6)}: " + _sentence(rng, None)
         if train_only and _held_out(prompt):
             continue
         good, plain = _sentence(rng, "excellent"), _sentence(rng, None)
@@ -201,11 +206,12 @@ def test_refresh_publishes_a_better_version_the_reward_service_serves(
 
     # 2. Restarted on the same store and group: version 2 is where it resumes, nothing is read
     #    twice; pairs of the inverted rule make held-out accuracy drop, so nothing is published.
-    #    (Restarted with a smaller N, a little replay and one pass, to keep the test short.)
+    #    (Restarted with a smaller N, a little replay, three passes at a lower rate.)
     inverted = _pairs(110, seed=2, inverted=True, train_only=True)
     _produce(kafka_settings, topic, _records(inverted))
     registry = CollectorRegistry()
-    settings = settings.model_copy(update={"refresh_every": 100, "replay_ratio": 0.2, "epochs": 1})
+    update = {"refresh_every": 100, "replay_ratio": 0.2, "epochs": 3, "learning_rate": 5e-4}
+    settings = settings.model_copy(update=update)
     worker = RefreshWorker(settings, registry)
     try:
         second = _step_until_refresh(worker)
