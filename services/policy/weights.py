@@ -19,15 +19,19 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.digest import sha256_file
-
-TensorSpecs = dict[str, tuple[tuple[int, ...], str]]
-"""tensor name -> (shape, safetensors dtype name such as "F32")."""
+from services.common.safetensors_header import (
+    HeaderError,
+    TensorSpecs,
+    differences,
+    file_specs,
+    merged_specs,
+    summary,
+)
 
 MARKER = "CURRENT"
 KEEP_VERSIONS = 3
@@ -39,29 +43,15 @@ class WeightsRejected(ValueError):
 
 def safetensors_specs(path: Path) -> TensorSpecs:
     """Tensor names, shapes and dtypes from a safetensors header (the data is not read)."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        if length > 100 * 1024 * 1024:
-            raise WeightsRejected(f"{Path(path).name}: safetensors header of {length} bytes")
-        try:
-            header = json.loads(f.read(length))
-        except ValueError as exc:
-            raise WeightsRejected(f"{Path(path).name}: unreadable safetensors header") from exc
-    return {
-        name: (tuple(int(d) for d in meta["shape"]), str(meta["dtype"]))
-        for name, meta in header.items()
-        if name != "__metadata__"
-    }
+    return files_specs([path])
 
 
 def files_specs(paths: list[Path]) -> TensorSpecs:
-    specs: TensorSpecs = {}
-    for p in paths:
-        for name, spec in safetensors_specs(p).items():
-            if name in specs:
-                raise WeightsRejected(f"tensor {name} appears in more than one file")
-            specs[name] = spec
-    return specs
+    """The tensors of a set of shards, from their headers; a tensor in two shards is refused."""
+    try:
+        return merged_specs(file_specs(p) for p in paths)
+    except HeaderError as error:
+        raise WeightsRejected(str(error)) from None
 
 
 def folder_weight_files(folder: Path) -> list[Path]:
@@ -73,17 +63,9 @@ def folder_weight_files(folder: Path) -> list[Path]:
 
 def compare_specs(expected: TensorSpecs, got: TensorSpecs, what: str) -> None:
     """Raises WeightsRejected naming the first difference between two tensor sets."""
-    missing = sorted(set(expected) - set(got))
-    extra = sorted(set(got) - set(expected))
-    if missing:
-        raise WeightsRejected(f"{what}: missing tensor {missing[0]} ({len(missing)} missing)")
-    if extra:
-        raise WeightsRejected(f"{what}: unexpected tensor {extra[0]} ({len(extra)} unexpected)")
-    for name in sorted(expected):
-        if expected[name][0] != got[name][0]:
-            raise WeightsRejected(f"{what}: tensor {name} has shape {list(got[name][0])}, expected {list(expected[name][0])}")
-        if expected[name][1] != got[name][1]:
-            raise WeightsRejected(f"{what}: tensor {name} has dtype {got[name][1]}, expected {expected[name][1]}")
+    problems = differences(expected, got)
+    if problems:
+        raise WeightsRejected(f"{what}: {summary(problems, limit=1)}")
 
 
 def check_file_name(name: str) -> None:

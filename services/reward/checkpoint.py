@@ -19,14 +19,19 @@ import hashlib
 import json
 import os
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.digest import sha256_file
-
-TensorSpecs = dict[str, tuple[tuple[int, ...], str]]
-"""Tensor name -> (shape, safetensors dtype such as "F32")."""
+from services.common.safetensors_header import (
+    HeaderError,
+    TensorSpecs,
+    bytes_specs,
+    differences,
+    file_specs,
+    merged_specs,
+    summary,
+)
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -66,57 +71,28 @@ def read_verified(folder: Path, file_sha256: dict[str, str]) -> dict[str, bytes]
     return contents
 
 
-def header_specs(data: bytes) -> TensorSpecs:
-    """Tensor specs from a safetensors file's header (8-byte little-endian length, then JSON)."""
-    if len(data) < 8:
-        raise CheckpointRefused("safetensors file too short")
-    (length,) = struct.unpack("<Q", data[:8])
-    try:
-        header = json.loads(data[8 : 8 + length])
-    except ValueError as error:
-        raise CheckpointRefused(f"unreadable safetensors header: {error}") from None
-    return {
-        name: (tuple(entry["shape"]), entry["dtype"])
-        for name, entry in header.items()
-        if name != "__metadata__"
-    }
-
-
 def folder_specs(contents: dict[str, bytes]) -> TensorSpecs:
-    """Specs of all the safetensors files of one version (shards included)."""
-    specs: TensorSpecs = {}
-    for name, data in sorted(contents.items()):
-        if name.endswith(".safetensors"):
-            specs.update(header_specs(data))
-    if not specs:
+    """Specs of all the safetensors files of one version (shards included), from their bytes."""
+    shards = {name: data for name, data in sorted(contents.items()) if name.endswith(".safetensors")}
+    if not shards:
         raise CheckpointRefused("no .safetensors weights in the folder")
-    return specs
+    try:
+        return merged_specs(bytes_specs(data, name) for name, data in shards.items())
+    except HeaderError as error:
+        raise CheckpointRefused(str(error)) from None
 
 
 def served_specs(folder: Path) -> TensorSpecs:
     """Specs of the version being served, from the headers of its files on disk."""
-    specs: TensorSpecs = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            specs.update(header_specs(struct.pack("<Q", length) + f.read(length)))
-    return specs
+    return merged_specs(file_specs(p) for p in sorted(Path(folder).glob("*.safetensors")))
 
 
 def compare_specs(served: TensorSpecs, new: TensorSpecs, limit: int = 3) -> None:
     """Raises naming the first differences when the new tensors do not match the served ones."""
-    problems = [f"missing tensor {n}" for n in sorted(served.keys() - new.keys())]
-    problems += [f"unexpected tensor {n}" for n in sorted(new.keys() - served.keys())]
-    for name in sorted(served.keys() & new.keys()):
-        (s_shape, s_dtype), (n_shape, n_dtype) = served[name], new[name]
-        if s_shape != n_shape:
-            problems.append(f"{name} has shape {list(n_shape)}, served {list(s_shape)}")
-        if s_dtype != n_dtype:
-            problems.append(f"{name} has dtype {n_dtype}, served {s_dtype}")
+    problems = differences(served, new)
     if problems:
-        more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
         raise CheckpointRefused(
-            "tensors do not match the served model: " + "; ".join(problems[:limit]) + more
+            f"tensors do not match the served model: {summary(problems, limit)}"
         )
 
 

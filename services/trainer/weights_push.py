@@ -21,7 +21,6 @@ import logging
 import mmap
 import os
 import shutil
-import struct
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +35,7 @@ from safetensors.torch import save
 from services.common.digest import sha256_file
 from services.common.grpc_server import message_size_options
 from services.common.replicas import replica_addresses
+from services.common.safetensors_header import file_specs
 from services.genproto.rlhf.v1 import events_pb2, policy_pb2, policy_pb2_grpc
 from services.policy.weights_wire import UPDATE_WEIGHTS_METHOD, encode_chunk, encode_manifest
 
@@ -72,13 +72,9 @@ def write_version(root: Path, version: int, tensors: dict[str, torch.Tensor]) ->
 
 def tensor_specs(path: Path) -> list[policy_pb2.TensorSpec]:
     """Name, shape and safetensors dtype of every tensor, from the file's header alone."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
     return [
-        policy_pb2.TensorSpec(name=name, shape=[int(d) for d in meta["shape"]], dtype=str(meta["dtype"]))
-        for name, meta in sorted(header.items())
-        if name != "__metadata__"
+        policy_pb2.TensorSpec(name=name, shape=list(shape), dtype=dtype)
+        for name, (shape, dtype) in sorted(file_specs(path).items())
     ]
 
 

@@ -12,7 +12,6 @@ from services.reward.checkpoint import (
     CheckpointRefused,
     compare_specs,
     folder_specs,
-    header_specs,
     manifest,
     read_verified,
     served_specs,
@@ -62,10 +61,19 @@ def test_any_checksum_problem_is_refused(version, edit, reason):
     assert reason in str(refused.value)
 
 
-def test_header_specs_read_names_shapes_dtypes_without_loading(version):
+def test_specs_read_names_shapes_dtypes_without_loading(version):
     data = (version / "model.safetensors").read_bytes()
-    assert header_specs(data) == {"head.weight": ((1, 4), "F32"), "emb": ((10, 4), "BF16")}
-    assert folder_specs({"model.safetensors": data, "config.json": b"{}"}) == served_specs(version)
+    specs = folder_specs({"model.safetensors": data, "config.json": b"{}"})
+    assert specs == {"head.weight": ((1, 4), "F32"), "emb": ((10, 4), "BF16")}
+    assert served_specs(version) == specs
+
+
+def test_a_tensor_in_two_shards_or_a_broken_header_is_refused(version):
+    data = (version / "model.safetensors").read_bytes()
+    with pytest.raises(CheckpointRefused, match="tensor .* appears in more than one file"):
+        folder_specs({"a.safetensors": data, "b.safetensors": data})
+    with pytest.raises(CheckpointRefused, match="b.safetensors: unreadable safetensors header"):
+        folder_specs({"a.safetensors": data, "b.safetensors": data[:8] + b"x" * (len(data) - 8)})
 
 
 def test_compare_specs_names_each_difference():
@@ -78,8 +86,8 @@ def test_compare_specs_names_each_difference():
     for part in [
         "missing tensor c",
         "unexpected tensor d",
-        "a has shape [2, 4], served [2, 3]",
-        "b has dtype BF16, served F32",
+        "tensor a has shape [2, 4], expected [2, 3]",
+        "tensor b has dtype BF16, expected F32",
     ]:
         assert part in reason
 
