@@ -10,8 +10,20 @@ service of a deployment (the Helm chart sets them once per release):
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Device = Literal["auto", "cpu", "gpu"]
+"""Where a model service's Triton instance runs. `auto` asks the process that writes the Triton
+model whether it sees a GPU; in Kubernetes that is the init container, which has none, so the
+chart always sets cpu or gpu."""
+DEVICE_HELP = "Triton instance kind: cpu, gpu, or auto (a GPU when the writing process sees one)."
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+"""Model weights' dtype inside Triton; `auto` is bfloat16 on a GPU and float32 on the CPU."""
+DTYPE_HELP = "Weights dtype: float32, bfloat16, float16, or auto (bfloat16 on a GPU, float32 on CPU)."
 
 
 class KafkaSettings(BaseSettings):

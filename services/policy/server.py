@@ -71,7 +71,7 @@ def write_triton_model(settings: PolicySettings) -> Path:
     spec = policy_spec(
         Path(settings.model_dir).resolve(), Path(settings.weights_root).resolve(),
         settings.initial_weights_version, settings.triton_model,
-        settings.max_batch_size, settings.max_queue_delay_us,
+        settings.max_batch_size, settings.max_queue_delay_us, settings.device, settings.dtype,
     )
     return write_model(Path(settings.model_repository), spec)
 

@@ -10,7 +10,14 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.grpc_server import GrpcSettings
-from services.common.settings import KafkaSettings, TritonSettings
+from services.common.settings import (
+    DEVICE_HELP,
+    DTYPE_HELP,
+    Device,
+    Dtype,
+    KafkaSettings,
+    TritonSettings,
+)
 
 
 class PolicySettings(BaseSettings):
@@ -24,6 +31,8 @@ class PolicySettings(BaseSettings):
     weights_root: Path = Field(Path(".local/policy-weights"), description="Folder shared with the Triton container where accepted versions are written.")
     initial_weights_version: int = Field(1, ge=0, description="Version of the weights in model_dir.")
     model_repository: Path | None = Field(None, description="When set, the service writes the Triton model there and loads it (local runs); in Kubernetes an init container does it.")
+    device: Device = Field("auto", description=DEVICE_HELP)
+    dtype: Dtype = Field("auto", description=DTYPE_HELP)
     max_batch_size: int = Field(32, ge=1, description="Most sequences Triton generates together.")
     max_queue_delay_us: int = Field(
         100_000, ge=0,

@@ -61,6 +61,7 @@ OUTPUTS = (
 def policy_spec(
     model_dir: Path, weights_root: Path, initial_version: int, name: str = "policy",
     max_batch_size: int = 32, max_queue_delay_us: int = 100_000, device: str = "auto",
+    dtype: str = "auto",
 ) -> PythonModelSpec:
     return PythonModelSpec(
         name=name,
@@ -75,6 +76,7 @@ def policy_spec(
             "model_dir": str(model_dir),
             "weights_root": str(weights_root),
             "initial_version": str(initial_version),
+            "dtype": dtype,
         },
     )
 
@@ -89,7 +91,7 @@ class PolicyTritonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config["parameters"].items()}
         self.device = instance_device(args)
-        self.dtype = select_dtype(self.device)
+        self.dtype = select_dtype(self.device, params.get("dtype", "auto"))
         if self.device.type == "cpu":
             torch.set_num_threads(int(os.environ.get("RLHF_POLICY_TORCH_THREADS", os.cpu_count() or 1)))
         model_dir = Path(params["model_dir"])

@@ -42,6 +42,7 @@ def reference_spec(
     max_batch_size: int = 16,
     max_queue_delay_us: int = 2_000,
     device: str = "auto",
+    dtype: str = "auto",
 ) -> PythonModelSpec:
     return PythonModelSpec(
         name=name,
@@ -51,7 +52,7 @@ def reference_spec(
         max_batch_size=max_batch_size,
         max_queue_delay_us=max_queue_delay_us,
         device=device,
-        parameters={"model_dir": str(model_dir)},
+        parameters={"model_dir": str(model_dir), "dtype": dtype},
     )
 
 
@@ -60,9 +61,10 @@ class ReferenceTritonModel:
 
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
-        model_dir = Path(config["parameters"]["model_dir"]["string_value"])
+        params = {k: v["string_value"] for k, v in config["parameters"].items()}
+        model_dir = Path(params["model_dir"])
         self.device = instance_device(args)
-        self.model = load_causal_lm(model_dir, self.device, select_dtype(self.device))
+        self.model = load_causal_lm(model_dir, self.device, select_dtype(self.device, params.get("dtype", "auto")))
 
     def execute(self, requests: list) -> list:
         import triton_python_backend_utils as pb_utils

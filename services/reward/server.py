@@ -43,6 +43,7 @@ def write_triton_model(settings: RewardSettings) -> Path:
         max_batch_size=settings.triton_max_batch_size,
         max_queue_delay_us=settings.triton_queue_delay_us,
         device=settings.device,
+        dtype=settings.dtype,
     )
     return write_model(settings.model_repository, spec)
 

@@ -13,7 +13,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.grpc_server import GrpcSettings
-from services.common.settings import TritonSettings
+from services.common.settings import DEVICE_HELP, DTYPE_HELP, Device, Dtype, TritonSettings
 
 
 class RewardGrpcSettings(GrpcSettings):
@@ -53,9 +53,8 @@ class RewardSettings(BaseSettings):
     triton_queue_delay_us: int = Field(
         2_000, ge=0, description="How long Triton waits to fill a batch."
     )
-    device: str = Field(
-        "auto", description="Triton instance kind: auto (GPU when present), cpu or gpu."
-    )
+    device: Device = Field("auto", description=DEVICE_HELP)
+    dtype: Dtype = Field("auto", description=DTYPE_HELP)
     model_repository: Path | None = Field(
         None,
         description="Write the Triton model here and load it at start; unset when deployment does it.",

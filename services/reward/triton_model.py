@@ -64,6 +64,7 @@ def reward_spec(
     max_batch_size: int = 32,
     max_queue_delay_us: int = 2_000,
     device: str = "auto",
+    dtype: str = "auto",
 ) -> PythonModelSpec:
     return PythonModelSpec(
         name=name,
@@ -77,6 +78,7 @@ def reward_spec(
             "model_dir": str(model_dir),
             "version": str(version),
             "max_length": str(max_length),
+            "dtype": dtype,
         },
     )
 
@@ -98,6 +100,7 @@ def load_verified_version(
     file_sha256: dict[str, str],
     served: ServedVersion,
     device: torch.device,
+    dtype: torch.dtype,
 ) -> ServedVersion:
     """A new version built from checked bytes; raises CheckpointRefused with the reason."""
     from safetensors.torch import load as load_safetensors
@@ -120,7 +123,7 @@ def load_verified_version(
             None,
             config=AutoConfig.from_pretrained(str(path)),
             state_dict=state,
-            dtype=select_dtype(device),
+            dtype=dtype,
         )
         tokenizer = load_tokenizer(path)
     except Exception as error:  # noqa: BLE001 - any failure is a refusal; the old version keeps serving
@@ -139,11 +142,12 @@ class RewardTritonModel:
         }
         path = Path(params["model_dir"])
         self.device = instance_device(args)
+        self.dtype = select_dtype(self.device, params.get("dtype", "auto"))
         self.max_length = int(params["max_length"])
         self.served = ServedVersion(
             version=int(params["version"]),
             path=path,
-            model=load_reward_model(path, self.device, select_dtype(self.device)),
+            model=load_reward_model(path, self.device, self.dtype),
             tokenizer=load_tokenizer(path),
             specs=served_specs(path),
         )
@@ -168,6 +172,7 @@ class RewardTritonModel:
                 dict(order["file_sha256"]),
                 self.served,
                 self.device,
+                self.dtype,
             )
             return {"accepted": True, "version": self.served.version, "reason": ""}
         except CheckpointRefused as refused:

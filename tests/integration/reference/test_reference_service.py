@@ -180,3 +180,21 @@ def test_overload_is_resource_exhausted_not_a_pile_up(reference):
     assert grpc.StatusCode.OK in codes
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+def test_the_dtype_setting_reaches_the_model_inside_triton(triton_server, tiny_lm_dir, model):
+    """RLHF_REFERENCE_DTYPE=bfloat16 on the CPU: the served log-probs are the bf16 model's, not
+    the float32 one's that `auto` gives on a CPU."""
+    bf16 = load_causal_lm(tiny_lm_dir, torch.device("cpu"), torch.bfloat16)
+    prompt, response = random_sequences(7, [(12, 20)])[0]
+    with (
+        reference_stack(triton_server, tiny_lm_dir, dtype="bfloat16") as stack,
+        grpc.insecure_channel(stack.address) as channel,
+    ):
+        stub = reference_pb2_grpc.ReferenceServiceStub(channel)
+        reply = stub.ComputeLogprobs(request([(prompt, response)]), timeout=60)
+    served = np.array(reply.results[0].logprobs)
+    to_bf16 = np.abs(served - in_process_logprobs(bf16, prompt, response)).max()
+    to_f32 = np.abs(served - in_process_logprobs(model, prompt, response)).max()
+    print(f"max |served - bf16| {to_bf16:.2e}, max |served - float32| {to_f32:.2e}")
+    assert to_bf16 < 1e-6 < to_f32
