@@ -278,3 +278,105 @@ def test_production_adds_ingress_autoscaling_network_policies_and_monitoring(min
     assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"metrics", "triton-metrics", "http"}
     env = env_of(container(pod_specs(production)["rlhf-rlhf-platform-rollout"], "worker"))
     assert env["RLHF_KAFKA_BOOTSTRAP_SERVERS"].count(":9092") == 3
+
+
+# What each container's command runs, and the settings that module reads from its environment.
+ENTRY_POINT_SETTINGS = {
+    "services.policy.server": "services.policy.settings:PolicySettings",
+    "services.policy.repository": "services.policy.settings:PolicySettings",
+    "services.reward.server": "services.reward.settings:RewardSettings",
+    "services.reward.repository": "services.reward.settings:RewardSettings",
+    "services.reference.server": "services.reference.settings:ReferenceSettings",
+    "services.reference.repository": "services.reference.settings:ReferenceSettings",
+    "services.rollout.worker": "services.rollout.settings:RolloutSettings",
+    "services.trainer.server": "services.trainer.settings:TrainerSettings",
+    "services.gateway.app": "services.gateway.settings:GatewaySettings",
+    "services.curator.server": "services.curator.settings:CuratorSettings",
+    "services.curator.refresh": "services.curator.refresh_settings:RefreshSettings",
+}
+# Values a Secret would supply, for variables the chart takes from one.
+SECRET_VALUES = {"RLHF_GATEWAY_API_KEY_SHA256": "0" * 64}
+
+
+def python_containers(docs: list[dict]) -> list[tuple[str, str, dict[str, str]]]:
+    """(where, module, literal env) of every container that runs `python -m <module>`."""
+    found = []
+    for pod, spec in pod_specs(docs).items():
+        for c in spec["containers"] + spec.get("initContainers", []):
+            argv = (c.get("command") or []) + (c.get("args") or [])
+            if argv[:2] != ["python", "-m"]:
+                continue
+            env = {}
+            for e in c.get("env", []):
+                if "value" in e:
+                    env[e["name"]] = e["value"]
+                elif e["name"].startswith("RLHF_"):
+                    env[e["name"]] = SECRET_VALUES[e["name"]]  # a new secret-fed variable: add it above
+            found.append((f"{pod}/{c['name']}", argv[2], env))
+    return found
+
+
+def settings_from(monkeypatch, module: str, env: dict[str, str]):
+    """The entry point's settings, built by pydantic from exactly `env`."""
+    import importlib
+
+    path, name = ENTRY_POINT_SETTINGS[module].split(":")
+    settings_type = getattr(importlib.import_module(path), name)
+    with monkeypatch.context() as m:
+        for key in [k for k in os.environ if k.startswith("RLHF_")]:
+            m.delenv(key)
+        for key, value in env.items():
+            m.setenv(key, value)
+        return settings_type()
+
+
+def reads(monkeypatch, module: str, env: dict[str, str], key: str) -> bool:
+    """Whether the entry point's settings read `key`: given an odd value, they change or refuse it."""
+    from pydantic import ValidationError
+
+    try:
+        odd = settings_from(monkeypatch, module, {**env, key: "odd-value-\u2603"})
+    except ValidationError:
+        return True
+    return odd.model_dump() != settings_from(monkeypatch, module, env).model_dump()
+
+
+def test_every_setting_the_chart_passes_is_one_its_service_reads(minimal, production, monkeypatch):
+    """The services' settings ignore variables they do not know (extra="ignore"), so a misspelt or
+    stale name in the chart would be dropped in silence: each one is checked on the settings
+    class itself. And each container's whole environment must build its settings: every required
+    field set, every value valid. The variables every Python container gets (the Kafka block)
+    need only be read by the services that use Kafka."""
+    shared = {"RLHF_KAFKA_BOOTSTRAP_SERVERS", "RLHF_KAFKA_CLIENT_ID"}
+    checked, shared_readers = 0, {key: set() for key in shared}
+    for docs in (minimal, production):
+        containers = python_containers(docs)
+        assert {module for _, module, _ in containers} == set(ENTRY_POINT_SETTINGS)
+        for where, module, env in containers:
+            settings_from(monkeypatch, module, env)  # raises when a field is missing or bad
+            for key in sorted(k for k in env if k.startswith("RLHF_")):
+                if key in shared:
+                    if reads(monkeypatch, module, env, key):
+                        shared_readers[key].add(module)
+                    continue
+                assert reads(monkeypatch, module, env, key), f"{where}: {module} never reads {key}"
+                checked += 1
+    assert checked > 80
+    for key in shared:
+        assert {"services.policy.server", "services.rollout.worker", "services.trainer.server",
+                "services.gateway.app", "services.curator.server", "services.curator.refresh",
+                } <= shared_readers[key], key
+
+
+def test_the_chart_points_each_service_at_the_others_and_at_its_device(minimal, production, monkeypatch):
+    for docs, device, dtype in ((minimal, "cpu", "float32"), (production, "gpu", "bfloat16")):
+        built = {where: settings_from(monkeypatch, module, env) for where, module, env in python_containers(docs)}
+        rollout = built["rlhf-rlhf-platform-rollout/worker"]
+        assert (rollout.policy_address, rollout.reward_address, rollout.reference_address) == (
+            "rlhf-rlhf-platform-policy:50051", "rlhf-rlhf-platform-reward:50051",
+            "rlhf-rlhf-platform-reference:50051")
+        assert str(rollout.dataset) == "/models/prompts/prompts.jsonl"
+        for component in MODEL_SERVICES:
+            for name in ("model-repository", "service"):
+                settings = built[f"rlhf-rlhf-platform-{component}/{name}"]
+                assert (settings.device, settings.dtype) == (device, dtype), f"{component}/{name}"
