@@ -3,7 +3,9 @@ model run in process, and the dynamic batcher really groups concurrent requests.
 
 from __future__ import annotations
 
+import re
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,3 +67,15 @@ def test_dynamic_batching_groups_concurrent_requests(probe, triton_server):
             np.testing.assert_allclose(out, model(torch.from_numpy(x)).numpy(), atol=1e-6)
     # At least one execution saw more than one request: the dynamic batcher is on.
     assert max(int(bs[0, 0]) for _, bs in results) > 1
+
+
+def test_the_triton_image_ships_the_server_version_the_tests_run(triton_server):
+    """docker/triton.Dockerfile builds on NVIDIA's release that ships this server version; the
+    Python-backend stub it swaps in (from the nvidia-pytriton wheel) is built for that version."""
+    dockerfile = (Path(__file__).resolve().parents[2] / "docker" / "triton.Dockerfile").read_text()
+    declared = re.search(r"^ARG TRITON_SERVER_VERSION=(\S+)$", dockerfile, re.MULTILINE).group(1)
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    try:
+        assert client.get_server_metadata().version == declared
+    finally:
+        client.close()
