@@ -7,14 +7,13 @@ The model batches for real: whatever the dynamic batcher groups arrives as one f
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from services.common.triton_repo import PythonModelSpec, TensorIO
+from services.common.triton_repo import PythonModelSpec, TensorIO, model_parameters
 
 IN_FEATURES = 8
 OUT_FEATURES = 4
@@ -58,8 +57,7 @@ class ProbeTritonModel:
     """Triton Python-backend model (TritonPythonModel API) running ProbeMLP."""
 
     def initialize(self, args: dict) -> None:
-        config = json.loads(args["model_config"])
-        weights = config["parameters"]["weights"]["string_value"]
+        weights = model_parameters(args)["weights"]
         self.model = ProbeMLP().eval()
         self.model.load_state_dict(load_file(weights))
 

@@ -8,6 +8,7 @@ in tests and inside Triton in production (where the Helm chart's init container 
 
 from __future__ import annotations
 
+import json
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +45,10 @@ class PythonModelSpec:
     instance_count: int = 1
     device: str = "auto"
     """`cpu`, `gpu` or `auto` (GPU when torch sees CUDA)."""
+    dtype: str = "auto"
+    """The weights dtype (`services.common.models.select_dtype`), written as the `dtype` parameter."""
     parameters: dict[str, str] = field(default_factory=dict)
-    """Free-form string parameters the model reads in `initialize` (model folder, dtype...)."""
+    """Free-form string parameters the model reads in `initialize` (model folder, version...)."""
 
 
 def config_pbtxt(spec: PythonModelSpec) -> str:
@@ -78,12 +81,17 @@ def config_pbtxt(spec: PythonModelSpec) -> str:
         )
     if spec.decoupled:
         lines.append("model_transaction_policy { decoupled: True }")
-    for key, value in sorted(spec.parameters.items()):
+    for key, value in sorted({**spec.parameters, "dtype": spec.dtype}.items()):
         lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
     return "\n".join(lines) + "\n"
 
 
 CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def model_parameters(args: dict) -> dict[str, str]:
+    """The string parameters of a Python-backend model's config (its `initialize` args)."""
+    return {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
 
 
 def instance_device(args: dict) -> torch.device:

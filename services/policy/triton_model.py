@@ -31,7 +31,12 @@ import numpy as np
 import torch
 
 from services.common.models import load_causal_lm, load_tokenizer, select_dtype
-from services.common.triton_repo import PythonModelSpec, TensorIO, instance_device
+from services.common.triton_repo import (
+    PythonModelSpec,
+    TensorIO,
+    instance_device,
+    model_parameters,
+)
 from services.policy.generation import Finish, Row, generate_rows
 from services.policy.sampling import RowSampling
 from services.policy.weights import compare_specs, files_specs, folder_weight_files, read_marker
@@ -72,11 +77,11 @@ def policy_spec(
         max_queue_delay_us=max_queue_delay_us,
         decoupled=True,
         device=device,
+        dtype=dtype,
         parameters={
             "model_dir": str(model_dir),
             "weights_root": str(weights_root),
             "initial_version": str(initial_version),
-            "dtype": dtype,
         },
     )
 
@@ -88,10 +93,9 @@ class PolicyTritonModel:
         import triton_python_backend_utils as pb_utils
 
         self.pb = pb_utils
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config["parameters"].items()}
+        params = model_parameters(args)
         self.device = instance_device(args)
-        self.dtype = select_dtype(self.device, params.get("dtype", "auto"))
+        self.dtype = select_dtype(self.device, params["dtype"])
         if self.device.type == "cpu":
             torch.set_num_threads(int(os.environ.get("RLHF_POLICY_TORCH_THREADS", os.cpu_count() or 1)))
         model_dir = Path(params["model_dir"])
@@ -116,7 +120,7 @@ class PolicyTritonModel:
             description="Tokens generated inside the Triton policy model.",
             kind=pb_utils.MetricFamily.COUNTER,
         )
-        self.tokens_metric = self.tokens_family.Metric(labels={"model": config["name"]})
+        self.tokens_metric = self.tokens_family.Metric(labels={"model": args["model_name"]})
         self._maybe_swap()
 
     # Weights ------------------------------------------------------------------------------

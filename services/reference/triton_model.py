@@ -16,13 +16,17 @@ CUDA bf16 when Triton gives the instance a GPU (KIND_GPU), CPU float32 otherwise
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from services.common.models import load_causal_lm, select_dtype
-from services.common.triton_repo import PythonModelSpec, TensorIO, instance_device
+from services.common.triton_repo import (
+    PythonModelSpec,
+    TensorIO,
+    instance_device,
+    model_parameters,
+)
 from services.reference.logprobs import ScoredSequence, response_logprobs
 
 INPUTS = (
@@ -52,7 +56,8 @@ def reference_spec(
         max_batch_size=max_batch_size,
         max_queue_delay_us=max_queue_delay_us,
         device=device,
-        parameters={"model_dir": str(model_dir), "dtype": dtype},
+        dtype=dtype,
+        parameters={"model_dir": str(model_dir)},
     )
 
 
@@ -60,11 +65,9 @@ class ReferenceTritonModel:
     """Triton Python-backend model (TritonPythonModel API) computing reference log-probs."""
 
     def initialize(self, args: dict) -> None:
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config["parameters"].items()}
-        model_dir = Path(params["model_dir"])
+        params = model_parameters(args)
         self.device = instance_device(args)
-        self.model = load_causal_lm(model_dir, self.device, select_dtype(self.device, params.get("dtype", "auto")))
+        self.model = load_causal_lm(Path(params["model_dir"]), self.device, select_dtype(self.device, params["dtype"]))
 
     def execute(self, requests: list) -> list:
         import triton_python_backend_utils as pb_utils

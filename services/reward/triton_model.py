@@ -33,7 +33,12 @@ import numpy as np
 import torch
 
 from services.common.models import load_reward_model, load_tokenizer, select_dtype
-from services.common.triton_repo import PythonModelSpec, TensorIO, instance_device
+from services.common.triton_repo import (
+    PythonModelSpec,
+    TensorIO,
+    instance_device,
+    model_parameters,
+)
 from services.reward.checkpoint import (
     CheckpointRefused,
     compare_specs,
@@ -74,11 +79,11 @@ def reward_spec(
         max_batch_size=max_batch_size,
         max_queue_delay_us=max_queue_delay_us,
         device=device,
+        dtype=dtype,
         parameters={
             "model_dir": str(model_dir),
             "version": str(version),
             "max_length": str(max_length),
-            "dtype": dtype,
         },
     )
 
@@ -137,12 +142,10 @@ class RewardTritonModel:
     """Triton Python-backend model (TritonPythonModel API) scoring (prompt, response) pairs."""
 
     def initialize(self, args: dict) -> None:
-        params = {
-            k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()
-        }
+        params = model_parameters(args)
         path = Path(params["model_dir"])
         self.device = instance_device(args)
-        self.dtype = select_dtype(self.device, params.get("dtype", "auto"))
+        self.dtype = select_dtype(self.device, params["dtype"])
         self.max_length = int(params["max_length"])
         self.served = ServedVersion(
             version=int(params["version"]),
