@@ -41,13 +41,9 @@ class WeightsRejected(ValueError):
     """A weights set failed a check; the message is the reason reported to the pusher."""
 
 
-def safetensors_specs(path: Path) -> TensorSpecs:
-    """Tensor names, shapes and dtypes from a safetensors header (the data is not read)."""
-    return files_specs([path])
-
-
 def files_specs(paths: list[Path]) -> TensorSpecs:
-    """The tensors of a set of shards, from their headers; a tensor in two shards is refused."""
+    """The tensors of a set of shards, from their headers (the data is not read); a tensor in two
+    shards is refused."""
     try:
         return merged_specs(file_specs(p) for p in paths)
     except HeaderError as error:

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from services.policy.weights import (
-    ChunkWriter, IncomingFile, WeightsRejected, WeightsStore, compare_specs, read_marker, safetensors_specs,
+    ChunkWriter, IncomingFile, WeightsRejected, WeightsStore, compare_specs, files_specs, read_marker,
 )
 
 
@@ -20,7 +20,7 @@ def write_set(path, hidden: int = 4):
 
 def test_specs_from_header_and_comparison(tmp_path):
     write_set(tmp_path / "m.safetensors")
-    specs = safetensors_specs(tmp_path / "m.safetensors")
+    specs = files_specs([tmp_path / "m.safetensors"])
     assert specs == {"a.weight": ((4, 3), "F32"), "b.bias": ((3,), "BF16")}
     compare_specs(specs, dict(specs), "same")
     with pytest.raises(WeightsRejected, match="tensor a.weight has shape \\[5, 3\\], expected \\[4, 3\\]"):
