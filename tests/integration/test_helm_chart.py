@@ -16,6 +16,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
+
+from services.curator.refresh_settings import RefreshSettings
+from services.curator.settings import CuratorSettings
+from services.gateway.settings import GatewaySettings
+from services.policy.settings import PolicySettings
+from services.reference.settings import ReferenceSettings
+from services.reward.settings import RewardSettings
+from services.rollout.settings import RolloutSettings
+from services.trainer.settings import TrainerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "rlhf-platform"
@@ -282,17 +292,17 @@ def test_production_adds_ingress_autoscaling_network_policies_and_monitoring(min
 
 # What each container's command runs, and the settings that module reads from its environment.
 ENTRY_POINT_SETTINGS = {
-    "services.policy.server": "services.policy.settings:PolicySettings",
-    "services.policy.repository": "services.policy.settings:PolicySettings",
-    "services.reward.server": "services.reward.settings:RewardSettings",
-    "services.reward.repository": "services.reward.settings:RewardSettings",
-    "services.reference.server": "services.reference.settings:ReferenceSettings",
-    "services.reference.repository": "services.reference.settings:ReferenceSettings",
-    "services.rollout.worker": "services.rollout.settings:RolloutSettings",
-    "services.trainer.server": "services.trainer.settings:TrainerSettings",
-    "services.gateway.app": "services.gateway.settings:GatewaySettings",
-    "services.curator.server": "services.curator.settings:CuratorSettings",
-    "services.curator.refresh": "services.curator.refresh_settings:RefreshSettings",
+    "services.policy.server": PolicySettings,
+    "services.policy.repository": PolicySettings,
+    "services.reward.server": RewardSettings,
+    "services.reward.repository": RewardSettings,
+    "services.reference.server": ReferenceSettings,
+    "services.reference.repository": ReferenceSettings,
+    "services.rollout.worker": RolloutSettings,
+    "services.trainer.server": TrainerSettings,
+    "services.gateway.app": GatewaySettings,
+    "services.curator.server": CuratorSettings,
+    "services.curator.refresh": RefreshSettings,
 }
 # Values a Secret would supply, for variables the chart takes from one.
 SECRET_VALUES = {"RLHF_GATEWAY_API_KEY_SHA256": "0" * 64}
@@ -318,27 +328,22 @@ def python_containers(docs: list[dict]) -> list[tuple[str, str, dict[str, str]]]
 
 def settings_from(monkeypatch, module: str, env: dict[str, str]):
     """The entry point's settings, built by pydantic from exactly `env`."""
-    import importlib
-
-    path, name = ENTRY_POINT_SETTINGS[module].split(":")
-    settings_type = getattr(importlib.import_module(path), name)
     with monkeypatch.context() as m:
         for key in [k for k in os.environ if k.startswith("RLHF_")]:
             m.delenv(key)
         for key, value in env.items():
             m.setenv(key, value)
-        return settings_type()
+        return ENTRY_POINT_SETTINGS[module]()
 
 
-def reads(monkeypatch, module: str, env: dict[str, str], key: str) -> bool:
-    """Whether the entry point's settings read `key`: given an odd value, they change or refuse it."""
-    from pydantic import ValidationError
-
+def reads(monkeypatch, module: str, env: dict[str, str], key: str, built: dict) -> bool:
+    """Whether the entry point's settings read `key`: given an odd value, they change or refuse
+    it (`built`: the settings' dump from `env` itself)."""
     try:
         odd = settings_from(monkeypatch, module, {**env, key: "odd-value-\u2603"})
     except ValidationError:
         return True
-    return odd.model_dump() != settings_from(monkeypatch, module, env).model_dump()
+    return odd.model_dump() != built
 
 
 def test_every_setting_the_chart_passes_is_one_its_service_reads(minimal, production, monkeypatch):
@@ -353,13 +358,13 @@ def test_every_setting_the_chart_passes_is_one_its_service_reads(minimal, produc
         containers = python_containers(docs)
         assert {module for _, module, _ in containers} == set(ENTRY_POINT_SETTINGS)
         for where, module, env in containers:
-            settings_from(monkeypatch, module, env)  # raises when a field is missing or bad
+            built = settings_from(monkeypatch, module, env).model_dump()  # raises when a field is missing or bad
             for key in sorted(k for k in env if k.startswith("RLHF_")):
                 if key in shared:
-                    if reads(monkeypatch, module, env, key):
+                    if reads(monkeypatch, module, env, key, built):
                         shared_readers[key].add(module)
                     continue
-                assert reads(monkeypatch, module, env, key), f"{where}: {module} never reads {key}"
+                assert reads(monkeypatch, module, env, key, built), f"{where}: {module} never reads {key}"
                 checked += 1
     assert checked > 80
     for key in shared:
