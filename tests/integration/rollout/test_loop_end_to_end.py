@@ -61,6 +61,27 @@ def _initial_weights(tiny_lm_dir):
     return load_file(tiny_lm_dir / "model.safetensors")
 
 
+def _read_rollouts(kafka_settings, topic: str, count: int) -> list[events_pb2.Rollout]:
+    consumer = make_consumer(kafka_settings, None, [], auto_offset_reset="earliest")
+    consumer.subscribe([topic])
+    rollouts: list[events_pb2.Rollout] = []
+    for _ in range(60):
+        rollouts += [decode(events_pb2.Rollout, r.value) for rs in consumer.poll(timeout_ms=500).values() for r in rs]
+        if len(rollouts) >= count:
+            break
+    consumer.close()
+    return rollouts
+
+
+def _worker(stacks, kafka_settings, dataset, topic: str, **settings) -> RolloutWorker:
+    policy, reward, reference = stacks
+    return RolloutWorker(RolloutSettings(
+        dataset=dataset, policy_address=policy.address, reward_address=reward.address,
+        reference_address=reference.address, model_name=policy.model_name, rollouts_topic=topic,
+        trainer_group=f"trainer-{topic}", kafka=kafka_settings, **settings,
+    ))  # fmt: skip
+
+
 def test_bad_checksum_or_shape_is_refused_and_old_version_serves(stacks, tiny_lm_dir, tmp_path):
     policy, _, _ = stacks
     stub = _stub(policy.address)
@@ -88,7 +109,7 @@ def test_bad_checksum_or_shape_is_refused_and_old_version_serves(stacks, tiny_lm
 
 
 def test_rollouts_through_kafka_train_and_the_policy_serves_version_2(stacks, kafka_settings, tiny_lm_dir, tmp_path):
-    policy, reward, reference = stacks
+    policy, _, _ = stacks
     stub = _stub(policy.address)
     assert policy.weights_version == 1
     topic = private_topic(kafka_settings)
@@ -97,26 +118,15 @@ def test_rollouts_through_kafka_train_and_the_policy_serves_version_2(stacks, ka
     dataset.write_text("\n".join(json.dumps({"prompt": p}) for p in ["Say hi.", "Count to three."]))
 
     # 1. The worker: 2 prompts x 4 samples = 8 rollouts (one group per prompt).
-    worker = RolloutWorker(RolloutSettings(
-        dataset=dataset, policy_address=policy.address, reward_address=reward.address,
-        reference_address=reference.address, model_name=policy.model_name, samples_per_prompt=4,
-        prompts_per_call=2, max_new_tokens=6, max_rollouts=8, rollouts_topic=topic, trainer_group=group,
-        kafka=kafka_settings,
-    ))  # fmt: skip
+    worker = _worker(stacks, kafka_settings, dataset, topic, samples_per_prompt=4, prompts_per_call=2,
+                     max_new_tokens=6, max_rollouts=8)
     try:
         assert worker.run() == 8
     finally:
         worker.close()
 
     # What reached Kafka: every field the trainer needs.
-    consumer = make_consumer(kafka_settings, None, [], auto_offset_reset="earliest")
-    consumer.subscribe([topic])
-    rollouts = []
-    for _ in range(40):
-        rollouts += [decode(events_pb2.Rollout, r.value) for rs in consumer.poll(timeout_ms=500).values() for r in rs]
-        if len(rollouts) >= 8:
-            break
-    consumer.close()
+    rollouts = _read_rollouts(kafka_settings, topic, 8)
     assert len(rollouts) == 8 and len({r.rollout_id for r in rollouts}) == 8
     assert len({r.group_id for r in rollouts}) == 2 and all(r.group_size == 4 for r in rollouts)
     for r in rollouts:
@@ -150,27 +160,6 @@ def test_rollouts_through_kafka_train_and_the_policy_serves_version_2(stacks, ka
     assert publish[-1]["replicas"] == [{"address": policy.address, "accepted": True, "reason": ""}]
 
 
-def _read_rollouts(kafka_settings, topic: str, count: int) -> list[events_pb2.Rollout]:
-    consumer = make_consumer(kafka_settings, None, [], auto_offset_reset="earliest")
-    consumer.subscribe([topic])
-    rollouts: list[events_pb2.Rollout] = []
-    for _ in range(60):
-        rollouts += [decode(events_pb2.Rollout, r.value) for rs in consumer.poll(timeout_ms=500).values() for r in rs]
-        if len(rollouts) >= count:
-            break
-    consumer.close()
-    return rollouts
-
-
-def _worker(stacks, kafka_settings, dataset, topic: str, **settings) -> RolloutWorker:
-    policy, reward, reference = stacks
-    return RolloutWorker(RolloutSettings(
-        dataset=dataset, policy_address=policy.address, reward_address=reward.address,
-        reference_address=reference.address, model_name=policy.model_name, max_new_tokens=4,
-        rollouts_topic=topic, trainer_group=f"trainer-{topic}", kafka=kafka_settings, **settings,
-    ))  # fmt: skip
-
-
 def test_live_prompts_from_the_generations_topic_become_rollouts(stacks, kafka_settings, tmp_path):
     """A product's user asks the policy something; the policy logs it to rlhf.generations.v1; the
     worker, drawing live prompts, turns that very prompt into a group of rollouts."""
@@ -179,7 +168,7 @@ def test_live_prompts_from_the_generations_topic_become_rollouts(stacks, kafka_s
     dataset = tmp_path / "prompts.jsonl"
     dataset.write_text(json.dumps({"prompt": "Say hi."}) + "\n")
     worker = _worker(stacks, kafka_settings, dataset, topic, live_prompt_fraction=1.0, samples_per_prompt=2,
-                     prompts_per_call=2, max_rollouts=4)
+                     prompts_per_call=2, max_new_tokens=4, max_rollouts=4)
     live_text = f"What is the capital of {uuid.uuid4().hex[:6]}?"
     try:
         stub = _stub(policy.address)
@@ -211,7 +200,7 @@ def test_the_worker_waits_while_the_trainer_is_behind(stacks, kafka_settings, tm
     dataset = tmp_path / "prompts.jsonl"
     dataset.write_text(json.dumps({"prompt": "Say hi."}) + "\n")
     worker = _worker(stacks, kafka_settings, dataset, topic, samples_per_prompt=2, prompts_per_call=1,
-                     max_rollouts=2, max_staleness=2, rollouts_per_version=2)
+                     max_new_tokens=4, max_rollouts=2, max_staleness=2, rollouts_per_version=2)
     runner = threading.Thread(target=worker.run)
     runner.start()
     try:
