@@ -14,11 +14,11 @@ in age) and is joined when the generation arrives. Feedback ids joined before ar
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 
 from services.common.kafka import decode
+from services.common.prompts import render_prompt
 from services.curator.preferences import (
     Source,
     derived_id,
@@ -58,13 +58,13 @@ class JoinCounts:
 
 
 def prompt_of(generation: events_pb2.GenerationRecord) -> str:
-    """The prompt text preference records carry: as the model saw it when the policy says so."""
-    if generation.prompt_text:
-        return generation.prompt_text
-    if generation.prompt.WhichOneof("kind") == "text":
-        return generation.prompt.text
-    return json.dumps([{"role": m.role, "content": m.content}
-                       for m in generation.prompt.messages.messages], ensure_ascii=False)
+    """The prompt text preference records carry: the conversation as services.common.prompts
+    renders it (what the reward model scores, and what rankings posted as text look like), not
+    the policy's chat-templated string, which binds the data to one tokenizer. Records without a
+    wire prompt fall back to the text the policy saw."""
+    if generation.prompt.WhichOneof("kind"):
+        return render_prompt(generation.prompt)
+    return generation.prompt_text
 
 
 def on_generation(store: JoinStore, partition: int, generation: events_pb2.GenerationRecord,

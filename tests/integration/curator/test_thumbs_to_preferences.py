@@ -25,8 +25,10 @@ def gateway_factory(kafka_settings, run_dir):
 
 
 def _generation(prompt: str, response: str) -> events_pb2.GenerationRecord:
+    # What the policy saw is its chat template; the records carry the question as asked.
+    templated = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
     return events_pb2.GenerationRecord(
-        response_id=f"gen-{uuid.uuid4().hex}", response_text=response, prompt_text=prompt,
+        response_id=f"gen-{uuid.uuid4().hex}", response_text=response, prompt_text=templated,
         prompt=common_pb2.Prompt(messages=common_pb2.ChatMessages(
             messages=[common_pb2.ChatMessage(role="user", content=prompt)])),
         weights_version=1, model="policy")

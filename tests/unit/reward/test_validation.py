@@ -37,13 +37,16 @@ def test_chat_prompts_render_as_role_content_lines():
         == "system: Be brief.\nuser: Hi"
     )
     assert render_prompt(common_pb2.Prompt(text="plain")) == "plain"
+    # One user turn is what the person asked: the same string a ranking posted as text carries.
+    assert render_prompt(chat(("user", "Why is the sky blue?"))) == "Why is the sky blue?"
+    assert render_prompt(chat(("assistant", "Hello."))) == "assistant: Hello."
 
 
 def test_a_valid_request_becomes_texts():
     request = reward_pb2.ScoreRequest(
         model="reward", pairs=[pair("q", ""), pair(chat(("user", "u")), "a")]
     )
-    assert checked_pairs(request, settings()) == (["q", "user: u"], ["", "a"])
+    assert checked_pairs(request, settings()) == (["q", "u"], ["", "a"])
 
 
 @pytest.mark.parametrize(
