@@ -66,9 +66,15 @@ def group_partition(group_id: str, partitions: int) -> int:
 
 
 def build_rollouts(
-    completions: list[policy_pb2.Completion], scores: list[float], reference: list[list[float]]
+    completions: list[policy_pb2.Completion],
+    scores: list[float],
+    reference: list[list[float]],
+    prompts: list[common_pb2.Prompt] | None = None,
+    reward_model_version: int = 0,
 ) -> list[events_pb2.Rollout]:
-    """One Rollout per sample; `scores` and `reference` are in sample order across completions."""
+    """One Rollout per sample; `scores` and `reference` are in sample order across completions.
+    With `prompts` (indexed by each completion's prompt_index) the rollout carries its prompt and
+    response text, so that a reader can judge it without the tokenizer."""
     now = Timestamp()
     now.GetCurrentTime()
     rollouts, k = [], 0
@@ -90,6 +96,9 @@ def build_rollouts(
                     weights_version=sample.weights_version,
                     finish_reason=sample.finish_reason,
                     created_at=now,
+                    reward_model_version=reward_model_version,
+                    prompt=prompts[completion.prompt_index] if prompts is not None else None,
+                    response_text=sample.text,
                 )
             )
             k += 1
@@ -215,11 +224,12 @@ class RolloutWorker:
         # Reward and reference at the same time: neither depends on the other.
         score_call = self.reward.Score.future(reward_pb2.ScoreRequest(pairs=pairs), timeout=s.timeout_s)
         ref_call = self.reference.ComputeLogprobs.future(reference_pb2.ComputeLogprobsRequest(sequences=sequences), timeout=s.timeout_s)
-        scores = list(score_call.result().scores)
+        scored = score_call.result()
+        scores = list(scored.scores)
         reference = [list(r.logprobs) for r in ref_call.result().results]
         if len(scores) != len(pairs) or len(reference) != len(sequences):
             raise RuntimeError(f"asked for {len(pairs)} scores/log-probs, got {len(scores)}/{len(reference)}")
-        return build_rollouts(completions, scores, reference)
+        return build_rollouts(completions, scores, reference, prompts, scored.reward_model_version)
 
     def publish(self, rollouts: list[events_pb2.Rollout]) -> None:
         topic = self.settings.rollouts_topic

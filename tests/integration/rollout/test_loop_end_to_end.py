@@ -133,6 +133,8 @@ def test_rollouts_through_kafka_train_and_the_policy_serves_version_2(stacks, ka
         assert r.weights_version == 1 and r.response_token_ids and r.prompt_token_ids
         assert len(r.behaviour_logprobs) == len(r.reference_logprobs) == len(r.response_token_ids)
         assert all(lp <= 0 for lp in r.reference_logprobs)
+        assert r.prompt.text in ("Say hi.", "Count to three.") and r.response_text
+        assert r.reward_model_version >= 1  # the version the reward service said it scored with
 
     # 2. The trainer: one GRPO update on those 8, then version 2 pushed and announced.
     settings = TrainerSettings(

@@ -39,6 +39,20 @@ def test_one_rollout_per_sample_with_everything_the_trainer_needs():
     assert r.created_at.seconds > 0
 
 
+def test_rollouts_carry_prompt_text_and_reward_model_version():
+    completions = [_completion(1, 1), _completion(0, 1)]  # out of order: prompt_index decides
+    for completion, text in zip(completions, ("second answer", "first answer")):
+        completion.samples[0].text = text
+    prompts = [common_pb2.Prompt(text="first?"), common_pb2.Prompt(text="second?")]
+    rollouts = build_rollouts(completions, [0.1, 0.2], [[-0.6, -1.1]] * 2, prompts, reward_model_version=7)
+    assert [(r.prompt.text, r.response_text) for r in rollouts] == [
+        ("second?", "second answer"),
+        ("first?", "first answer"),
+    ]
+    assert {r.reward_model_version for r in rollouts} == {7}
+    assert not build_rollouts(completions, [0.1, 0.2], [[-0.6, -1.1]] * 2)[0].HasField("prompt")
+
+
 def test_reference_length_mismatch_is_an_error():
     with pytest.raises(ValueError, match="log-probs for 2 tokens"):
         build_rollouts([_completion(0, 1)], [0.0], [[-0.1]])
