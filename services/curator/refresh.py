@@ -183,9 +183,24 @@ class RefreshWorker:
             max_poll_interval_ms=settings.max_poll_interval_ms,
         )
         self.consumer.subscribe([settings.topic], listener=SeekToStoredOffsets(self))
+        self.base_cutoff = self._base_cutoff()
         self.stopping = threading.Event()
         if self.store.current(self.base).reload_pending:  # a crash between record and reload
             self._reload()
+
+    def _base_cutoff(self) -> dict[int, int]:
+        """Partition -> first offset the base version has not seen (empty: it saw nothing)."""
+        if not self.settings.base_trained_on_existing:
+            return {}
+        cutoff = self.store.base_cutoff()
+        if cutoff is None:  # the first start: the topic's end now, kept for every restart
+            topic = self.settings.topic
+            parts = self.consumer.partitions_for_topic(topic) or set()
+            ends = self.consumer.end_offsets([TopicPartition(topic, p) for p in parts])
+            cutoff = {tp.partition: offset for tp, offset in ends.items()}
+            self.store.set_base_cutoff(cutoff)
+            self.store.commit()
+        return cutoff
 
     # 1-3. consume --------------------------------------------------------------------------
     def step(self) -> RefreshResult | None:
@@ -200,7 +215,8 @@ class RefreshWorker:
         with durable_cycle(self, batches, next_offsets):
             for tp, records in batches.items():
                 for record in records:
-                    kinds.append(self._take(record.value))
+                    seen_by_base = record.offset < self.base_cutoff.get(tp.partition, 0)
+                    kinds.append(self._take(record.value, seen_by_base))
                     next_offsets[tp] = record.offset + 1
         for kind in kinds:
             self.metrics.records.labels(kind.split(":")[0]).inc()
@@ -208,7 +224,7 @@ class RefreshWorker:
                 self.metrics.pairs.labels(kind.split(":")[1]).inc()
         return len(kinds)
 
-    def _take(self, value: bytes) -> str:
+    def _take(self, value: bytes, seen_by_base: bool = False) -> str:
         """Stores one record; returns what became of it (`pair:train`, `label`, ...)."""
         try:
             record = decode(events_pb2.PreferenceRecord, value)
@@ -224,9 +240,9 @@ class RefreshWorker:
             return "invalid"
         if not self.store.mark_seen(record.preference_id):
             return "duplicate"
-        return RECORD_HANDLERS[kind](self, record)
+        return RECORD_HANDLERS[kind](self, record, seen_by_base)
 
-    def _store_pair(self, record: events_pb2.PreferenceRecord) -> str:
+    def _store_pair(self, record: events_pb2.PreferenceRecord, seen_by_base: bool) -> str:
         pair = PreferencePair(record.prompt, record.pair.chosen, record.pair.rejected)
         if not (pair.prompt and pair.chosen and pair.rejected) or pair.chosen == pair.rejected:
             log.warning(
@@ -234,10 +250,10 @@ class RefreshWorker:
             )
             return "invalid"
         held_out = is_held_out(pair.prompt, self.settings.held_out_modulus)
-        self.store.add_pair(record.preference_id, pair, held_out)
+        self.store.add_pair(record.preference_id, pair, held_out, trained=seen_by_base)
         return "pair:held_out" if held_out else "pair:train"
 
-    def _skip_label(self, record: events_pb2.PreferenceRecord) -> str:
+    def _skip_label(self, record: events_pb2.PreferenceRecord, seen_by_base: bool) -> str:
         return "label"  # see the module docstring: the curator already pairs opposite labels
 
     # 4. refresh ------------------------------------------------------------------------------

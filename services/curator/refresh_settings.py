@@ -35,6 +35,12 @@ class RefreshSettings(BaseSettings):
     topic: str = Field(topics.PREFERENCES, description="Topic of the PreferenceRecords.")
     group_id: str = Field("rlhf-reward-refresh", description="Kafka consumer group.")
     refresh_every: int = Field(256, ge=1, description="New training pairs that trigger a refresh.")
+    base_trained_on_existing: bool = Field(
+        False,
+        description="The pairs already on the topic when the refresh first starts are what "
+        "base_model_dir was trained on: they are kept as held-out and replay data, and only "
+        "pairs that arrive later count towards refresh_every.",
+    )
     min_held_out: int = Field(
         16, ge=1, description="Held-out pairs needed before the first refresh may be judged."
     )

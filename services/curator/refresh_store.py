@@ -51,12 +51,24 @@ class PairStore(DurableStore):
             self.db.execute("INSERT OR IGNORE INTO seen VALUES (?)", (preference_id,)).rowcount == 1
         )
 
-    def add_pair(self, preference_id: str, pair: PreferencePair, held_out: bool) -> None:
+    def add_pair(
+        self, preference_id: str, pair: PreferencePair, held_out: bool, trained: bool = False
+    ) -> None:
+        """`trained`: the served version already learnt from it (replay data, never "new")."""
         self.db.execute(
-            "INSERT OR IGNORE INTO pairs (preference_id, prompt, chosen, rejected, held_out) "
-            "VALUES (?,?,?,?,?)",
-            (preference_id, pair.prompt, pair.chosen, pair.rejected, int(held_out)),
+            "INSERT OR IGNORE INTO pairs (preference_id, prompt, chosen, rejected, held_out, trained) "
+            "VALUES (?,?,?,?,?,?)",
+            (preference_id, pair.prompt, pair.chosen, pair.rejected, int(held_out), int(trained)),
         )
+
+    def base_cutoff(self) -> dict[int, int] | None:
+        """Partition -> the topic's end offset when the refresh first started (see
+        RefreshSettings.base_trained_on_existing), or None when not recorded."""
+        row = self.db.execute("SELECT value FROM state WHERE key='base_cutoff'").fetchone()
+        return None if row is None else {int(k): int(v) for k, v in json.loads(row[0]).items()}
+
+    def set_base_cutoff(self, ends: dict[int, int]) -> None:
+        self.db.execute("INSERT OR REPLACE INTO state VALUES ('base_cutoff', ?)", (json.dumps(ends),))
 
     def count(self, held_out: bool, trained: bool | None = None) -> int:
         sql, args = "SELECT COUNT(*) FROM pairs WHERE held_out=?", [int(held_out)]

@@ -228,3 +228,44 @@ def test_refresh_publishes_a_better_version_the_reward_service_serves(
     assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == ["CURRENT", "v000002"]
     assert read_published(tmp_path / "versions").version == 2
     assert _score(reward, held_out[:2])[2] == {2}
+
+
+def test_pairs_the_base_version_was_trained_on_are_replay_and_held_out_never_new(
+    kafka_settings, tiny_rm_dir, tmp_path: Path
+):
+    """base_trained_on_existing: what is on the topic at the first start (the demo's stage-2
+    rankings, which trained the base version) is stored as trained; only later pairs count
+    towards refresh_every; the cutoff survives a restart."""
+    topic = _private_topic(kafka_settings)
+    before = _pairs(60, seed=3)
+    _produce(kafka_settings, topic, _records(before))
+    settings = RefreshSettings(
+        kafka=kafka_settings, topic=topic, group_id=f"refresh-test-{uuid.uuid4().hex[:8]}",
+        state_dir=tmp_path / "state", versions_root=tmp_path / "versions", base_model_dir=tiny_rm_dir,
+        reward_address="127.0.0.1:1", reload_attempts=1, reload_timeout_s=2, refresh_every=25,
+        min_held_out=1, replay_ratio=1.0, epochs=1, max_length=MAX_LENGTH, device="cpu",
+        base_trained_on_existing=True, poll_timeout_ms=300, metrics_port=0,
+    )  # fmt: skip
+    held_out = sum(_held_out(p) for p, _, _ in before)
+    worker = RefreshWorker(settings, CollectorRegistry())
+    try:
+        for _ in range(20):
+            assert worker.step() is None  # 60 - held_out >= 25 training pairs, none of them new
+            if worker.store.count(held_out=False) + worker.store.count(held_out=True) == len(before):
+                break
+        assert worker.store.count(held_out=False, trained=True) == len(before) - held_out
+        assert worker.store.count(held_out=False, trained=False) == 0
+        assert worker.store.count(held_out=True) == held_out > 0
+    finally:
+        worker.close()
+
+    after = _pairs(25, seed=4, train_only=True)  # refresh_every: due once all of them are in
+    _produce(kafka_settings, topic, _records(after))
+    worker = RefreshWorker(settings, CollectorRegistry())  # restarted: the cutoff is the stored one
+    try:
+        result = _step_until_refresh(worker)
+    finally:
+        worker.close()
+    assert result.new_pairs == len(after)
+    assert result.replay_pairs == len(after)  # replay_ratio 1, drawn from the base's pairs
+    assert result.held_out_pairs == held_out
