@@ -1,13 +1,16 @@
-"""The `rlhf` command line: the offline training stages.
+"""The `rlhf` command line: the offline training stages and the evaluation.
 
     python -m services.cli sft          --model M --data demos.jsonl --output runs/sft-1
     python -m services.cli train-reward --data preferences.jsonl --output runs/rm-1
     python -m services.cli dpo          --model runs/sft-1 --data preferences.jsonl --output runs/dpo-1
     python -m services.cli kto          --model runs/sft-1 --data thumbs.jsonl --output runs/kto-1
     python -m services.cli dpo --config dpo.yaml --set beta=0.2 --set epochs=3
+    python -m services.cli eval         --candidate runs/dpo-1 --baseline runs/sft-1 \
+                                        --data prompts.jsonl --output runs/eval-1
 
-A stage's settings are its config dataclass (services/trainer/offline/<stage>.py): defaults,
-then the YAML file (keys are the field names), then the flags, then each `--set FIELD=VALUE`.
+A stage's settings are its config dataclass (services/trainer/offline/<stage>.py; for eval,
+services/eval/run.py): defaults, then the YAML file (keys are the field names), then the flags,
+then each `--set FIELD=VALUE`.
 `python -m services.cli <stage> --help` lists every field with its one-line description.
 Exit status: 0 done (the summary is printed as JSON), 2 bad data or configuration (the reason
 on stderr, naming file/row/column or field), 1 anything else.
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 EXIT_BAD_INPUT = 2
+PATH_FLAGS = ("model", "data", "eval_data", "output")
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,8 @@ class Stage:
     run: str
     """Name of its run function: config -> summary dict."""
     help: str
+    flags: tuple[str, ...] = PATH_FLAGS
+    """Config fields that get a --flag of their own (every field can be given with --set)."""
 
 
 STAGES: dict[str, Stage] = {
@@ -66,8 +72,14 @@ STAGES: dict[str, Stage] = {
     "kto": Stage(
         "services.trainer.offline.kto", "KTOConfig", "run_kto", "KTO on thumbs-up/down labels"
     ),
+    "eval": Stage(
+        "services.eval.run",
+        "EvalConfig",
+        "run_eval",
+        "win-rate of a candidate policy over a baseline, judged pairwise",
+        flags=("candidate", "baseline", "reference", "data", "output", "annotator"),
+    ),
 }
-PATH_FLAGS = ("model", "data", "eval_data", "output")
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -184,7 +196,9 @@ def build_config(cls: type, yaml_file: Path | None, flags: dict[str, Any], overr
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf", description="Offline RLHF training stages.")
+    parser = argparse.ArgumentParser(
+        prog="rlhf", description="Offline RLHF training stages and evaluation."
+    )
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, stage in STAGES.items():
         sub = stages.add_parser(
@@ -194,7 +208,7 @@ def make_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         sub.add_argument("--config", type=Path, help="YAML file of config fields (see below)")
-        for flag in PATH_FLAGS:
+        for flag in stage.flags:
             sub.add_argument(f"--{flag.replace('_', '-')}", dest=flag, help=f"config field {flag}")
         sub.add_argument(
             "--set", action="append", default=[], metavar="FIELD=VALUE", help="set any config field"
@@ -231,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     stage: Stage = options._stage
     module = importlib.import_module(stage.module)
+    from services.eval.run import EvalError
     from services.trainer.offline.common import ConfigError
     from services.trainer.offline.data import DataError
 
@@ -238,11 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(
             getattr(module, stage.config),
             options.config,
-            {f: getattr(options, f) for f in PATH_FLAGS},
+            {f: getattr(options, f) for f in stage.flags},
             options.set,
         )
         summary = getattr(module, stage.run)(config)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, EvalError) as err:
         print(f"rlhf {options.stage}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(

@@ -1,0 +1,1 @@
+"""`rlhf eval`: the win-rate of a candidate policy over a baseline, judged pairwise."""

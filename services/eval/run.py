@@ -1,0 +1,376 @@
+"""`rlhf eval`: the win-rate of a candidate policy over a baseline on a set of prompts, judged
+pairwise by an annotator that is not the reward model, with the candidate's KL to a reference.
+
+    python -m services.cli eval --candidate runs/rl-1 --baseline runs/sft-1 \
+        --data prompts.jsonl --output runs/eval-1
+    python -m services.cli eval --candidate grpc://localhost:50051 --baseline runs/sft-1 ...
+
+1. Check the input: config fields, every prompt row, the annotator, the policies' forms (a model
+   folder or grpc://host:port, see policies.py) and chat templates. Bad input raises EvalError
+   here, before any model loads.
+2. Generate one answer per prompt from the candidate, batch by batch, with the seeds the
+   baseline will get for the same prompts.
+3. KL(candidate || reference) on the candidate's own answers while it is loaded. It needs both
+   full next-token distributions, so both must be folders with one vocabulary: the default
+   reference (the baseline) gives null when either side is served over gRPC.
+4. Generate the baseline's answers.
+5. Score every answer, and judge each pair in a random order (stats.compare).
+6. Write eval.json (the summary) to the output folder, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.common.annotator import DEFAULT_ANNOTATOR, AnnotatorError, load_annotator
+from services.common.annotator_rules import words
+from services.common.digest import sha256_file
+from services.common.prompts import render_messages
+from services.eval.policies import (
+    GRPC_SCHEME,
+    Answer,
+    FolderPolicy,
+    Policy,
+    PolicyError,
+    Sampling,
+    ServicePolicy,
+    generate_all,
+    kl_to_reference,
+)
+from services.eval.stats import compare
+
+EVAL_FILE = "eval.json"
+ROLES = ("system", "user", "assistant")
+
+
+class EvalError(ValueError):
+    """Bad input to `rlhf eval`; the message names the file and row, or the config field."""
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    candidate: str
+    """Policy under test: a model folder, or `grpc://host:port` of a running PolicyService."""
+    baseline: str
+    """Policy it is compared with (e.g. the one RL started from), in the same two forms."""
+    data: Path
+    """JSONL of prompts, one a line: {"prompt": "a question"} or {"messages": [{role, content}]}."""
+    output: Path
+    """Folder to write eval.json (the summary) to."""
+    reference: str | None = None
+    """Model folder for kl_to_reference; default: the baseline when it is a folder, else no KL."""
+    annotator: str = DEFAULT_ANNOTATOR
+    """The judge, `module:function` scoring (prompt, answer); see services/common/annotator.py."""
+    num_prompts: int = 0
+    """Evaluate the first N prompts of `data` (0: all)."""
+    max_new_tokens: int = 64
+    """Upper bound on the tokens of each answer."""
+    temperature: float = 0.7
+    """Sampling temperature of both policies (0: greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass of both policies, in (0, 1]."""
+    seed: int = 0
+    """Seed of the sampling (the same for both policies on a prompt) and of the judging order."""
+    batch_size: int = 32
+    """Prompts per generate call (per Generate request to a PolicyService)."""
+    device: str = "auto"
+    """Device of the model folders: `auto` (CUDA when present), `cpu`, `cuda`, `cuda:1`, ..."""
+    dtype: str = "auto"
+    """Weights dtype of the model folders: `auto` (bfloat16 on CUDA, float32 on CPU), `float32`,
+    `bfloat16`."""
+    examples: int = 5
+    """Judged prompts copied into eval.json, with both answers and their scores."""
+    overwrite: bool = False
+    """Replace an existing eval.json in `output` (otherwise its presence is an error)."""
+
+    def validate(self) -> None:
+        """Raises EvalError naming the first bad field."""
+        checks = {
+            "num_prompts": self.num_prompts >= 0,
+            "max_new_tokens": self.max_new_tokens >= 1,
+            "temperature": self.temperature >= 0,
+            "top_p": 0 < self.top_p <= 1,
+            "seed": self.seed >= 0,
+            "batch_size": self.batch_size >= 1,
+            "dtype": self.dtype in ("auto", "float32", "bfloat16"),
+            "examples": self.examples >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise EvalError(
+                    f"config field '{name}' has an invalid value {getattr(self, name)!r}"
+                )
+        if (Path(self.output) / EVAL_FILE).exists() and not self.overwrite:
+            raise EvalError(
+                f"config field 'output': {Path(self.output) / EVAL_FILE} exists "
+                "(set overwrite: true to replace it)"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    messages: list[dict[str, str]]
+    """The conversation the policies continue, through their chat template."""
+    question: str
+    """What the judge reads: the prompt string, or the content of the last user turn."""
+
+
+def parse_prompt(row: dict, where: str) -> EvalPrompt:
+    if ("prompt" in row) == ("messages" in row):
+        raise EvalError(f"{where}: expected one of 'prompt' or 'messages', got {sorted(row)}")
+    if "prompt" in row:
+        prompt = row["prompt"]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise EvalError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r:.80}")
+        return EvalPrompt([{"role": "user", "content": prompt}], prompt)
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise EvalError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise EvalError(f"{where}: messages[{i}] must be an object with role and content")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise EvalError(f"{where}: messages[{i}].role must be one of {ROLES}, got {role!r}")
+        if not isinstance(content, str) or not content.strip():
+            raise EvalError(f"{where}: messages[{i}].content must be a non-empty string")
+        checked.append({"role": role, "content": content})
+    if not any(m["role"] == "user" for m in checked):
+        raise EvalError(f"{where}: 'messages' has no user turn for the judge to read")
+    # The judge reads the conversation as the reward model and the preference records do.
+    return EvalPrompt(checked, render_messages([(m["role"], m["content"]) for m in checked]))
+
+
+def load_prompts(path: Path, limit: int = 0) -> list[EvalPrompt]:
+    """The first `limit` prompts of a JSONL file (0: all); EvalError names the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"config field 'data': {path}: no such data file")
+    prompts = []
+    try:
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                if limit and len(prompts) == limit:
+                    break
+                if not line.strip():
+                    continue
+                where = f"{path} line {number}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    message = f"{where}: not valid JSON ({err.msg} at column {err.colno})"
+                    raise EvalError(message) from err
+                if not isinstance(row, dict):
+                    raise EvalError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                prompts.append(parse_prompt(row, where))
+    except UnicodeDecodeError as err:
+        raise EvalError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    if not prompts:
+        raise EvalError(f"{path}: no prompts")
+    return prompts
+
+
+# ---------------------------------------------------------------------------------------------
+# Policies
+
+
+def open_policy(field: str, spec: str, config: EvalConfig, opened: dict[str, Policy]) -> Policy:
+    """The policy a config field names; a folder named by several fields is loaded once."""
+    if spec.startswith(GRPC_SCHEME):
+        host, sep, port = spec.removeprefix(GRPC_SCHEME).rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise EvalError(f"config field '{field}': {spec!r} is not grpc://host:port")
+        key = spec
+    else:
+        if not (Path(spec) / "config.json").is_file():
+            raise EvalError(
+                f"config field '{field}': {spec} is neither a model folder (with config.json) "
+                "nor grpc://host:port"
+            )
+        key = str(Path(spec).resolve())
+    if key not in opened:
+        try:
+            opened[key] = (
+                ServicePolicy(spec)
+                if spec.startswith(GRPC_SCHEME)
+                else FolderPolicy(spec, config.device, config.dtype)
+            )
+        except PolicyError as err:
+            raise EvalError(f"config field '{field}': {err}") from err
+    return opened[key]
+
+
+def open_reference(
+    config: EvalConfig, candidate: Policy, baseline: Policy, opened: dict[str, Policy]
+) -> FolderPolicy | None:
+    """The folder the candidate's KL is measured against, or None for no KL. The default (the
+    baseline) gives no KL when either side is served over gRPC or the tokenizers differ; a
+    reference given explicitly that cannot serve is an error."""
+    if config.reference is None:
+        if not (isinstance(baseline, FolderPolicy) and isinstance(candidate, FolderPolicy)):
+            return None
+        same = baseline is candidate or same_vocabulary(baseline, candidate)
+        return baseline if same else None
+    if config.reference.startswith(GRPC_SCHEME):
+        raise EvalError("config field 'reference': the KL needs a model folder, not grpc://")
+    if not isinstance(candidate, FolderPolicy):
+        raise EvalError(
+            "config field 'reference': the KL needs the candidate's full next-token "
+            "distributions, so the candidate must be a model folder"
+        )
+    reference = open_policy("reference", config.reference, config, opened)
+    if not (reference is candidate or same_vocabulary(reference, candidate)):
+        raise EvalError(
+            f"config field 'reference': {config.reference} and the candidate have different "
+            "tokenizers; the KL needs one vocabulary"
+        )
+    return reference
+
+
+def same_vocabulary(a: FolderPolicy, b: FolderPolicy) -> bool:
+    return a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def config_as_json(config: EvalConfig) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+
+
+def write_summary(output: Path, summary: dict) -> Path:
+    """eval.json through a temporary sibling and a rename: a reader sees all of it or none."""
+    output.mkdir(parents=True, exist_ok=True)
+    target = output / EVAL_FILE
+    staging = output / f".{EVAL_FILE}.tmp-{os.getpid()}"
+    staging.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    os.replace(staging, target)
+    return target
+
+
+def run_eval(config: EvalConfig) -> dict:
+    started = time.time()
+
+    # 1. Check the input before any model loads.
+    config.validate()
+    prompts = load_prompts(config.data, config.num_prompts)
+    conversations = [p.messages for p in prompts]
+    try:
+        annotator = load_annotator(config.annotator)
+    except AnnotatorError as err:
+        raise EvalError(f"config field 'annotator': {err}") from err
+    opened: dict[str, Policy] = {}
+    candidate = open_policy("candidate", config.candidate, config, opened)
+    baseline = open_policy("baseline", config.baseline, config, opened)
+    reference = open_reference(config, candidate, baseline, opened)
+    for field, policy in [("candidate", candidate), ("baseline", baseline)]:
+        if isinstance(policy, FolderPolicy):
+            try:
+                policy.check(conversations)
+            except PolicyError as err:
+                raise EvalError(f"config field '{field}' on {config.data}: {err}") from err
+    sampling = Sampling(config.max_new_tokens, config.temperature, config.top_p, config.seed)
+
+    # 2-4. The answers, and the KL on the candidate's while the candidate is loaded.
+    candidate_answers = answers_of("candidate", candidate, conversations, sampling, config)
+    kl = None
+    if reference is not None:
+        try:
+            kls = kl_to_reference(
+                candidate, reference, conversations, candidate_answers, config.batch_size
+            )
+        except PolicyError as err:  # the two heads differ in size
+            raise EvalError(f"config field 'reference': {err}") from err
+        kl = statistics.fmean(kls)
+    baseline_answers = answers_of("baseline", baseline, conversations, sampling, config)
+
+    # 5. Scores and pairwise verdicts, on the question as the user asked it.
+    questions = [p.question for p in prompts]
+    candidate_texts = [a.text for a in candidate_answers]
+    baseline_texts = [a.text for a in baseline_answers]
+    try:
+        candidate_scores = [annotator.score(q, a) for q, a in zip(questions, candidate_texts)]
+        baseline_scores = [annotator.score(q, a) for q, a in zip(questions, baseline_texts)]
+        comparison, records = compare(
+            questions, candidate_texts, baseline_texts, annotator.prefer, random.Random(config.seed)
+        )
+    except (TypeError, ValueError) as err:  # AnnotatorError, or a verdict not in [0, 1]
+        raise EvalError(f"config field 'annotator': {err}") from err
+    metrics = {
+        "win_rate": comparison.win_rate,
+        "win_rate_ci_low": comparison.ci_low,
+        "win_rate_ci_high": comparison.ci_high,
+        "wins": comparison.wins,
+        "losses": comparison.losses,
+        "ties": comparison.ties,
+        "n": comparison.n,
+        "candidate_score_mean": statistics.fmean(candidate_scores),
+        "baseline_score_mean": statistics.fmean(baseline_scores),
+        "candidate_length_mean": mean_tokens(candidate_answers),
+        "baseline_length_mean": mean_tokens(baseline_answers),
+        "candidate_words_mean": mean_words(candidate_answers),
+        "baseline_words_mean": mean_words(baseline_answers),
+        "kl_to_reference": kl,
+    }
+    examples = [
+        {**record, "candidate_score": candidate_scores[i], "baseline_score": baseline_scores[i]}
+        for i, record in enumerate(records[: config.examples])
+    ]
+
+    # 6. The summary.
+    import transformers
+
+    summary = {
+        "stage": "eval",
+        "policies": {
+            "candidate": candidate.describe(),
+            "baseline": baseline.describe(),
+            "reference": None if reference is None else reference.describe(),
+        },
+        "annotator": annotator.name,
+        "data": {
+            "path": str(config.data),
+            "sha256": sha256_file(config.data),
+            "prompts": len(prompts),
+        },
+        "metrics": metrics,
+        "examples": examples,
+        "config": config_as_json(config),
+        "seconds": round(time.time() - started, 3),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    write_summary(Path(config.output), summary)
+    return summary
+
+
+def answers_of(
+    field: str, policy: Policy, conversations: list, sampling: Sampling, config: EvalConfig
+) -> list[Answer]:
+    try:
+        return generate_all(policy, conversations, sampling, config.batch_size)
+    except PolicyError as err:  # the service refused a request as invalid
+        raise EvalError(f"config field '{field}' on {config.data}: {err}") from err
+
+
+def mean_tokens(answers: list[Answer]) -> float:
+    return statistics.fmean(len(a.token_ids) for a in answers)
+
+
+def mean_words(answers: list[Answer]) -> float:
+    return statistics.fmean(len(words(a.text)) for a in answers)

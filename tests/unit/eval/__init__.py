@@ -1,0 +1,1 @@
+"""Tests of `rlhf eval` (services/eval): its statistics, the stage and its command line."""
