@@ -95,7 +95,7 @@ proto-lint: $(VENV)/.installed ## Lint the protos with buf (local config, STANDA
 lint: proto-lint ## All static checks
 
 .PHONY: test
-test: setup proto-lint ## Run every test: unit, and integration on a real Kafka broker and Triton server
+test: setup models proto-lint ## Run every test: unit, integration on a real Kafka broker and Triton server, and the quick demo
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: test-unit
@@ -126,9 +126,21 @@ stack-status: ## Show what the local stack runs
 stack-down: ## Stop the local stack
 	$(PY) -m deploy.local down
 
+PRESET ?= default
+ANNOTATOR ?= services.common.annotator_rules:helpful_concise
+ALGORITHM ?= ppo
+SEED ?= 0
 .PHONY: demo
-demo: setup models ## The main job: the whole RLHF loop as services on real Kafka and Triton (SmolLM2), then stop
-	$(PY) -m deploy.local demo
+demo: setup models ## The main job: SFT, reward model from rankings, online RL with live feedback, eval, report (PRESET=default|quick|gpu ANNOTATOR= ALGORITHM= SEED=)
+	$(PY) -m deploy.local demo --preset $(PRESET) --annotator $(ANNOTATOR) --algorithm $(ALGORITHM) --seed $(SEED)
+
+.PHONY: up
+up: setup models ## Bring the whole platform up and leave it running (state under .local/platform/); prints its URLs
+	$(PY) -m deploy.local platform-up
+
+.PHONY: down
+down: ## Stop everything `make up` started
+	@if [ -x $(PY) ]; then $(PY) -m deploy.local platform-down; fi
 
 .PHONY: smoke
 smoke: setup ## Bring the local stack up, one round trip through Kafka and Triton, stop it

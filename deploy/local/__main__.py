@@ -4,7 +4,9 @@
     python -m deploy.local status   # what runs, where, and whether it answers
     python -m deploy.local down     # stop both
     python -m deploy.local smoke    # up, one round trip through each, down
-    python -m deploy.local demo     # the main job: the whole RLHF loop as services (deploy/local/demo.py)
+    python -m deploy.local platform-up    # the whole platform, left running (deploy/local/platform.py)
+    python -m deploy.local platform-down  # stop it
+    python -m deploy.local demo [--preset quick] ...  # the main job (deploy/local/demo.py)
     python -m deploy.local reap     # stop every daemon a run left under .local/ (tests included)
 
 `up` writes `.local/stack/env` with the settings the services read
@@ -100,10 +102,22 @@ def reap() -> None:
             print(f"stopped {pid_file.stem} ({pid_file.parent})")
 
 
-def demo() -> None:
+def demo(argv: list[str]) -> int:
     from deploy.local import demo as main_job
 
-    main_job.main()
+    return main_job.main(argv)
+
+
+def platform_up(argv: list[str]) -> int:
+    from deploy.local import platform
+
+    return platform.up(argv)
+
+
+def platform_down(argv: list[str]) -> int:
+    from deploy.local import platform
+
+    return platform.down(argv)
 
 
 def smoke() -> None:
@@ -150,9 +164,15 @@ def smoke() -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.local", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["up", "down", "status", "smoke", "demo", "reap"])
-    commands = {"up": up, "down": down, "status": status, "smoke": smoke, "demo": demo, "reap": reap}
-    result = commands[parser.parse_args().command]()
+    with_args = {"demo": demo, "platform-up": platform_up, "platform-down": platform_down}
+    commands = {"up": up, "down": down, "status": status, "smoke": smoke, "reap": reap}
+    parser.add_argument("command", choices=[*commands, *with_args])
+    options, rest = parser.parse_known_args()
+    if options.command in with_args:
+        return with_args[options.command](rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    result = commands[options.command]()
     return result if isinstance(result, int) else 0
 
 

@@ -81,6 +81,8 @@ class TritonServer:
     http_port: int = 0
     metrics_port: int = 0
     cache_dir: Path | None = None
+    environment: dict[str, str] = field(default_factory=dict)
+    """Extra environment of the server and so of its Python model stubs (thread counts...)."""
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)
@@ -124,7 +126,7 @@ class TritonServer:
 
     def start(self, timeout_s: float = 300.0) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.daemon.start(self.argv(), env=server_environment(), cwd=self.state_dir)
+        self.daemon.start(self.argv(), env={**server_environment(), **self.environment}, cwd=self.state_dir)
         self.daemon.wait_ready(self._ready, timeout_s)
 
     def _ready(self) -> bool:
