@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import openai
+import pytest
 
 from deploy.local.report import FIGURES, REQUIRED_KEYS, check_report
 from deploy.local.stack import Stack
@@ -36,6 +37,7 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
+@pytest.mark.timeout(1800)  # the quick demo (~6 min), then make up and down (~3 min)
 def test_quick_demo_runs_every_stage_writes_the_report_and_stops_everything(run_dir: Path):
     state, report_dir, keep = run_dir / "demo", run_dir / "demo-report", run_dir / "demo-models"
     done = subprocess.run(
