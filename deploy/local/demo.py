@@ -31,6 +31,7 @@ stopped at the end, whatever happens; state and logs are under .local/demo/.
 from __future__ import annotations
 
 import argparse
+import calendar
 import json
 import os
 import random
@@ -411,7 +412,7 @@ def refreshes(log_file: Path, console_t0_unix: float) -> list[dict]:
             continue
         if entry.get("msg") != "refresh":
             continue
-        stamp = time.mktime(time.strptime(entry["ts"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+        stamp = calendar.timegm(time.strptime(entry["ts"][:19], "%Y-%m-%dT%H:%M:%S"))  # UTC
         out.append(
             {
                 "t_s": stamp - console_t0_unix,
