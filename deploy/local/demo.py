@@ -174,7 +174,7 @@ class Console:
         print(f"   [{self.now():6.0f}s] {text}", flush=True)
 
 
-def rlhf(console: Console, stage: str, args: list[str], log: Path) -> dict:
+def rlhf(stage: str, args: list[str], log: Path) -> dict:
     """Runs one `rlhf` stage as a user would; its JSON summary (stdout) is returned."""
     cmd = [sys.executable, "-m", "services.cli", stage, *args]
     with open(log, "w") as err:
@@ -512,7 +512,6 @@ def run(
             demos = demos[: preset.sft_rows]
         sft_dir = work / "sft"
         summary = rlhf(
-            console,
             "sft",
             [
                 "--model",
@@ -577,7 +576,6 @@ def run(
         train = [p for p in pairs if not is_held_out(p["prompt"], modulus)]
         reward_dir = work / "reward-v1"
         summary = rlhf(
-            console,
             "train-reward",
             [
                 "--data",
@@ -729,7 +727,6 @@ def run(
             "examples=100",
         ]
         vs_sft = rlhf(
-            console,
             "eval",
             [
                 "--candidate",
@@ -745,7 +742,6 @@ def run(
             work / "eval-vs-sft.log",
         )
         vs_base = rlhf(
-            console,
             "eval",
             [
                 "--candidate",
