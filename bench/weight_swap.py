@@ -47,7 +47,7 @@ from deploy.local.triton import TritonServer
 from services.common.grpc_server import GrpcSettings
 from services.common.models import convert_smollm2
 from services.common.settings import TritonSettings
-from services.policy.push import build_manifest, push_folder
+from tests.support.push import build_manifest, push_folder
 from services.policy.server import build
 from services.policy.settings import PolicySettings
 from services.policy.weights import KEEP_VERSIONS

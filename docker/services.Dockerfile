@@ -36,4 +36,4 @@ WORKDIR /app
 # Runs with a read-only root filesystem: only /tmp (and the chart's volumes) are writable.
 USER 1000:1000
 # The chart sets the command per container; this is the policy service.
-CMD ["python", "-m", "services.policy.server"]
+CMD ["python", "-m", "services.policy"]

@@ -8,7 +8,7 @@
     python -m services.cli eval         --candidate runs/dpo-1 --baseline runs/sft-1 \
                                         --data prompts.jsonl --output runs/eval-1
 
-A stage's settings are its config dataclass (services/trainer/offline/<stage>.py; for eval,
+A stage's settings are its config dataclass (services/common/training/<stage>.py; for eval,
 services/eval/run.py): defaults, then the YAML file (keys are the field names), then the flags,
 then each `--set FIELD=VALUE`.
 `python -m services.cli <stage> --help` lists every field with its one-line description.
@@ -52,25 +52,25 @@ class Stage:
 
 STAGES: dict[str, Stage] = {
     "sft": Stage(
-        "services.trainer.offline.sft",
+        "services.common.training.sft",
         "SFTConfig",
         "run_sft",
         "supervised fine-tuning on demonstrations",
     ),
     "train-reward": Stage(
-        "services.trainer.offline.reward",
+        "services.common.training.reward",
         "RewardConfig",
         "run_train_reward",
         "Bradley-Terry reward model on pairs and rankings",
     ),
     "dpo": Stage(
-        "services.trainer.offline.dpo",
+        "services.common.training.dpo",
         "DPOConfig",
         "run_dpo",
         "direct preference optimisation on pairs",
     ),
     "kto": Stage(
-        "services.trainer.offline.kto", "KTOConfig", "run_kto", "KTO on thumbs-up/down labels"
+        "services.common.training.kto", "KTOConfig", "run_kto", "KTO on thumbs-up/down labels"
     ),
     "eval": Stage(
         "services.eval.run",
@@ -141,7 +141,7 @@ CONVERTERS = {
 
 def coerce(name: str, hint: Any, value: Any) -> Any:
     """A YAML or command-line value as the field's type; ConfigError naming the field otherwise."""
-    from services.trainer.offline.common import ConfigError
+    from services.common.training.stage import ConfigError
 
     is_union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
     options = typing.get_args(hint) if is_union else (hint,)
@@ -159,7 +159,7 @@ def build_config(cls: type, yaml_file: Path | None, flags: dict[str, Any], overr
     """defaults < YAML < flags < --set, checked against the dataclass's fields."""
     import yaml
 
-    from services.trainer.offline.common import ConfigError
+    from services.common.training.stage import ConfigError
 
     values: dict[str, Any] = {}
     if yaml_file is not None:
@@ -246,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     stage: Stage = options._stage
     module = importlib.import_module(stage.module)
     from services.eval.run import EvalError
-    from services.trainer.offline.common import ConfigError
-    from services.trainer.offline.data import DataError
+    from services.common.training.stage import ConfigError
+    from services.common.training.data import DataError
 
     try:
         config = build_config(

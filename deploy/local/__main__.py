@@ -49,7 +49,7 @@ def _triton(models: list[str]) -> TritonServer:
 
 
 def up() -> tuple[KafkaBroker, TritonServer]:
-    from services.common.probe_model import probe_spec, save_probe
+    from deploy.local.probe_model import probe_spec, save_probe
     from services.common.triton_repo import write_model
 
     STACK.mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,7 @@ import grpc
 from deploy.local import report as report_mod
 from deploy.local.stack import REPO_ROOT, Stack, http_json, wait_for
 from services.common.annotator import DEFAULT_ANNOTATOR, Annotator, load_annotator
-from services.curator.refresh import is_held_out
+from services.refresh.worker import is_held_out
 
 DATA = REPO_ROOT / "deploy" / "local" / "data"
 STATE = REPO_ROOT / ".local" / "demo"

@@ -128,7 +128,7 @@ class Stack:
         port = self._port("policy")
         return self.start(
             "policy",
-            "services.policy.server",
+            "services.policy",
             {
                 "RLHF_POLICY_MODEL_DIR": str(model_dir),
                 "RLHF_POLICY_MODEL_NAME": "policy",
@@ -144,7 +144,7 @@ class Stack:
         port = self._port("reward")
         return self.start(
             "reward",
-            "services.reward.server",
+            "services.reward",
             {
                 "RLHF_REWARD_MODEL_DIR": str(model_dir),
                 "RLHF_REWARD_MODEL_REPOSITORY": str(self.repository),
@@ -160,7 +160,7 @@ class Stack:
         port = self._port("reference")
         return self.start(
             "reference",
-            "services.reference.server",
+            "services.reference",
             {
                 "RLHF_REFERENCE_MODEL_DIR": str(model_dir),
                 "RLHF_REFERENCE_MODEL_REPOSITORY": str(self.repository),
@@ -180,7 +180,7 @@ class Stack:
         port = self._port("gateway")
         daemon = self.start(
             "gateway",
-            "services.gateway.app",
+            "services.gateway",
             {
                 "RLHF_GATEWAY_HOST": "127.0.0.1",
                 "RLHF_GATEWAY_PORT": str(port),
@@ -202,7 +202,7 @@ class Stack:
     def start_curator(self) -> Daemon:
         return self.start(
             "curator",
-            "services.curator.server",
+            "services.curator",
             {
                 "RLHF_CURATOR_STATE_DIR": str(self.state / "curator"),
                 "RLHF_CURATOR_METRICS_PORT": str(self._port("curator-metrics")),
@@ -214,7 +214,7 @@ class Stack:
         extra = {f"RLHF_REFRESH_{k.upper()}": str(v) for k, v in settings.items()}
         return self.start(
             "refresh",
-            "services.curator.refresh",
+            "services.refresh",
             {
                 "RLHF_REFRESH_BASE_MODEL_DIR": str(base_model_dir),
                 "RLHF_REFRESH_VERSIONS_ROOT": str(versions_root),
@@ -230,7 +230,7 @@ class Stack:
     ) -> Daemon:
         return self.start(
             "trainer",
-            "services.trainer.server",
+            "services.trainer",
             {
                 "RLHF_TRAINER_MODEL_DIR": str(model_dir),
                 "RLHF_TRAINER_ALGORITHM": algorithm,
@@ -257,7 +257,7 @@ class Stack:
         extra = {f"RLHF_ROLLOUT_{k.upper()}": str(v) for k, v in settings.items()}
         return self.start(
             "rollout",
-            "services.rollout.worker",
+            "services.rollout",
             {
                 "RLHF_ROLLOUT_DATASET": str(dataset),
                 "RLHF_ROLLOUT_POLICY_ADDRESS": self.address("policy"),

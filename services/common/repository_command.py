@@ -1,4 +1,4 @@
-"""The body of `python -m services.<svc>.repository`: write a model service's Triton model
+"""The body of `python -m services.<svc> repository`: write a model service's Triton model
 repository from its settings and exit (the Helm chart's init container runs it)."""
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from services.common.kafka import decode
 from services.common.prompts import render_prompt
-from services.curator.preferences import (
+from services.common.preferences import (
     Source,
     derived_id,
     label_record,

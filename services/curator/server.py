@@ -2,7 +2,7 @@
 `rlhf.preferences.v1` (see `join.py` for what it emits). Run it with
 
     RLHF_KAFKA_BOOTSTRAP_SERVERS=kafka:9092 RLHF_CURATOR_STATE_DIR=/var/lib/curator \
-        python -m services.curator.server
+        python -m services.curator
 
 Both inputs are keyed by response id with the same partition count, and the range assignor gives
 partition p of both topics to the same member, so the join is partition-local. One cycle:
@@ -21,17 +21,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from contextlib import contextmanager
 
-from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka import TopicPartition
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from services.common import topics
-from services.common.kafka import commit, decode, make_consumer, make_producer
+from services.common.durable import SeekToStoredOffsets, durable_cycle
+from services.common.kafka import decode, make_consumer, make_producer
 from services.common.worker import run_cycles, serve
 from services.curator.join import JoinCounts, JoinLimits, expire_waiting, on_feedback, on_generation
-from services.curator.preferences import prompt_hash
+from services.common.preferences import prompt_hash
 from services.curator.settings import CuratorSettings
 from services.curator.store import JoinStore
 from services.genproto.rlhf.v1 import events_pb2
@@ -52,51 +52,6 @@ class CuratorMetrics:
                                "Feedback that expired before its generation arrived.", registry=registry)
         self.pending = Gauge("rlhf_curator_feedback_pending", "Feedback waiting for its generation.",
                              registry=registry)
-
-
-class SeekToStoredOffsets(ConsumerRebalanceListener):
-    """On assignment, seeks each partition to the offset the worker's durable store holds (the
-    store, not Kafka's committed offsets, is the source of truth after a crash)."""
-
-    def __init__(self, worker: CuratorWorker):
-        self.worker = worker
-
-    def on_partitions_revoked(self, revoked):
-        pass
-
-    def on_partitions_assigned(self, assigned):
-        # Called on kafka-python's coordinator thread: it reads the in-memory copy, not sqlite.
-        stored = dict(self.worker.stored_offsets)
-        for tp in assigned:
-            if (tp.topic, tp.partition) in stored:
-                self.worker.consumer.seek(tp, stored[(tp.topic, tp.partition)])
-
-
-@contextmanager
-def durable_cycle(worker, batches: dict, next_offsets: dict[TopicPartition, int]):
-    """Steps 4-5 of a cycle, around its processing (the `with` body), for a worker with a
-    DurableStore `store`, a `consumer` and `stored_offsets` (the curator, the reward refresh).
-    When the body succeeds, the offsets it put in `next_offsets` are stored and the store's
-    transaction committed, then they are committed to Kafka (a failure there is only logged: the
-    store's copy wins on restart). When the body fails, the transaction is rolled back and the
-    consumer rewound to the batch's start, so the next cycle reads the batch again."""
-    try:
-        yield
-        for tp, offset in next_offsets.items():
-            worker.store.set_offset(tp.topic, tp.partition, offset)
-        worker.store.commit()
-        worker.stored_offsets = {
-            **worker.stored_offsets, **{(tp.topic, tp.partition): o for tp, o in next_offsets.items()}
-        }
-    except Exception:
-        worker.store.rollback()
-        for tp, records in batches.items():
-            worker.consumer.seek(tp, records[0].offset)
-        raise
-    try:
-        commit(worker.consumer, next_offsets)
-    except Exception as exc:  # noqa: BLE001 - a rebalance: the store's offsets are the truth
-        log.warning("kafka offset commit failed", extra={"fields": {"error": repr(exc)}})
 
 
 class CuratorWorker:
@@ -168,7 +123,3 @@ class CuratorWorker:
 
 def main() -> None:
     serve("curator", CuratorSettings(), CuratorWorker)
-
-
-if __name__ == "__main__":
-    main()

@@ -10,8 +10,9 @@ replays a batch whose outputs carry the same ids (recognised downstream) or noth
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
+
+from services.common.durable import DurableStore
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS generations (
@@ -28,42 +29,6 @@ CREATE TABLE IF NOT EXISTS judged (
   PRIMARY KEY (prompt_key, response_id, desirable));
 CREATE TABLE IF NOT EXISTS emitted (preference_id TEXT PRIMARY KEY, seen_at REAL);
 """
-
-OFFSETS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS offsets (
-  topic TEXT, partition INTEGER, next_offset INTEGER, PRIMARY KEY (topic, partition));
-"""
-
-
-class DurableStore:
-    """A sqlite file in WAL mode with synchronous commits and the consumed offsets of each
-    partition: the state a Kafka worker commits before it commits its offsets to Kafka.
-    Callers group writes with `commit`/`rollback`."""
-
-    def __init__(self, state_dir: Path, file_name: str, schema: str):
-        state_dir = Path(state_dir)
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(state_dir / file_name, isolation_level="DEFERRED")
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss
-        self.db.executescript(OFFSETS_SCHEMA + schema)
-        self.db.commit()
-
-    def commit(self) -> None:
-        self.db.commit()
-
-    def rollback(self) -> None:
-        self.db.rollback()
-
-    def close(self) -> None:
-        self.db.close()
-
-    def set_offset(self, topic: str, partition: int, next_offset: int) -> None:
-        self.db.execute("INSERT OR REPLACE INTO offsets VALUES (?,?,?)", (topic, partition, next_offset))
-
-    def offsets(self) -> dict[tuple[str, int], int]:
-        return {(t, p): o for t, p, o in self.db.execute("SELECT topic, partition, next_offset FROM offsets")}
-
 
 class JoinStore(DurableStore):
     """A thin, typed layer over the curator's sqlite file."""

@@ -10,7 +10,7 @@
 An event is answered 202 only after Kafka acknowledged it (acks=all), else 503 with Retry-After.
 Run it (settings in `services/gateway/settings.py`):
 
-    RLHF_GATEWAY_API_KEY_SHA256=<sha256 hex of the key> python -m services.gateway.app
+    RLHF_GATEWAY_API_KEY_SHA256=<sha256 hex of the key> python -m services.gateway
 """
 
 from __future__ import annotations
@@ -89,7 +89,3 @@ def main() -> None:
     configure_logging("gateway", settings.log_level)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                 log_level=settings.log_level.lower(), access_log=False)
-
-
-if __name__ == "__main__":
-    main()

@@ -22,7 +22,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common import topics
-from services.curator.preferences import Source, derived_id, pair_record, prompt_hash, ranking_pairs
+from services.common.preferences import Source, derived_id, pair_record, prompt_hash, ranking_pairs
 from services.gateway.auth import ApiKey
 from services.gateway.protocol import FeedbackRequest, PreferenceRequest, RankingRequest
 from services.genproto.rlhf.v1 import events_pb2

@@ -5,7 +5,7 @@ sha256 hex digests are configured, never the keys themselves:
 
     RLHF_GATEWAY_API_KEY_SHA256=$(printf %s "$KEY" | sha256sum | cut -d' ' -f1)
     RLHF_GATEWAY_POLICY_URL=policy:50051 RLHF_KAFKA_BOOTSTRAP_SERVERS=kafka:9092 \
-        python -m services.gateway.app
+        python -m services.gateway
 """
 
 from __future__ import annotations

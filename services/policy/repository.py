@@ -1,6 +1,6 @@
 """Writes the policy's Triton model repository from its settings, then exits.
 
-    RLHF_POLICY_MODEL_REPOSITORY=/model-repository python -m services.policy.repository
+    RLHF_POLICY_MODEL_REPOSITORY=/model-repository python -m services.policy repository
 
 Kubernetes runs it as the init container of each policy pod (helm/: the Triton sidecar then starts
 with `--load-model=policy`); local runs and tests let the service write and load the model itself.
@@ -8,7 +8,6 @@ with `--load-model=policy`); local runs and tests let the service write and load
 
 from __future__ import annotations
 
-import sys
 
 from services.common.repository_command import run
 from services.policy.settings import PolicySettings
@@ -18,7 +17,3 @@ def main() -> int:
     from services.policy.server import write_triton_model
 
     return run(PolicySettings, write_triton_model)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """The policy service: gRPC `rlhf.v1.PolicyService` in front of the `policy` model in Triton.
 
-    python -m services.policy.server          # settings from RLHF_POLICY_*, RLHF_TRITON_*, RLHF_KAFKA_*
+    python -m services.policy          # settings from RLHF_POLICY_*, RLHF_TRITON_*, RLHF_KAFKA_*
 
 What runs where:
 - Triton runs the model (services/policy/triton_model.py): batched generation, streaming,
@@ -127,7 +127,3 @@ def main() -> None:
     service.server.install_signal_handlers()
     service.server.wait()
     service.stop(0)
-
-
-if __name__ == "__main__":
-    main()

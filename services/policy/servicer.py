@@ -28,7 +28,7 @@ from services.policy.sampling import first_stop_string
 from services.policy.updates import WeightsUpdater
 from services.policy.validation import GenerationPlan, InvalidArgument, Limits, plan_generation
 from services.policy.weights import WeightsRejected
-from services.policy.weights_wire import ChunkView, WireError, decode_request
+from services.common.weights_wire import ChunkView, WireError, decode_request
 
 log = logging.getLogger(__name__)
 STOP_STRING = 3
@@ -249,7 +249,7 @@ class _Registrations:
 
 def add_to_server(servicer: PolicyServicer, server: grpc.Server) -> None:
     """The generated registration, except that UpdateWeights receives its requests as bytes:
-    protobuf would copy every chunk's data twice on the way in (services/policy/weights_wire)."""
+    protobuf would copy every chunk's data twice on the way in (services/common/weights_wire)."""
     captured = _Registrations()
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, captured)
     handlers = dict(captured.handlers)

@@ -16,7 +16,6 @@ its batch used.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from collections.abc import Iterable
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.digest import sha256_file
+from services.common.versions import MARKER, VersionedFolders
 from services.common.safetensors_header import (
     HeaderError,
     TensorSpecs,
@@ -33,7 +33,6 @@ from services.common.safetensors_header import (
     summary,
 )
 
-MARKER = "CURRENT"
 KEEP_VERSIONS = 3
 
 
@@ -76,10 +75,8 @@ class Marker:
 
 
 def read_marker(root: Path) -> Marker | None:
-    path = Path(root) / MARKER
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
+    data = VersionedFolders(root).read_marker()
+    if data is None:
         return None
     return Marker(int(data["weights_version"]), tuple(Path(root) / f for f in data["files"]))
 
@@ -93,6 +90,7 @@ class WeightsStore:
     def __post_init__(self) -> None:
         self.root = Path(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.folders = VersionedFolders(self.root)
 
     def staging(self, version: int, reuse: Iterable[str] = ()) -> Path:
         """A staging folder for `version`. With `reuse` (the file names about to arrive), it is
@@ -100,7 +98,7 @@ class WeightsStore:
         file: the push overwrites those files in place, which spares the kernel allocating fresh
         pages (and the filesystem fresh blocks) for every byte of every version. Measured: 540 MB
         written over an existing file in 0.08 s, into a new one in 0.2-0.6 s."""
-        path = self.root / f".staging-v{version:08d}-{os.getpid()}"
+        path = self.root / f".staging-{self.folders.name(version)}-{os.getpid()}"
         shutil.rmtree(path, ignore_errors=True)
         old = self._recyclable() if reuse else None
         if old is None:
@@ -119,7 +117,7 @@ class WeightsStore:
         """The oldest version folder beyond the KEEP_VERSIONS - 1 newest, unless CURRENT uses it."""
         marker = read_marker(self.root)
         current = {f.parent.name for f in marker.files} if marker else set()
-        versions = sorted(p for p in self.root.glob("v*") if p.is_dir())
+        versions = [p for _, p in self.folders.folders()]
         for old in versions[: len(versions) - (KEEP_VERSIONS - 1)]:
             if old.name not in current:
                 return old
@@ -127,32 +125,24 @@ class WeightsStore:
 
     def publish(self, version: int, staged: Path) -> Marker:
         """Moves a verified staging folder into place and points CURRENT at it."""
-        final = self.root / f"v{version:08d}"
+        final = self.folders.path(version)
         shutil.rmtree(final, ignore_errors=True)
         staged.rename(final)
-        files = sorted(p.relative_to(self.root).as_posix() for p in final.glob("*.safetensors"))
-        tmp = self.root / f".{MARKER}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps({"weights_version": version, "files": files}))
-        os.replace(tmp, self.root / MARKER)
-        self._prune(keep=version)
+        self._point(version, final)
+        self.folders.prune(KEEP_VERSIONS, protect=[final])
         return read_marker(self.root)
 
     def point(self, version: int) -> None:
         """Points CURRENT back at an already published version (undo of a failed swap)."""
-        folder = self.root / f"v{version:08d}"
-        files = sorted(p.relative_to(self.root).as_posix() for p in folder.glob("*.safetensors"))
-        if not files:
+        folder = self.folders.path(version)
+        if not any(folder.glob("*.safetensors")):
             (self.root / MARKER).unlink(missing_ok=True)
             return
-        tmp = self.root / f".{MARKER}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps({"weights_version": version, "files": files}))
-        os.replace(tmp, self.root / MARKER)
+        self._point(version, folder)
 
-    def _prune(self, keep: int) -> None:
-        versions = sorted(self.root.glob("v*"))
-        for old in versions[:-KEEP_VERSIONS]:
-            if old.name != f"v{keep:08d}":
-                shutil.rmtree(old, ignore_errors=True)
+    def _point(self, version: int, folder: Path) -> None:
+        files = sorted(p.relative_to(self.root).as_posix() for p in folder.glob("*.safetensors"))
+        self.folders.write_marker({"weights_version": version, "files": files})
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Writes the reference's Triton model repository from its settings, then exits.
 
-    RLHF_REFERENCE_MODEL_REPOSITORY=/model-repository python -m services.reference.repository
+    RLHF_REFERENCE_MODEL_REPOSITORY=/model-repository python -m services.reference repository
 
 Kubernetes runs it as the init container of each reference pod (helm/: the Triton sidecar then starts
 with `--load-model=reference`); local runs and tests let the service write and load the model itself.
@@ -8,7 +8,6 @@ with `--load-model=reference`); local runs and tests let the service write and l
 
 from __future__ import annotations
 
-import sys
 
 from services.common.repository_command import run
 from services.reference.settings import ReferenceSettings
@@ -18,7 +17,3 @@ def main() -> int:
     from services.reference.server import write_triton_model
 
     return run(ReferenceSettings, write_triton_model)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,7 @@ every response token under the frozen reference model (the KL anchor of RL train
 inside Triton (services.reference.triton_model) with whatever concurrent requests the dynamic
 batcher groups run as one forward pass.
 
-    python -m services.reference.server     # settings from RLHF_REFERENCE_* (services.reference.settings)
+    python -m services.reference     # settings from RLHF_REFERENCE_* (services.reference.settings)
 
 With RLHF_REFERENCE_MODEL_REPOSITORY set, the service writes its Triton model there and asks
 Triton (explicit model control) to load it; otherwise the deployment loads it.
@@ -69,7 +69,3 @@ def main() -> None:
     server.install_signal_handlers()
     server.start()
     server.wait()
-
-
-if __name__ == "__main__":
-    main()

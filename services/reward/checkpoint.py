@@ -8,21 +8,17 @@ Pure functions of files and bytes, used by the Triton model when it is told to r
    loaded).
 Any failure raises `CheckpointRefused` whose message is the reason reported to the caller.
 
-Also the publisher's pointer: `write_published` / `read_published`, the `CURRENT` file in the
-folder of published versions, which names the version to serve (the refresh writes it before it
-sends ReloadModel; a reward service that missed the call reads it, see services/reward/follower).
+(The publisher's pointer, `CURRENT` in the folder of published versions, is
+services.common.versions.write_published / read_published: the refresh writes it before it sends
+ReloadModel; a reward service that missed the call reads it, see services/reward/follower.)
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.digest import sha256_file
 from services.common.safetensors_header import (
     HeaderError,
     TensorSpecs,
@@ -94,42 +90,3 @@ def compare_specs(served: TensorSpecs, new: TensorSpecs, limit: int = 3) -> None
         raise CheckpointRefused(
             f"tensors do not match the served model: {summary(problems, limit)}"
         )
-
-
-def manifest(folder: Path) -> dict[str, str]:
-    """The sha256 of every file in `folder` (what a publisher sends with a new version)."""
-    return {p.name: sha256_file(p) for p in sorted(Path(folder).iterdir()) if p.is_file()}
-
-
-PUBLISHED_MARKER = "CURRENT"
-
-
-@dataclass(frozen=True)
-class Published:
-    """The reward-model version a publisher wants served."""
-
-    version: int
-    path: Path
-    file_sha256: dict[str, str]
-
-
-def write_published(root: Path, version: int, folder: Path, file_sha256: dict[str, str]) -> None:
-    """Points `root/CURRENT` at `folder` (temp file, fsync, rename). A folder inside `root` is
-    stored by its name, so readers may mount the volume at another path."""
-    root, folder = Path(root).resolve(), Path(folder).resolve()
-    where = folder.name if folder.parent == root else str(folder)
-    tmp = root / f".{PUBLISHED_MARKER}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"reward_model_version": int(version), "path": where, "file_sha256": dict(file_sha256)}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / PUBLISHED_MARKER)
-
-
-def read_published(root: Path) -> Published | None:
-    """What `root/CURRENT` names, or None when nothing was published there."""
-    try:
-        data = json.loads((Path(root) / PUBLISHED_MARKER).read_text())
-    except FileNotFoundError:
-        return None
-    return Published(int(data["reward_model_version"]), Path(root) / data["path"], dict(data["file_sha256"]))

@@ -6,13 +6,13 @@
   tokenizer, so the same conversation always scores the same whatever policy produced it, and
   the same as the rankings and thumbs it was trained on.
 - The pair encoding is the reward-model trainer's own `encode_for_reward` /`reward_batch`
-  (services.trainer.offline.encoding): serving and training see identical tokens, truncation
+  (services.common.training.encoding): serving and training see identical tokens, truncation
   (longest first, to `max_length` tokens) included.
 """
 
 from __future__ import annotations
 
 from services.common.prompts import render_messages, render_prompt
-from services.trainer.offline.encoding import encode_for_reward, reward_batch
+from services.common.training.encoding import encode_for_reward, reward_batch
 
 __all__ = ["encode_for_reward", "render_messages", "render_prompt", "reward_batch"]

@@ -13,7 +13,7 @@ import logging
 import threading
 from pathlib import Path
 
-from services.reward.checkpoint import read_published
+from services.common.versions import read_published
 from services.reward.scorer import RewardScorer
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Writes the reward's Triton model repository from its settings, then exits.
 
-    RLHF_REWARD_MODEL_REPOSITORY=/model-repository python -m services.reward.repository
+    RLHF_REWARD_MODEL_REPOSITORY=/model-repository python -m services.reward repository
 
 Kubernetes runs it as the init container of each reward pod (helm/: the Triton sidecar then starts
 with `--load-model=reward`); local runs and tests let the service write and load the model itself.
@@ -8,7 +8,6 @@ with `--load-model=reward`); local runs and tests let the service write and load
 
 from __future__ import annotations
 
-import sys
 
 from services.common.repository_command import run
 from services.reward.settings import RewardSettings
@@ -18,7 +17,3 @@ def main() -> int:
     from services.reward.server import write_triton_model
 
     return run(RewardSettings, write_triton_model)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,7 +18,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from services.common.triton_client import connect, infer, make_inputs
-from services.reward.rpc import Aborted
+from services.common.rpc import Aborted
 from services.reward.settings import RewardSettings
 
 VERSION_RETRIES = 3

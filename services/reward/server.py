@@ -6,7 +6,7 @@ ReloadModel swaps in a newly published version after checking its checksums and 
 with RLHF_REWARD_VERSIONS_ROOT set, the service also serves what that folder's CURRENT names, at
 start and whenever it changes (a reload it missed while restarting: services.reward.follower).
 
-    python -m services.reward.server        # settings from RLHF_REWARD_* (services.reward.settings)
+    python -m services.reward        # settings from RLHF_REWARD_* (services.reward.settings)
 
 With RLHF_REWARD_MODEL_REPOSITORY set, the service writes its Triton model there and asks Triton
 (explicit model control) to load it; otherwise the deployment loads it.
@@ -82,7 +82,3 @@ def main() -> None:
     server.wait()
     if follower is not None:
         follower.stop()
-
-
-if __name__ == "__main__":
-    main()

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from services.common.metrics import BATCH_BUCKETS
 from services.genproto.rlhf.v1 import reward_pb2, reward_pb2_grpc
 from services.reward.encoding import render_prompt
-from services.reward.rpc import FieldError, abort_for, remaining_s
+from services.common.rpc import FieldError, abort_for, remaining_s
 from services.reward.scorer import RewardScorer
 from services.reward.settings import RewardSettings
 

@@ -2,7 +2,7 @@
 
     RLHF_ROLLOUT_DATASET=data/prompts.jsonl RLHF_ROLLOUT_POLICY_ADDRESS=policy:50051 \
     RLHF_ROLLOUT_REWARD_ADDRESS=reward:50051 RLHF_ROLLOUT_REFERENCE_ADDRESS=reference:50051 \
-    python -m services.rollout.worker
+    python -m services.rollout
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The rollout worker: prompts -> policy (n samples each) -> reward and reference log-probs
 (fetched concurrently) -> one `rlhf.v1.Rollout` per sample on `rlhf.rollouts.v1`.
 
-    RLHF_ROLLOUT_DATASET=prompts.jsonl python -m services.rollout.worker
+    RLHF_ROLLOUT_DATASET=prompts.jsonl python -m services.rollout
 
 One round, in order:
   1. pick prompts: from the dataset file, and a share from recent live generations;
@@ -279,7 +279,3 @@ def main() -> None:
     finally:
         worker.close()
     log.info("rollout worker stopped", extra={"fields": {"produced": produced}})
-
-
-if __name__ == "__main__":
-    main()

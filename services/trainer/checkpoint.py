@@ -17,8 +17,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from services.common.digest import sha256_file
+from services.common.versions import VersionedFolders, fsync_dir, write_durable
 
 log = logging.getLogger(__name__)
 
@@ -82,36 +81,21 @@ class Checkpoint:
     path: Path | None = None
 
 
-def write_durable(path: Path, data: bytes) -> None:
-    """Writes `data` to `path` and fsyncs it (the folder is made durable by the final rename)."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _store(root: Path) -> VersionedFolders:
+    return VersionedFolders(root, PREFIX)
 
 
 def step_dir_name(step: int) -> str:
-    return f"{PREFIX}{step:08d}"
+    return _store(Path(".")).name(step)
 
 
 def temp_dir(root: Path, step: int) -> Path:
-    return Path(root) / f".tmp-{step_dir_name(step)}"
+    return _store(root).temp(step)
 
 
 def begin(root: Path, step: int) -> Path:
     """Creates an empty temp folder for checkpoint `step` (rank 0, before the ranks write)."""
-    tmp = temp_dir(root, step)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
+    return _store(root).begin(step)
 
 
 def write_position(tmp: Path, rank: int, position: ConsumerPosition) -> None:
@@ -134,11 +118,7 @@ def finish(root: Path, checkpoint: Checkpoint, keep: int = 2) -> Path:
     manifest = {"step": checkpoint.step, "sha256": {name: sha256_file(tmp / name) for name in files}}
     write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
     fsync_dir(tmp)
-    final = root / step_dir_name(checkpoint.step)
-    if final.exists():  # a rerun of a step after a crash that followed this rename: same content
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    fsync_dir(root)
+    final = _store(root).commit(tmp, checkpoint.step)  # a rerun after a crash: same content
     prune(root, keep)
     return final
 
@@ -192,10 +172,7 @@ def load(folder: Path) -> Checkpoint:
 
 def complete_checkpoints(root: Path) -> list[Path]:
     """Renamed (so once complete) checkpoint folders, newest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)), reverse=True)
+    return [path for _, path in reversed(_store(root).folders())]
 
 
 def latest(root: Path, on_skip: Callable[[Path, str], None] | None = None) -> Checkpoint | None:
@@ -212,10 +189,4 @@ def latest(root: Path, on_skip: Callable[[Path, str], None] | None = None) -> Ch
 
 def prune(root: Path, keep: int) -> None:
     """Keeps the `keep` newest checkpoints and removes temp folders a crash left behind."""
-    kept = complete_checkpoints(root)
-    for old in kept[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
-    newest = kept[0].name if kept else ""
-    for tmp in Path(root).glob(f".tmp-{PREFIX}*"):
-        if tmp.name.removeprefix(".tmp-") <= newest:
-            shutil.rmtree(tmp, ignore_errors=True)
+    _store(root).prune(keep)

@@ -6,7 +6,7 @@ offsets. The ranks agree before every update that each holds a full batch, so th
 in an all-reduce the others never reach.
 
 Launch (two ranks on one machine):
-    torchrun --nproc-per-node 2 -m services.trainer.server
+    torchrun --nproc-per-node 2 -m services.trainer
 or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT yourself for each process.
 """
 

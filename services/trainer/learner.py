@@ -1,6 +1,6 @@
 """The in-process RL learner: one `Learner.step(samples)` is one RL update of the policy from a
 batch of scored rollouts. The Kafka trainer (services/trainer) feeds it rollouts converted from
-`rlhf.v1.Rollout` messages; tests and benchmarks feed it `sample_rollouts(...)` in-process.
+`rlhf.v1.Rollout` messages; tests and benchmarks feed it `tests.support.rollouts.sample_rollouts(...)` in-process.
 
     learner = Learner(TrainerConfig(algorithm="grpo", lr=1e-6), policy_dir)
     metrics = learner.step(samples)        # list[RolloutSample] -> {"reward/mean": ..., ...}
@@ -25,7 +25,7 @@ weights and stay identical because gradients are averaged before every optimizer
 
 Legend: `B` batch, `P` prompt tokens (left-padded), `A` response tokens (right-padded),
 `T` = P + A all tokens, `V` vocabulary, `H` hidden size.
-The inputs (RolloutSample, collate, sample_rollouts) live in rollouts.py and are re-exported.
+The inputs (RolloutSample, collate) live in rollouts.py and are re-exported.
 Tests: tests/unit/trainer/test_learner.py and test_learning.py.
 """
 
@@ -64,7 +64,6 @@ from services.trainer.rollouts import (  # noqa: F401 - re-exported: the learner
     RolloutSample,
     collate,
     response_logprobs,
-    sample_rollouts,
     sequence_logits,
 )
 
@@ -75,7 +74,6 @@ __all__ = [
     "TrainerConfig",
     "ValueHead",
     "collate",
-    "sample_rollouts",
 ]
 
 

@@ -1,6 +1,6 @@
 """Rollouts in, tensors out: the learner's input types, their collation into padded tensors,
-per-token log-probs of responses under a model, and in-process sampling of scored rollouts
-(what the rollout worker does with the services, in one process: learning tests, benchmarks).
+and per-token log-probs of responses under a model. (In-process sampling of scored rollouts,
+for learning tests and benchmarks, is tests/support/rollouts.py.)
 
 Legend: `B` batch, `P` prompt tokens (left-padded), `A` response tokens (right-padded),
 `T` = P + A all tokens, `V` vocabulary, `H` hidden size.
@@ -9,13 +9,10 @@ Legend: `B` batch, `P` prompt tokens (left-padded), `A` response tokens (right-p
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
 
-from services.policy.generation import Row, generate_rows
-from services.policy.sampling import RowSampling
 
 
 @dataclass
@@ -146,62 +143,3 @@ def response_logprobs(model, batch: RolloutBatch, temperature: float = 1.0) -> t
     logits, _ = sequence_logits(model, batch)
     logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, A, V)
     return logprobs.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1) * batch.response_mask
-
-
-# ---- in-process sampling (learning tests, benchmarks) -------------------------------------
-
-
-@torch.no_grad()
-def sample_rollouts(
-    policy,
-    reference,
-    prompts: list[list[int]],
-    *,
-    samples_per_prompt: int,
-    max_new_tokens: int,
-    reward_fn: Callable[[list[int], list[int]], float],
-    eos_token_id: int | None,
-    pad_id: int,
-    temperature: float = 1.0,
-    seed: int = 0,
-    weights_version: int = 0,
-    group_prefix: str = "g",
-) -> list[RolloutSample]:
-    """Samples `samples_per_prompt` responses per prompt from `policy`, recording the behaviour
-    log-probs of the sampled tokens, scores them with `reward_fn(prompt_ids, response_ids)` and
-    adds reference log-probs from the frozen `reference`: what the rollout worker does with
-    the policy, reward and reference services, in one process, through the policy's decoding
-    loop (services.policy.generation).
-    """
-    prompt_rows = [list(p) for p in prompts for _ in range(samples_per_prompt)]
-    # The policy service's own decoding loop, each row with its own seeded generator.
-    rows = generate_rows(
-        policy,
-        [
-            Row(p, max_new_tokens, RowSampling(temperature, top_p=1.0, top_k=0, seed=seed * len(prompt_rows) + i))
-            for i, p in enumerate(prompt_rows)
-        ],
-        pad_id=pad_id,
-        eos_ids=set() if eos_token_id is None else {eos_token_id},
-        decode=lambda ids: "",  # no stop strings
-    )
-    samples = []
-    for i, (prompt, row) in enumerate(zip(prompt_rows, rows)):
-        group = i // samples_per_prompt
-        samples.append(
-            RolloutSample(
-                prompt_token_ids=prompt,
-                response_token_ids=row.tokens,
-                behaviour_logprobs=row.logprobs,
-                reference_logprobs=[0.0] * len(row.tokens),  # filled below
-                reward=float(reward_fn(prompt, row.tokens)),
-                group_id=f"{group_prefix}{group}",
-                weights_version=weights_version,
-                rollout_id=f"{group_prefix}{group}-{i % samples_per_prompt}",
-            )
-        )
-    batch = collate(samples, pad_id).to(next(reference.parameters()).device)
-    reference_logprobs = response_logprobs(reference, batch, temperature).cpu()  # (B, A)
-    for i, sample in enumerate(samples):
-        sample.reference_logprobs = reference_logprobs[i, : len(sample.response_token_ids)].tolist()
-    return samples

@@ -2,9 +2,9 @@
 new weights version to every policy replica. Start it with
 
     RLHF_TRAINER_MODEL_DIR=/models/policy RLHF_TRAINER_POLICY_ADDRESSES=127.0.0.1:50051 \
-    RLHF_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092 python -m services.trainer.server
+    RLHF_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092 python -m services.trainer
 
-(several ranks: `torchrun --nproc-per-node N -m services.trainer.server`). SIGTERM or SIGINT
+(several ranks: `torchrun --nproc-per-node N -m services.trainer`). SIGTERM or SIGINT
 finishes the current update and exits; `kill -9` is safe too: the next start resumes from the
 last checkpoint without losing or re-using a rollout. The loop itself is in loop.py.
 """
@@ -42,7 +42,3 @@ def main() -> None:
         service.close()
         distributed.shutdown()
     log.info("trainer stopped", extra={"fields": {"step": service.step, "weights_version": service.version}})
-
-
-if __name__ == "__main__":
-    main()

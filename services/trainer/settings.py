@@ -1,7 +1,7 @@
 """Settings of the trainer service (env prefix `RLHF_TRAINER_`), with the shared Kafka block.
 
     RLHF_TRAINER_MODEL_DIR=/models/policy-init RLHF_TRAINER_ALGORITHM=grpo \
-    RLHF_TRAINER_POLICY_ADDRESSES=policy-0:50051,policy-1:50051 python -m services.trainer.server
+    RLHF_TRAINER_POLICY_ADDRESSES=policy-0:50051,policy-1:50051 python -m services.trainer
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ policy replica over `PolicyService.UpdateWeights`, then announced on `rlhf.weigh
 
 The stream is the manifest first (version, sha256 and size of every file, name/shape/dtype of
 every tensor), then the files in chunks of `chunk_bytes`, read lazily from disk so a large model
-never sits in memory twice, and serialized by `services.policy.weights_wire` (protobuf's bytes
+never sits in memory twice, and serialized by `services.common.weights_wire` (protobuf's bytes
 on the wire, built with one copy from the page cache). The channel's message limit is raised
 above the chunk size on this side; the policy raises its own
 (services/common/grpc_server.message_size_options).
@@ -20,7 +20,6 @@ import json
 import logging
 import mmap
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,8 +35,9 @@ from services.common.digest import sha256_file
 from services.common.grpc_server import message_size_options
 from services.common.replicas import replica_addresses
 from services.common.safetensors_header import file_specs
+from services.common.versions import VersionedFolders, write_durable
 from services.genproto.rlhf.v1 import events_pb2, policy_pb2, policy_pb2_grpc
-from services.policy.weights_wire import UPDATE_WEIGHTS_METHOD, encode_chunk, encode_manifest
+from services.common.weights_wire import UPDATE_WEIGHTS_METHOD, encode_chunk, encode_manifest
 
 log = logging.getLogger(__name__)
 
@@ -48,26 +48,17 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 
 
 def version_dir(root: Path, version: int) -> Path:
-    return Path(root) / f"v{version:08d}"
+    return VersionedFolders(root).path(version)
 
 
 def write_version(root: Path, version: int, tensors: dict[str, torch.Tensor]) -> Path:
     """Writes `v{version}/model.safetensors` and its manifest atomically (temp folder + rename)."""
-    root = Path(root)
-    final = version_dir(root, version)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
-    with open(tmp / WEIGHTS_FILE, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    store = VersionedFolders(root)
+    tmp = store.begin(version)
+    write_durable(tmp / WEIGHTS_FILE, save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}))
     manifest = build_manifest(tmp, version)
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest_to_json(manifest), indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    return final
+    return store.commit(tmp, version)
 
 
 def tensor_specs(path: Path) -> list[policy_pb2.TensorSpec]:

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from services.curator.refresh_settings import RefreshSettings
+from services.refresh.settings import RefreshSettings
 from services.curator.settings import CuratorSettings
 from services.gateway.settings import GatewaySettings
 from services.policy.settings import PolicySettings
@@ -175,7 +175,7 @@ def test_model_pods_run_the_service_beside_triton_on_a_generated_repository(mini
         assert [c["name"] for c in spec["initContainers"]] == ["model-repository"]
         assert [c["name"] for c in spec["containers"]] == ["service", "triton"]
         init, service, triton = (container(spec, n) for n in ("model-repository", "service", "triton"))
-        assert init["command"] == ["python", "-m", f"services.{component}.repository"]
+        assert init["command"] == ["python", "-m", f"services.{component}", "repository"]
         upper = component.upper()
         assert env_of(init)[f"RLHF_{upper}_MODEL_REPOSITORY"] == "/model-repository"
         # gRPC health probes on the service; Triton only on the pod's loopback, with no HTTP API.
@@ -292,17 +292,14 @@ def test_production_adds_ingress_autoscaling_network_policies_and_monitoring(min
 
 # What each container's command runs, and the settings that module reads from its environment.
 ENTRY_POINT_SETTINGS = {
-    "services.policy.server": PolicySettings,
-    "services.policy.repository": PolicySettings,
-    "services.reward.server": RewardSettings,
-    "services.reward.repository": RewardSettings,
-    "services.reference.server": ReferenceSettings,
-    "services.reference.repository": ReferenceSettings,
-    "services.rollout.worker": RolloutSettings,
-    "services.trainer.server": TrainerSettings,
-    "services.gateway.app": GatewaySettings,
-    "services.curator.server": CuratorSettings,
-    "services.curator.refresh": RefreshSettings,
+    "services.policy": PolicySettings,
+    "services.reward": RewardSettings,
+    "services.reference": ReferenceSettings,
+    "services.rollout": RolloutSettings,
+    "services.trainer": TrainerSettings,
+    "services.gateway": GatewaySettings,
+    "services.curator": CuratorSettings,
+    "services.refresh": RefreshSettings,
 }
 # Values a Secret would supply, for variables the chart takes from one.
 SECRET_VALUES = {"RLHF_GATEWAY_API_KEY_SHA256": "0" * 64}
@@ -368,8 +365,8 @@ def test_every_setting_the_chart_passes_is_one_its_service_reads(minimal, produc
                 checked += 1
     assert checked > 80
     for key in shared:
-        assert {"services.policy.server", "services.rollout.worker", "services.trainer.server",
-                "services.gateway.app", "services.curator.server", "services.curator.refresh",
+        assert {"services.policy", "services.rollout", "services.trainer",
+                "services.gateway", "services.curator", "services.refresh",
                 } <= shared_readers[key], key
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 
-from services.common.probe_model import IN_FEATURES, probe_spec, save_probe
+from deploy.local.probe_model import IN_FEATURES, probe_spec, save_probe
 from services.common.triton_repo import write_model
 
 

@@ -1,4 +1,4 @@
-"""Runs the real gateway (`python -m services.gateway.app`, uvicorn) on a free port for a test,
+"""Runs the real gateway (`python -m services.gateway`, uvicorn) on a free port for a test,
 and reads Kafka topics back from their beginning."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def running_gateway(kafka: KafkaSettings, log_dir: Path, policy_url: str = "127.
     log_dir.mkdir(parents=True, exist_ok=True)
     log_file = log_dir / f"gateway-{port}.log"
     with open(log_file, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "services.gateway.app"], env=env, cwd=REPO,
+        proc = subprocess.Popen([sys.executable, "-m", "services.gateway"], env=env, cwd=REPO,
                                 stdout=log, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"

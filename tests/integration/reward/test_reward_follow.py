@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 
 from services.genproto.rlhf.v1 import reward_pb2_grpc
-from services.reward.checkpoint import manifest, write_published
+from services.common.versions import manifest, write_published
 from tests.integration.reward.test_reward_service import PAIRS, in_process_scores, score_request
 from tests.support.scoring_stacks import reward_stack
 from tests.support.tiny_models import tiny_reward_model
@@ -25,7 +25,7 @@ def _score(stub):
 
 def test_a_started_service_serves_the_published_version_and_follows_current(triton_server, tiny_rm_dir, tmp_path):
     root = tmp_path / "versions"
-    v2 = tiny_reward_model(root / "v000002", seed=1)
+    v2 = tiny_reward_model(root / "v00000002", seed=1)
     write_published(root, 2, v2, manifest(v2))  # published while this replica was down
 
     with reward_stack(triton_server, tiny_rm_dir, model_version=1, max_length=MAX_LENGTH, versions_root=root,
@@ -35,7 +35,7 @@ def test_a_started_service_serves_the_published_version_and_follows_current(trit
         assert version == 2
         np.testing.assert_allclose(scores, in_process_scores(v2, PAIRS, MAX_LENGTH), atol=1e-4)
 
-        v3 = tiny_reward_model(root / "v000003", seed=3)
+        v3 = tiny_reward_model(root / "v00000003", seed=3)
         write_published(root, 3, v3, manifest(v3))
         deadline = time.monotonic() + 30
         while _score(stub)[0] != 3 and time.monotonic() < deadline:
@@ -44,7 +44,7 @@ def test_a_started_service_serves_the_published_version_and_follows_current(trit
         assert version == 3
         np.testing.assert_allclose(scores, in_process_scores(v3, PAIRS, MAX_LENGTH), atol=1e-4)
 
-        wide = tiny_reward_model(root / "v000004", seed=2, hidden=48)  # another architecture
+        wide = tiny_reward_model(root / "v00000004", seed=2, hidden=48)  # another architecture
         write_published(root, 4, wide, manifest(wide))
         deadline = time.monotonic() + 30
         while 4 not in stack.follower.refused and time.monotonic() < deadline:

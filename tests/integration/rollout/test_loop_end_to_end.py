@@ -22,7 +22,7 @@ from services.rollout.worker import RolloutWorker
 from services.trainer.loop import TrainerService
 from services.trainer.settings import TrainerSettings
 from services.trainer.weights_push import build_manifest, push, sha256_file, write_version
-from tests.integration.trainer_service.helpers import private_topic, produce_groups, synthetic_group
+from tests.integration.trainer.helpers import private_topic, produce_groups, synthetic_group
 from tests.support.policy_stack import policy_stack
 from tests.support.scoring_stacks import reference_stack, reward_stack
 

@@ -8,7 +8,7 @@ import itertools
 import pytest
 
 from services.common import topics
-from services.curator.preferences import prompt_hash
+from services.common.preferences import prompt_hash
 from services.gateway.auth import ApiKey
 from services.gateway.events import feedback_event, preference_event, ranking_event
 from services.gateway.protocol import FeedbackRequest, PreferenceRequest, RankingRequest

@@ -12,10 +12,10 @@ from services.reward.checkpoint import (
     CheckpointRefused,
     compare_specs,
     folder_specs,
-    manifest,
     read_verified,
     served_specs,
 )
+from services.common.versions import manifest
 
 
 @pytest.fixture

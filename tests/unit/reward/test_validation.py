@@ -8,7 +8,7 @@ from tritonclient.utils import InferenceServerException
 
 from services.genproto.rlhf.v1 import common_pb2, reward_pb2
 from services.reward.encoding import render_prompt
-from services.reward.rpc import FieldError, status_of
+from services.common.rpc import FieldError, status_of
 from services.reward.servicer import checked_pairs, checked_reload
 from services.reward.settings import RewardSettings
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from services.common.models import load_causal_lm
-from services.trainer.learner import Learner, RolloutSample, TrainerConfig, sample_rollouts
+from services.trainer.learner import Learner, RolloutSample, TrainerConfig
+from tests.support.rollouts import sample_rollouts
 from tests.unit.trainer.conftest import EOS, PAD, VOCAB
 
 TARGET_TOKEN = 5

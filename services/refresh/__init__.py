@@ -1,0 +1,1 @@
+"""The reward-model refresh: live preference pairs -> fine-tune -> publish (see worker.py)."""

@@ -1,1 +1,0 @@
-"""Tests of the offline training stages (services/trainer/offline) and the `rlhf` CLI."""
