@@ -35,7 +35,7 @@ from services.common.kafka import connect_admin, make_producer
 from services.common.settings import KafkaSettings
 from services.genproto.rlhf.v1 import events_pb2
 from services.trainer.consumer import Received, RolloutBatcher, RolloutSource
-from services.trainer.learner import Learner, RolloutSample, TrainerConfig
+from services.trainer.learner import Learner, LearnerConfig, RolloutSample
 
 PARTITIONS = 4
 GROUP = 4
@@ -159,7 +159,7 @@ def main() -> None:
     settings = KafkaSettings(bootstrap_servers=servers, client_id="bench")
     try:
         model_dir = tiny_causal_lm(work / "tiny-lm")
-        learner = Learner(TrainerConfig(algorithm="grpo", lr=1e-5), model_dir)
+        learner = Learner(LearnerConfig(algorithm="grpo", lr=1e-5), model_dir)
         vocab = learner.policy.get_input_embeddings().num_embeddings
         learner.step([to_sample(r) for g in make_groups(2, vocab, seed=99) for r in g])  # warm-up
 

@@ -20,6 +20,7 @@ import tritonclient.grpc as grpcclient
 
 from services.common.settings import TritonSettings
 from services.common.triton_client import connect, make_inputs
+from services.genproto.rlhf.v1 import common_pb2
 
 GENERATION_OUTPUTS = ["TOKEN_IDS", "LOGPROBS", "FINISH_REASON", "WEIGHTS_VERSION", "BATCH_SIZE"]
 POLL_S = 0.05
@@ -73,6 +74,7 @@ class SequenceEvent:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: int
+    """An rlhf.v1.FinishReason value; FINISH_REASON_UNSPECIFIED until the sequence ends."""
     weights_version: int
     batch_size: int
     final: bool
@@ -168,7 +170,7 @@ def to_event(index: int, raw: dict[str, np.ndarray], final: bool) -> SequenceEve
         index=index,
         token_ids=[int(t) for t in flat("TOKEN_IDS")],
         logprobs=[float(x) for x in flat("LOGPROBS")],
-        finish_reason=int(finish[0]) if finish else 0,
+        finish_reason=int(finish[0]) if finish else common_pb2.FINISH_REASON_UNSPECIFIED,
         weights_version=int(version[0]) if version else 0,
         batch_size=int(batch[0]) if batch else 0,
         final=final,

@@ -17,17 +17,19 @@ from enum import IntEnum
 
 import torch
 
+from services.genproto.rlhf.v1 import common_pb2
 from services.policy.sampling import RowSampling, first_stop_string, row_generators, sample_step
 
 
 class Finish(IntEnum):
-    """Mirrors rlhf.v1.FinishReason (0 = still generating)."""
+    """rlhf.v1.FinishReason by short names, with the proto's values; NONE (the proto's
+    UNSPECIFIED) while the row is still generating."""
 
-    NONE = 0
-    STOP = 1
-    LENGTH = 2
-    STOP_STRING = 3
-    CANCELLED = 4
+    NONE = common_pb2.FINISH_REASON_UNSPECIFIED
+    STOP = common_pb2.FINISH_REASON_STOP
+    LENGTH = common_pb2.FINISH_REASON_LENGTH
+    STOP_STRING = common_pb2.FINISH_REASON_STOP_STRING
+    CANCELLED = common_pb2.FINISH_REASON_CANCELLED
 
 
 @dataclass

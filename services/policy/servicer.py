@@ -21,7 +21,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.topics import GENERATIONS
-from services.genproto.rlhf.v1 import events_pb2, policy_pb2, policy_pb2_grpc
+from services.genproto.rlhf.v1 import common_pb2, events_pb2, policy_pb2, policy_pb2_grpc
 from services.policy.engine import GenerationCancelled, GenerationTimeout, ModelError, PolicyEngine
 from services.policy.metrics import PolicyMetrics
 from services.policy.sampling import first_stop_string
@@ -31,8 +31,6 @@ from services.policy.weights import WeightsRejected
 from services.common.weights_wire import ChunkView, WireError, decode_request
 
 log = logging.getLogger(__name__)
-STOP_STRING = 3
-CANCELLED = 4
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
@@ -191,7 +189,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
     def _sample(self, tokens, logprobs, finish, version, stop, response_id: str | None = None) -> policy_pb2.Sample:
         text = self._decode(tokens)
-        if finish == STOP_STRING:
+        if finish == common_pb2.FINISH_REASON_STOP_STRING:
             # The text ends before the stop string (OpenAI's convention); token_ids keep every
             # generated token so that log-probs stay aligned with them.
             text = text[: max(first_stop_string(text, list(stop)), 0)]

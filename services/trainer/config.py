@@ -18,7 +18,10 @@ from services.trainer.algorithms import (
 
 
 @dataclass
-class TrainerConfig:
+class LearnerConfig:
+    """The learner's algorithm and hyperparameters; the Kafka loop builds it from
+    `TrainerSettings` (algorithm, seed, and the RLHF_TRAINER_LEARNER JSON for the rest)."""
+
     algorithm: str = "ppo"
     """Registered algorithm name: ppo, grpo or rloo."""
     lr: float = 1e-5
@@ -78,7 +81,7 @@ class TrainerConfig:
     dtype: str = "auto"
     """Autocast dtype: auto is bf16 on CUDA, float32 on CPU; master weights stay float32."""
 
-    def validate(self) -> TrainerConfig:
+    def validate(self) -> LearnerConfig:
         """Raises ValueError naming the first bad field; returns self."""
         ALGORITHMS.get(self.algorithm)
         KL_CONTROLLERS.get(self.kl_control)

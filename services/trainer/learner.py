@@ -1,8 +1,9 @@
 """The in-process RL learner: one `Learner.step(samples)` is one RL update of the policy from a
-batch of scored rollouts. The Kafka trainer (services/trainer) feeds it rollouts converted from
-`rlhf.v1.Rollout` messages; tests and benchmarks feed it `tests.support.rollouts.sample_rollouts(...)` in-process.
+batch of scored rollouts. The Kafka loop (loop.py) feeds it rollouts converted from
+`rlhf.v1.Rollout` messages; tests and benchmarks feed it
+`tests.support.rollouts.sample_rollouts(...)` in-process.
 
-    learner = Learner(TrainerConfig(algorithm="grpo", lr=1e-6), policy_dir)
+    learner = Learner(LearnerConfig(algorithm="grpo", lr=1e-6), policy_dir)
     metrics = learner.step(samples)        # list[RolloutSample] -> {"reward/mean": ..., ...}
     torch.save(learner.state_dict(), path) # model, value head, optimizer, scheduler, RNG, KL coef
     learner.load_state_dict(torch.load(path, weights_only=True))
@@ -21,12 +22,14 @@ One step, in order:
 
 With torch.distributed initialised, every rank must call `step` with the same number of
 samples (so all ranks take the same number of optimizer steps); ranks start from rank 0's
-weights and stay identical because gradients are averaged before every optimizer step.
+weights and stay identical because gradients are averaged before every optimizer step. The
+collectives for this are in distributed.py.
 
 Legend: `B` batch, `P` prompt tokens (left-padded), `A` response tokens (right-padded),
 `T` = P + A all tokens, `V` vocabulary, `H` hidden size.
-The inputs (RolloutSample, collate) live in rollouts.py and are re-exported.
-Tests: tests/unit/trainer/test_learner.py and test_learning.py.
+The inputs (RolloutSample, collate) live in rollouts.py, the config (LearnerConfig) in
+config.py; both are re-exported.
+Tests: tests/unit/trainer/test_learner.py, test_learning.py and test_distributed.py.
 """
 
 from __future__ import annotations
@@ -36,10 +39,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from services.common.models import load_causal_lm, select_device, select_dtype
+from services.trainer import distributed
 from services.trainer.algorithms import (
     ADVANTAGE_ESTIMATORS,
     ALGORITHMS,
@@ -58,7 +61,7 @@ from services.trainer.algorithms import (
     masked_sum,
     masked_whiten,
 )
-from services.trainer.config import TrainerConfig
+from services.trainer.config import LearnerConfig
 from services.trainer.rollouts import (  # noqa: F401 - re-exported: the learner's inputs
     RolloutBatch,
     RolloutSample,
@@ -69,9 +72,9 @@ from services.trainer.rollouts import (  # noqa: F401 - re-exported: the learner
 
 __all__ = [
     "Learner",
+    "LearnerConfig",
     "RolloutBatch",
     "RolloutSample",
-    "TrainerConfig",
     "ValueHead",
     "collate",
 ]
@@ -93,7 +96,7 @@ class ValueHead(nn.Module):
 class Learner:
     """Holds the policy (+ value head), optimizer, scheduler, KL controller; `step` updates them."""
 
-    def __init__(self, config: TrainerConfig, policy_dir: Path | str):
+    def __init__(self, config: LearnerConfig, policy_dir: Path | str):
         self.config = config.validate()
         self.spec = ALGORITHMS.get(config.algorithm)
         self.kl_mode = KLMode(config.kl_mode or self.spec.kl_mode)
@@ -134,7 +137,8 @@ class Learner:
         )
         self.generator = torch.Generator().manual_seed(config.seed)  # minibatch shuffles
         self.global_step = 0
-        self._broadcast_from_rank0()
+        # Every rank starts from rank 0's weights (and value head).
+        distributed.broadcast_parameters(self._parameters())
 
     # ---- the update ---------------------------------------------------------------------
 
@@ -206,10 +210,11 @@ class Learner:
         sequence_kl = masked_sum(
             batch.behaviour_logprobs - batch.reference_logprobs, batch.response_mask, dim=-1
         )
-        observed = self._all_reduce_mean(
+        observed = distributed.mean_over_ranks(
             torch.stack([sequence_kl.mean(), torch.tensor(float(size))])
         )
-        self.kl_controller.update(float(observed[0]), n_steps=round(float(observed[1]) * _world()))
+        samples_seen = round(float(observed[1]) * distributed.world_size())
+        self.kl_controller.update(float(observed[0]), n_steps=samples_seen)
         self.global_step += 1
 
         lengths = batch.response_mask.sum(dim=-1)
@@ -273,8 +278,8 @@ class Learner:
             (loss * weight).backward()
             for key, value in part_metrics.items():
                 totals[key] += float(weight) * value
-        self._all_reduce_gradients()
         params = self._parameters()
+        distributed.average_gradients(params)
         if cfg.max_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         else:
@@ -394,57 +399,13 @@ class Learner:
 
     def _agree_on_batch(self, size: int, refusal: ValueError | None) -> None:
         """Raises `refusal`, or on every rank if any rank refused or the batch sizes differ."""
-        if _world() > 1:
-            # MAX of (size, -size, refused) gives the largest size, the smallest, any refusal.
-            votes = torch.tensor(
-                [size, -size, refusal is not None], dtype=torch.float64, device=self._comm_device()
-            )
-            dist.all_reduce(votes, op=dist.ReduceOp.MAX)
-            if refusal is None and votes[2] > 0:
-                raise ValueError("another rank refused its batch of rollouts; no rank steps")
-            if refusal is None and (votes[0] != size or -votes[1] != size):
-                raise ValueError(
-                    f"ranks disagree on the batch size (this rank: {size}); "
-                    "every rank must step on as many samples"
-                )
+        votes = distributed.vote(size, refusal is not None)
         if refusal is not None:
             raise refusal
-
-    def _comm_device(self) -> torch.device:
-        """NCCL reduces CUDA tensors only; gloo takes CPU ones."""
-        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
-
-    def _all_reduce_gradients(self) -> None:
-        """Average gradients across ranks, in one flat buffer (one collective per step)."""
-        if _world() == 1:
-            return
-        params = self._parameters()
-        for param in params:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= dist.get_world_size()
-        offset = 0
-        for param in params:
-            count = param.grad.numel()
-            param.grad.copy_(flat[offset : offset + count].view_as(param.grad))
-            offset += count
-
-    def _all_reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
-        if _world() == 1:
-            return values.detach().double().cpu()
-        values = values.detach().double().to(self._comm_device())
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        return (values / dist.get_world_size()).cpu()
-
-    def _broadcast_from_rank0(self) -> None:
-        if _world() == 1:
-            return
-        with torch.no_grad():
-            for param in self._parameters():
-                dist.broadcast(param.data, src=0)
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if votes.flagged:
+            raise ValueError("another rank refused its batch of rollouts; no rank steps")
+        if votes.smallest != size or votes.largest != size:
+            raise ValueError(
+                f"ranks disagree on the batch size (this rank: {size}); "
+                "every rank must step on as many samples"
+            )

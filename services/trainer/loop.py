@@ -28,7 +28,7 @@ from services.common.kafka import make_producer
 from services.trainer import checkpoint, distributed
 from services.trainer.checkpoint import Checkpoint, ConsumerPosition
 from services.trainer.consumer import Received, RolloutBatcher, RolloutSource, partitions_of_rank
-from services.trainer.learner import Learner, RolloutSample, TrainerConfig
+from services.trainer.learner import Learner, LearnerConfig, RolloutSample
 from services.trainer.metrics import MetricsLog, TrainerMetrics
 from services.trainer.settings import TrainerSettings
 from services.trainer.weights_push import announce, build_manifest, push_all, version_dir, write_version
@@ -74,7 +74,7 @@ class TrainerService:
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.rank = distributed.init_from_env()
-        config = TrainerConfig(**{"algorithm": settings.algorithm, "seed": settings.seed, **settings.learner})
+        config = LearnerConfig(**{"algorithm": settings.algorithm, "seed": settings.seed, **settings.learner})
         self.learner = Learner(config, settings.model_dir)
         self.metrics = TrainerMetrics()
         self.batcher = RolloutBatcher(settings.batch_size, settings.max_staleness)

@@ -26,7 +26,7 @@ class TrainerSettings(BaseSettings):
     model_name: str = Field("policy", description="Model name: the Kafka key of weights events.")
     algorithm: str = Field("grpo", description="RL algorithm name (ppo, grpo, rloo).")
     learner: dict = Field(
-        default_factory=dict, description="Extra learner config fields (JSON), e.g. learning rate, KL coef."
+        default_factory=dict, description="Extra LearnerConfig fields (JSON), e.g. lr, kl_coef."
     )
     batch_size: int = Field(8, ge=1, description="Rollouts per update and rank (whole groups).")
     max_staleness: int = Field(

@@ -72,9 +72,9 @@ def test_two_gloo_ranks_hold_identical_weights_after_every_step(kafka_settings, 
     final = checkpoint.latest(state / "checkpoints")
     assert final.step == STEPS and set(final.positions) == {0, 1}
     policy = {k.removeprefix("policy."): v for k, v in final.tensors.items() if k.startswith("policy.")}
-    from services.trainer.learner import Learner, TrainerConfig
+    from services.trainer.learner import Learner, LearnerConfig
 
-    learner = Learner(TrainerConfig(algorithm="grpo"), tiny_lm_dir)
+    learner = Learner(LearnerConfig(algorithm="grpo"), tiny_lm_dir)
     learner.policy.load_state_dict(policy)
     assert weights_digest(learner.policy_state_dict()) == digests[0][-1]
     assert set(final.positions[0].offsets) == {0, 2} and set(final.positions[1].offsets) == {1, 3}

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from services.common.models import load_causal_lm
-from services.trainer.learner import Learner, RolloutSample, TrainerConfig
+from services.trainer.learner import Learner, LearnerConfig, RolloutSample
 from tests.support.rollouts import sample_rollouts
 from tests.unit.trainer.conftest import EOS, PAD, VOCAB
 
@@ -44,7 +44,7 @@ def rollouts(
 
 
 def run_rl(
-    policy_dir: Path, config: TrainerConfig, steps: int, prompts_per_step: int = 4
+    policy_dir: Path, config: LearnerConfig, steps: int, prompts_per_step: int = 4
 ) -> list[dict[str, float]]:
     """`steps` RL updates from fresh rollouts; returns each step's metrics."""
     learner = Learner(config, policy_dir)

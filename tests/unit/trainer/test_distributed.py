@@ -1,23 +1,26 @@
 """Two learner ranks (torch.distributed, gloo on CPU) stepping on different rollouts hold
 identical weights after every step, because gradients are averaged before each optimizer step;
 a batch size that differs between ranks, or a batch one rank refuses, is a clear error on every
-rank instead of a hang.
+rank instead of a hang; the vote behind that agreement tells every rank the smallest and largest
+size and whether any rank raised its flag.
 
     pytest tests/unit/trainer/test_distributed.py -q
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import json
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from services.trainer.learner import Learner, TrainerConfig
+from services.trainer import distributed
+from services.trainer.learner import Learner, LearnerConfig
 
-CONFIG = TrainerConfig(algorithm="ppo", lr=1e-2, minibatch_size=8, seed=0)
+CONFIG = LearnerConfig(algorithm="ppo", lr=1e-2, minibatch_size=8, seed=0)
 STEPS = 2
 
 
@@ -34,6 +37,10 @@ def _rank(rank: int, world: int, policy_dir: str, out_dir: str) -> None:
         "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world
     )
     try:
+        # Rank 0 votes (4, no flag), rank 1 (8, flag).
+        votes = distributed.vote(4 * (rank + 1), flag=rank == 1)
+        agreed = [distributed.agree(4, False), distributed.agree(4 * (rank + 1), rank == 0)]
+        Path(f"{out_dir}/rank{rank}-votes.json").write_text(json.dumps([asdict(votes), agreed]))
         learner = Learner(CONFIG, policy_dir)
         reference = load_causal_lm(Path(policy_dir), torch.device("cpu"), torch.float32)
         generator = torch.Generator().manual_seed(100 + rank)  # each rank its own rollouts
@@ -67,6 +74,10 @@ def _rank(rank: int, world: int, policy_dir: str, out_dir: str) -> None:
 
 def test_two_ranks_hold_identical_weights(small_vocab_policy_dir, tmp_path):
     mp.spawn(_rank, args=(2, str(small_vocab_policy_dir), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        votes, agreed = json.loads((tmp_path / f"rank{rank}-votes.json").read_text())
+        assert votes == {"smallest": 4, "largest": 8, "flagged": True}
+        assert agreed == [[True, False], [False, True]]
     initial = _flat(Learner(CONFIG, small_vocab_policy_dir))
     for step in range(STEPS):
         rank0 = torch.load(tmp_path / f"rank0-step{step}.pt", weights_only=True)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from services.common.models import load_causal_lm
-from services.trainer.learner import Learner, RolloutSample, TrainerConfig, collate
+from services.trainer.learner import Learner, LearnerConfig, RolloutSample, collate
 from tests.unit.trainer.rl_loop import random_prompts, rollouts
 
 
@@ -74,18 +74,18 @@ def test_bad_rollouts_are_refused(overrides, message):
 
 
 def test_out_of_vocabulary_tokens_are_refused(small_vocab_policy_dir):
-    learner = Learner(TrainerConfig(algorithm="grpo"), small_vocab_policy_dir)
+    learner = Learner(LearnerConfig(algorithm="grpo"), small_vocab_policy_dir)
     with pytest.raises(ValueError, match="outside the policy's vocabulary of 16"):
         learner.step([_sample(response_token_ids=[6, 99])])
 
 
 def test_bad_config_is_refused(small_vocab_policy_dir):
     with pytest.raises(ValueError, match="unknown algorithm 'dpo'"):
-        TrainerConfig(algorithm="dpo").validate()
+        LearnerConfig(algorithm="dpo").validate()
     with pytest.raises(ValueError, match="lr must be > 0"):
-        TrainerConfig(lr=0).validate()
+        LearnerConfig(lr=0).validate()
     with pytest.raises(ValueError, match="has no value loss"):
-        Learner(TrainerConfig(algorithm="grpo", value_head=True), small_vocab_policy_dir)
+        Learner(LearnerConfig(algorithm="grpo", value_head=True), small_vocab_policy_dir)
 
 
 @pytest.mark.parametrize(
@@ -104,19 +104,19 @@ def test_kl_goes_where_the_algorithm_puts_it(
     samples = [
         _sample(group_id=f"g{i // 2}", reward=float(i), rollout_id=str(i)) for i in range(4)
     ]  # reference log-probs differ from behaviour ones: KL is not 0
-    config = TrainerConfig(algorithm=algorithm, kl_mode=kl_mode, kl_coef=0.1)
+    config = LearnerConfig(algorithm=algorithm, kl_mode=kl_mode, kl_coef=0.1)
     metrics = Learner(config, small_vocab_policy_dir).step(samples)
     for key in present:
         assert metrics[key] > 0, key
     for key in absent:
         assert key not in metrics or metrics[key] == 0, key
     with pytest.raises(ValueError, match="unknown kl_mode 'both'; known: reward, loss, none"):
-        TrainerConfig(kl_mode="both").validate()
+        LearnerConfig(kl_mode="both").validate()
 
 
 def test_trainer_log_probs_equal_the_samplers(tiny_lm_dir):
     # The real SmolLM2 architecture and vocabulary; prompts of different lengths (left padding).
-    learner = Learner(TrainerConfig(algorithm="ppo"), tiny_lm_dir)
+    learner = Learner(LearnerConfig(algorithm="ppo"), tiny_lm_dir)
     reference = load_causal_lm(tiny_lm_dir, torch.device("cpu"), torch.float32)
     prompts = [[1, 520, 33, 9001], [700], [42, 43]]
     samples = rollouts(learner, reference, prompts, seed=0, samples_per_prompt=2)
@@ -134,7 +134,7 @@ def test_trainer_log_probs_equal_the_samplers(tiny_lm_dir):
 
 def _stream(policy_dir, seed: int, steps: int, samples_per_prompt: int = 4):
     """Rollouts from the initial policy (fixed data, so two learners can be fed the same)."""
-    learner = Learner(TrainerConfig(algorithm="grpo"), policy_dir)
+    learner = Learner(LearnerConfig(algorithm="grpo"), policy_dir)
     reference = load_causal_lm(policy_dir, torch.device("cpu"), torch.float32)
     generator = torch.Generator().manual_seed(seed)
     return [
@@ -154,7 +154,7 @@ def _params(learner: Learner) -> list[torch.Tensor]:
 
 
 def test_state_round_trip_gives_an_identical_next_step(small_vocab_policy_dir):
-    config = TrainerConfig(
+    config = LearnerConfig(
         algorithm="ppo",
         lr=1e-3,
         lr_warmup_steps=3,
@@ -180,7 +180,7 @@ def test_state_round_trip_gives_an_identical_next_step(small_vocab_policy_dir):
     for a, b in zip(_params(original), _params(restored), strict=False):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="checkpoint is for 'ppo'"):
-        Learner(TrainerConfig(algorithm="rloo"), small_vocab_policy_dir).load_state_dict(
+        Learner(LearnerConfig(algorithm="rloo"), small_vocab_policy_dir).load_state_dict(
             original.state_dict()
         )
 
@@ -189,7 +189,7 @@ def test_micro_batches_accumulate_to_the_same_update(small_vocab_policy_dir):
     (samples,) = _stream(small_vocab_policy_dir, seed=2, steps=1)
     results = []
     for micro in (None, 3):
-        config = TrainerConfig(
+        config = LearnerConfig(
             algorithm="ppo", lr=1e-3, minibatch_size=8, micro_batch_size=micro, seed=0
         )
         learner = Learner(config, small_vocab_policy_dir)
@@ -203,7 +203,7 @@ def test_micro_batches_accumulate_to_the_same_update(small_vocab_policy_dir):
 
 
 def test_policy_state_dict_is_ready_for_the_weight_push(tiny_lm_dir, tmp_path):
-    learner = Learner(TrainerConfig(algorithm="grpo", lr=1e-2), tiny_lm_dir)
+    learner = Learner(LearnerConfig(algorithm="grpo", lr=1e-2), tiny_lm_dir)
     reference = load_causal_lm(tiny_lm_dir, torch.device("cpu"), torch.float32)
     learner.step(rollouts(learner, reference, [[1, 2, 3]], seed=0))
     weights = learner.policy_state_dict()

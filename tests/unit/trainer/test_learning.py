@@ -12,7 +12,7 @@ import statistics
 
 import pytest
 
-from services.trainer.learner import TrainerConfig
+from services.trainer.learner import LearnerConfig
 from tests.unit.trainer.rl_loop import run_rl
 
 STEPS = 20
@@ -20,7 +20,7 @@ STEPS = 20
 
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo"])
 def test_mean_reward_rises(small_vocab_policy_dir, algorithm):
-    config = TrainerConfig(
+    config = LearnerConfig(
         algorithm=algorithm, lr=5e-3, kl_coef=0.01, ppo_epochs=1, minibatch_size=8, seed=0
     )
     history = run_rl(small_vocab_policy_dir, config, STEPS)
@@ -45,7 +45,7 @@ def test_mean_reward_rises(small_vocab_policy_dir, algorithm):
 def test_kl_penalty_keeps_the_policy_closer_to_the_reference(small_vocab_policy_dir):
     # Same seed and data stream: only the KL coefficient differs.
     def final_kl(coef: float) -> float:
-        config = TrainerConfig(algorithm="grpo", lr=5e-3, kl_coef=coef, minibatch_size=8, seed=0)
+        config = LearnerConfig(algorithm="grpo", lr=5e-3, kl_coef=coef, minibatch_size=8, seed=0)
         return run_rl(small_vocab_policy_dir, config, 10)[-1]["kl/behaviour_ref_k1"]
 
     loose, tight = final_kl(0.0), final_kl(2.0)
