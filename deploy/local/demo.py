@@ -725,6 +725,8 @@ def run(
             f"dtype={dtype}",
             "--set",
             "examples=100",
+            "--set",  # the second run reads the candidate's answers and KL back from the first
+            f"answers_cache={work / 'eval-answers'}",
         ]
         vs_sft = rlhf(
             "eval",

@@ -10,7 +10,9 @@ pairwise by an annotator that is not the reward model, with the candidate's KL t
    here, before any model loads.
 2. Generate one answer per prompt from the candidate, batch by batch, with the seeds the
    baseline will get for the same prompts.
-3. KL(candidate || reference) on the candidate's own answers while it is loaded. It needs both
+   With `answers_cache`, answers a previous run kept for the same policy, prompts and
+   sampling are read back instead (the policy's weights never load).
+3. KL(candidate || reference) on the candidate's own answers while it is loaded (or kept). It needs both
    full next-token distributions, so both must be folders with one vocabulary: the default
    reference (the baseline) gives null when either side is served over gRPC.
 4. Generate the baseline's answers.
@@ -20,6 +22,7 @@ pairwise by an annotator that is not the reward model, with the candidate's KL t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -91,6 +94,12 @@ class EvalConfig:
     """Judged prompts copied into eval.json, with both answers and their scores."""
     overwrite: bool = False
     """Replace an existing eval.json in `output` (otherwise its presence is an error)."""
+    answers_cache: Path | None = None
+    """Folder that keeps each policy's answers (and the candidate's KL) between runs, keyed by
+    the policy (a folder by its files' names, sizes and mtimes; a service by address, model and
+    weights version), the prompts' sha256 and the sampling settings. A later eval of the same
+    policy on the same prompts reuses them and never loads its weights: one candidate judged
+    against two baselines generates its answers once. None: nothing is kept."""
 
     def validate(self) -> None:
         """Raises EvalError naming the first bad field."""
@@ -287,17 +296,21 @@ def run_eval(config: EvalConfig) -> dict:
     sampling = Sampling(config.max_new_tokens, config.temperature, config.top_p, config.seed)
 
     # 2-4. The answers, and the KL on the candidate's while the candidate is loaded.
-    candidate_answers = answers_of("candidate", candidate, conversations, sampling, config)
+    cache = AnswersCache(config, sha256_file(config.data), sampling)
+    candidate_answers = cache.answers("candidate", candidate, conversations)
     kl = None
     if reference is not None:
-        try:
-            kls = kl_to_reference(
-                candidate, reference, conversations, candidate_answers, config.batch_size
-            )
-        except PolicyError as err:  # the two heads differ in size
-            raise EvalError(f"config field 'reference': {err}") from err
-        kl = statistics.fmean(kls)
-    baseline_answers = answers_of("baseline", baseline, conversations, sampling, config)
+        kl = cache.kl(candidate, reference)
+        if kl is None:
+            try:
+                kls = kl_to_reference(
+                    candidate, reference, conversations, candidate_answers, config.batch_size
+                )
+            except PolicyError as err:  # the two heads differ in size
+                raise EvalError(f"config field 'reference': {err}") from err
+            kl = statistics.fmean(kls)
+            cache.keep_kl(candidate, reference, kl)
+    baseline_answers = cache.answers("baseline", baseline, conversations)
 
     # 5. Scores and pairwise verdicts, on the question as the user asked it.
     questions = [p.question for p in prompts]
@@ -357,6 +370,68 @@ def run_eval(config: EvalConfig) -> dict:
     }
     write_summary(Path(config.output), summary)
     return summary
+
+
+def fingerprint(policy: Policy) -> dict[str, Any]:
+    """What identifies a policy's answers: a folder's files (name, size, mtime: a retrained or
+    reassembled folder gets new ones) and dtype; a service's address, model and weights version."""
+    described = policy.describe()
+    if isinstance(policy, FolderPolicy):
+        files = sorted(p for p in policy.folder.iterdir() if p.is_file())
+        described["files"] = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return described
+
+
+class AnswersCache:
+    """`answers_cache`: a policy's answers and the candidate's KL, one JSON file per key, written
+    atomically; with no folder configured, it generates every time and keeps nothing."""
+
+    def __init__(self, config: EvalConfig, data_sha256: str, sampling: Sampling):
+        self.config, self.sampling = config, sampling
+        self.root = None if config.answers_cache is None else Path(config.answers_cache)
+        self.inputs = {
+            "data_sha256": data_sha256,
+            "num_prompts": config.num_prompts,
+            "sampling": asdict(sampling),
+            "batch_size": config.batch_size,  # batches set the folder form's seeds
+        }
+
+    def _path(self, kind: str, **parts: Any) -> Path | None:
+        if self.root is None:
+            return None
+        text = json.dumps({"kind": kind, **self.inputs, **parts}, sort_keys=True, default=str)
+        return self.root / f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:24]}.json"
+
+    def _read(self, path: Path | None) -> Any:
+        if path is None or not path.exists():
+            return None
+        return json.loads(path.read_text())["value"]
+
+    def _write(self, path: Path | None, value: Any) -> None:
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"value": value}))
+        os.replace(tmp, path)
+
+    def answers(self, field: str, policy: Policy, conversations: list) -> list[Answer]:
+        path = self._path("answers", policy=fingerprint(policy))
+        kept = self._read(path)
+        if kept is not None:
+            return [Answer(a["text"], list(a["token_ids"])) for a in kept]
+        answers = answers_of(field, policy, conversations, self.sampling, self.config)
+        self._write(path, [asdict(a) for a in answers])
+        return answers
+
+    def _kl_path(self, candidate: Policy, reference: Policy) -> Path | None:
+        return self._path("kl", policy=fingerprint(candidate), reference=fingerprint(reference))
+
+    def kl(self, candidate: Policy, reference: Policy) -> float | None:
+        return self._read(self._kl_path(candidate, reference))
+
+    def keep_kl(self, candidate: Policy, reference: Policy, kl: float) -> None:
+        self._write(self._kl_path(candidate, reference), kl)
 
 
 def answers_of(

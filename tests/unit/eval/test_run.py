@@ -301,3 +301,47 @@ def test_a_policy_service_gets_one_request_per_batch_and_a_seed_per_prompt(tmp_p
         assert sampling.temperature == pytest.approx(0.5)
         chat = fake.requests[1].prompts[0].messages.messages  # the system + user row, intact
         assert [(m.role, m.content) for m in chat] == [("system", "Be brief."), ("user", "Hi")]
+
+
+def test_the_answers_cache_judges_one_candidate_against_two_baselines_generating_once(
+    tmp_path, tiny_lm_dir, monkeypatch
+):
+    from tests.support.tiny_models import tiny_causal_lm
+
+    candidate = shutil.copytree(tiny_lm_dir, tmp_path / "candidate")
+    other = tiny_causal_lm(tmp_path / "other", seed=3)
+    data = write_prompts(tmp_path / "prompts.jsonl", ROWS)
+    cache = tmp_path / "answers"
+
+    def config(baseline: Path, output: str, **extra) -> EvalConfig:
+        fields = {"answers_cache": cache, **extra}
+        return EvalConfig(
+            candidate=str(candidate), baseline=str(baseline), reference=str(tiny_lm_dir),
+            data=data, output=tmp_path / output, max_new_tokens=6, batch_size=2, device="cpu",
+            examples=5, **fields,
+        )
+
+    first = run_eval(config(tiny_lm_dir, "vs-base"))
+    assert len(list(cache.glob("answers-*.json"))) == 2 and len(list(cache.glob("kl-*.json"))) == 1
+
+    # The second run reads the candidate's answers and KL back: its weights never load.
+    loaded = []
+    real_model = FolderPolicy.model
+    monkeypatch.setattr(
+        FolderPolicy, "model", property(lambda self: loaded.append(self.spec) or real_model.fget(self))
+    )
+    second = run_eval(config(other, "vs-other"))
+    assert str(candidate) not in loaded and str(tiny_lm_dir) not in loaded and str(other) in loaded
+    assert second["metrics"]["kl_to_reference"] == first["metrics"]["kl_to_reference"]
+    assert [e["candidate"] for e in second["examples"]] == [e["candidate"] for e in first["examples"]]
+    uncached = run_eval(config(other, "vs-other-uncached", answers_cache=None))
+    assert uncached["metrics"] == second["metrics"]
+
+    # Other sampling settings, or a rewritten candidate folder, are other keys.
+    loaded.clear()
+    run_eval(config(other, "hotter", temperature=1.3))
+    assert str(candidate) in loaded
+    loaded.clear()
+    (candidate / "config.json").write_text((candidate / "config.json").read_text() + " ")
+    run_eval(config(other, "rewritten"))
+    assert str(candidate) in loaded
