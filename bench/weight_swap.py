@@ -48,7 +48,7 @@ from services.common.grpc_server import GrpcSettings
 from services.common.models import convert_smollm2
 from services.common.settings import TritonSettings
 from tests.support.push import build_manifest, push_folder
-from services.policy.server import build
+from services.policy.server import PolicyService
 from services.policy.settings import PolicySettings
 from services.policy.weights import KEEP_VERSIONS
 from services.trainer.weights_push import iter_requests
@@ -166,7 +166,7 @@ def main() -> None:
             triton=TritonSettings(url=triton.grpc_url, timeout_s=600),
             log_generations=False, follow_weights_topic=False,
         )
-        service = build(settings)
+        service = PolicyService.launch(settings)
         parent, child = multiprocessing.get_context("spawn").Pipe()
         process = multiprocessing.get_context("spawn").Process(
             target=pusher, args=(child, service.address, discard_address, opts.model_dir, opts.chunk_mib << 20)

@@ -135,8 +135,8 @@ class Stack:
                 "RLHF_POLICY_MODEL_REPOSITORY": str(self.repository),
                 "RLHF_POLICY_WEIGHTS_ROOT": str(self.state / "policy-weights"),
                 "RLHF_POLICY_DTYPE": self.dtype,
-                "RLHF_POLICY_GRPC__PORT": str(port),
-                "RLHF_POLICY_GRPC__METRICS_PORT": str(self._port("policy-metrics")),
+                "RLHF_POLICY_GRPC_PORT": str(port),
+                "RLHF_POLICY_GRPC_METRICS_PORT": str(self._port("policy-metrics")),
             },
         )
 

@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 
 class GrpcSettings(BaseSettings):
-    """Server knobs shared by the gRPC services (nested in each service's settings, which may
-    subclass it with their own env prefix and default ports)."""
+    """Server knobs shared by the gRPC services, nested in each model service's settings and read
+    there from `RLHF_<SVC>_GRPC_<FIELD>` (services.common.settings.ModelServiceSettings)."""
 
     # A prefix of its own, so that a bare HOST or PORT in the environment is never read.
     model_config = SettingsConfigDict(env_prefix="RLHF_GRPC_", extra="ignore")
@@ -47,6 +47,14 @@ class GrpcSettings(BaseSettings):
         64 * 1024 * 1024, ge=4 * 1024 * 1024, description="Largest request or response message."
     )
     shutdown_grace_s: float = Field(30.0, ge=0, description="Time in-flight RPCs get on SIGTERM.")
+
+    @classmethod
+    def read(cls, prefix: str, **defaults: object) -> GrpcSettings:
+        """The block read from `<prefix><FIELD>` variables (`RLHF_REWARD_GRPC_PORT`); `defaults`
+        fill the fields no variable sets (a service's own ports)."""
+        block = cls(_env_prefix=prefix)
+        unset = {k: v for k, v in defaults.items() if k not in block.model_fields_set}
+        return block.model_copy(update=unset)
 
 
 def message_size_options(limit: int) -> list[tuple[str, int]]:

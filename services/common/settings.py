@@ -6,14 +6,21 @@ service of a deployment (the Helm chart sets them once per release):
 
     RLHF_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092
     RLHF_TRITON_URL=127.0.0.1:8001
+
+The model services (policy, reward, reference) subclass `ModelServiceSettings`, which gives them
+one scheme: `RLHF_<SVC>_<FIELD>` for their fields and `RLHF_<SVC>_GRPC_<FIELD>` for their gRPC
+server block (`RLHF_REWARD_GRPC_PORT`, `RLHF_REWARD_GRPC_METRICS_PORT`).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.common.grpc_server import GrpcSettings
 
 Device = Literal["auto", "cpu", "gpu"]
 """Where a model service's Triton instance runs. `auto` asks the process that writes the Triton
@@ -55,3 +62,48 @@ class TritonSettings(BaseSettings):
     max_message_bytes: int = Field(
         256 * 1024 * 1024, ge=4 * 1024 * 1024, description="gRPC message size limit to Triton."
     )
+
+
+class ModelServiceSettings(BaseSettings):
+    """What every model service reads; a service's subclass sets its env prefix
+    (`model_config = SettingsConfigDict(env_prefix="RLHF_REWARD_")`) and `default_ports`, adds
+    its own fields and overrides the defaults that differ."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    default_ports: ClassVar[tuple[int, int]] = (50051, 9100)
+    """gRPC and /metrics ports when `RLHF_<SVC>_GRPC_PORT` / `_GRPC_METRICS_PORT` are unset."""
+
+    model_dir: Path = Field(
+        description="Model folder served at start (safetensors, config.json, tokenizer)."
+    )
+    triton_model: str = Field(description="Name of the model inside Triton.")
+    model_repository: Path | None = Field(
+        None,
+        description="Write the Triton model here and load it at start (local runs, tests); unset "
+        "when the deployment does it (Kubernetes: an init container).",
+    )
+    device: Device = Field("auto", description=DEVICE_HELP)
+    dtype: Dtype = Field("auto", description=DTYPE_HELP)
+    triton_max_batch_size: int = Field(
+        32, ge=1, description="Rows (sequences, pairs) the Triton dynamic batcher runs at once."
+    )
+    triton_queue_delay_us: int = Field(
+        2_000, ge=0, description="How long Triton waits to fill a batch."
+    )
+    grpc: GrpcSettings = Field(
+        description="gRPC server block, from `RLHF_<SVC>_GRPC_<FIELD>` (filled in when not given)."
+    )
+    triton: TritonSettings = Field(
+        default_factory=TritonSettings, description="How to reach Triton."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_grpc_block(cls, data: object) -> object:
+        # A default_factory cannot know the subclass, whose prefix and ports the block needs.
+        if isinstance(data, dict) and "grpc" not in data:
+            port, metrics_port = cls.default_ports
+            prefix = cls.model_config.get("env_prefix", "") + "GRPC_"
+            data = {**data, "grpc": GrpcSettings.read(prefix, port=port, metrics_port=metrics_port)}
+        return data

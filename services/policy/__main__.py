@@ -1,21 +1,9 @@
-"""`python -m services.policy` serves; `python -m services.policy repository` writes its Triton model
-repository and exits (settings: services/policy/settings.py)."""
+"""`python -m services.policy` serves; `python -m services.policy repository` writes its
+Triton model repository and exits. Settings: services/policy/settings.py; the lifecycle of both:
+services/common/model_service.py."""
 
 import sys
 
-from services.common.entry import run
+from services.policy.server import PolicyService
 
-
-def _serve() -> None:
-    from services.policy.server import main
-
-    main()
-
-
-def _repository() -> int:
-    from services.policy.repository import main
-
-    return main()
-
-
-sys.exit(run("policy", _serve, {"repository": _repository}))
+sys.exit(PolicyService.main())

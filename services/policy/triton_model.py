@@ -31,12 +31,7 @@ import numpy as np
 import torch
 
 from services.common.models import load_causal_lm, load_tokenizer, select_dtype
-from services.common.triton_repo import (
-    PythonModelSpec,
-    TensorIO,
-    instance_device,
-    model_parameters,
-)
+from services.common.triton_repo import TensorIO, instance_device, model_parameters
 from services.policy.generation import Finish, Row, generate_rows
 from services.policy.sampling import RowSampling
 from services.policy.weights import compare_specs, files_specs, folder_weight_files, read_marker
@@ -61,29 +56,6 @@ OUTPUTS = (
     TensorIO("BATCH_SIZE", "TYPE_INT64", (1,)),
     TensorIO("INFO", "TYPE_STRING", (1,)),
 )
-
-
-def policy_spec(
-    model_dir: Path, weights_root: Path, initial_version: int, name: str = "policy",
-    max_batch_size: int = 32, max_queue_delay_us: int = 100_000, device: str = "auto",
-    dtype: str = "auto",
-) -> PythonModelSpec:
-    return PythonModelSpec(
-        name=name,
-        python_class="services.policy.triton_model:PolicyTritonModel",
-        inputs=INPUTS,
-        outputs=OUTPUTS,
-        max_batch_size=max_batch_size,
-        max_queue_delay_us=max_queue_delay_us,
-        decoupled=True,
-        device=device,
-        dtype=dtype,
-        parameters={
-            "model_dir": str(model_dir),
-            "weights_root": str(weights_root),
-            "initial_version": str(initial_version),
-        },
-    )
 
 
 class PolicyTritonModel:

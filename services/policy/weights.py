@@ -162,7 +162,7 @@ class IncomingFile:
             raise WeightsRejected(f"{self.path.name}: chunk at {offset} runs past the size {self.size}")
         if self._handle is None:
             # A recycled file (WeightsStore.staging) is overwritten in place, cut to size at the end.
-            self._handle = open(self.path, "r+b" if self.path.exists() else "wb")
+            self._handle = open(self.path, "r+b" if self.path.exists() else "wb")  # noqa: SIM115 - held across chunks
         if offset != self.received:
             self._in_order = False  # hashed from the file at the end instead
         if self._in_order:
@@ -178,7 +178,7 @@ class IncomingFile:
 
     def finish(self) -> None:
         if self._handle is None:
-            self._handle = open(self.path, "wb")
+            self._handle = open(self.path, "wb")  # noqa: SIM115 - closed below
         self._handle.truncate(self.size)
         self._handle.close()
         if self.received != self.size:

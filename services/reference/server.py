@@ -8,7 +8,8 @@ batcher groups run as one forward pass.
     python -m services.reference     # settings from RLHF_REFERENCE_* (services.reference.settings)
 
 With RLHF_REFERENCE_MODEL_REPOSITORY set, the service writes its Triton model there and asks
-Triton (explicit model control) to load it; otherwise the deployment loads it.
+Triton (explicit model control) to load it; otherwise the deployment loads it. The lifecycle is
+the one every model service shares: services/common/model_service.py.
 
 Files: settings.py (configuration), logprobs.py (the math), triton_model.py (the model inside
 Triton), scorer.py (logic), servicer.py (gRPC).
@@ -16,56 +17,43 @@ Triton), scorer.py (logic), servicer.py (gRPC).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prometheus_client import CollectorRegistry
 
-from services.common.grpc_server import ModelServer
-from services.common.logging import configure_logging
-from services.common.triton_client import write_and_load
-from services.common.triton_repo import write_model
+from services.common.model_service import ModelService, python_model_spec
+from services.common.triton_repo import PythonModelSpec
 from services.genproto.rlhf.v1 import reference_pb2_grpc
 from services.reference.scorer import ReferenceScorer, model_limits
 from services.reference.servicer import ReferenceMetrics, ReferenceServicer
 from services.reference.settings import ReferenceSettings
-from services.reference.triton_model import reference_spec
+from services.reference.triton_model import INPUTS, OUTPUTS
 
 
-def write_triton_model(settings: ReferenceSettings) -> Path:
-    """Writes the Triton model into `settings.model_repository`; returns its folder."""
-    spec = reference_spec(
-        settings.triton_model,
-        settings.model_dir,
-        max_batch_size=settings.triton_max_batch_size,
-        max_queue_delay_us=settings.triton_queue_delay_us,
-        device=settings.device,
-        dtype=settings.dtype,
-    )
-    return write_model(settings.model_repository, spec)
+class ReferenceService(ModelService):
+    """The reference model's Triton client (`scorer`) behind the ReferenceService."""
 
+    name = "reference"
+    settings_type = ReferenceSettings
 
-def build_server(
-    settings: ReferenceSettings, registry: CollectorRegistry | None = None
-) -> tuple[ModelServer, ReferenceScorer]:
-    """A ModelServer with the ReferenceService added (not started), and its Triton client to close."""
-    server = ModelServer("reference", settings.grpc, registry)
-    scorer = ReferenceScorer(settings)
-    servicer = ReferenceServicer(
-        settings, model_limits(settings.model_dir), scorer, ReferenceMetrics(server.registry)
-    )
-    server.add(
-        reference_pb2_grpc.add_ReferenceServiceServicer_to_server,
-        servicer,
-        "rlhf.v1.ReferenceService",
-    )
-    return server, scorer
+    @classmethod
+    def triton_spec(cls, settings: ReferenceSettings) -> PythonModelSpec:
+        return python_model_spec(
+            settings, "services.reference.triton_model:ReferenceTritonModel", INPUTS, OUTPUTS
+        )
 
+    def __init__(self, settings: ReferenceSettings, registry: CollectorRegistry | None = None):
+        super().__init__(settings, registry)
+        self.scorer = ReferenceScorer(settings)
+        servicer = ReferenceServicer(
+            settings,
+            model_limits(settings.model_dir),
+            self.scorer,
+            ReferenceMetrics(self.server.registry),
+        )
+        self.server.add(
+            reference_pb2_grpc.add_ReferenceServiceServicer_to_server,
+            servicer,
+            "rlhf.v1.ReferenceService",
+        )
 
-def main() -> None:
-    configure_logging("reference")
-    settings = ReferenceSettings()
-    write_and_load(settings, write_triton_model)
-    server, _ = build_server(settings)
-    server.install_signal_handlers()
-    server.start()
-    server.wait()
+    def close(self) -> None:
+        self.scorer.close()

@@ -21,12 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from services.common.models import load_causal_lm, select_dtype
-from services.common.triton_repo import (
-    PythonModelSpec,
-    TensorIO,
-    instance_device,
-    model_parameters,
-)
+from services.common.triton_repo import TensorIO, instance_device, model_parameters
 from services.reference.logprobs import ScoredSequence, response_logprobs
 
 INPUTS = (
@@ -38,27 +33,6 @@ OUTPUTS = (
     TensorIO("LOGPROBS", "TYPE_FP32", (-1,)),
     TensorIO("BATCH_SIZE", "TYPE_INT64", (1,)),
 )
-
-
-def reference_spec(
-    name: str,
-    model_dir: Path,
-    max_batch_size: int = 16,
-    max_queue_delay_us: int = 2_000,
-    device: str = "auto",
-    dtype: str = "auto",
-) -> PythonModelSpec:
-    return PythonModelSpec(
-        name=name,
-        python_class="services.reference.triton_model:ReferenceTritonModel",
-        inputs=INPUTS,
-        outputs=OUTPUTS,
-        max_batch_size=max_batch_size,
-        max_queue_delay_us=max_queue_delay_us,
-        device=device,
-        dtype=dtype,
-        parameters={"model_dir": str(model_dir)},
-    )
 
 
 class ReferenceTritonModel:

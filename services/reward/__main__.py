@@ -1,21 +1,9 @@
-"""`python -m services.reward` serves; `python -m services.reward repository` writes its Triton model
-repository and exits (settings: services/reward/settings.py)."""
+"""`python -m services.reward` serves; `python -m services.reward repository` writes its
+Triton model repository and exits. Settings: services/reward/settings.py; the lifecycle of both:
+services/common/model_service.py."""
 
 import sys
 
-from services.common.entry import run
+from services.reward.server import RewardService
 
-
-def _serve() -> None:
-    from services.reward.server import main
-
-    main()
-
-
-def _repository() -> int:
-    from services.reward.repository import main
-
-    return main()
-
-
-sys.exit(run("reward", _serve, {"repository": _repository}))
+sys.exit(RewardService.main())

@@ -33,12 +33,7 @@ import numpy as np
 import torch
 
 from services.common.models import load_reward_model, load_tokenizer, select_dtype
-from services.common.triton_repo import (
-    PythonModelSpec,
-    TensorIO,
-    instance_device,
-    model_parameters,
-)
+from services.common.triton_repo import TensorIO, instance_device, model_parameters
 from services.reward.checkpoint import (
     CheckpointRefused,
     compare_specs,
@@ -59,33 +54,6 @@ OUTPUTS = (
     TensorIO("BATCH_SIZE", "TYPE_INT64", (1,)),
     TensorIO("RELOAD_RESULT", "TYPE_STRING", (1,)),
 )
-
-
-def reward_spec(
-    name: str,
-    model_dir: Path,
-    version: int,
-    max_length: int = 512,
-    max_batch_size: int = 32,
-    max_queue_delay_us: int = 2_000,
-    device: str = "auto",
-    dtype: str = "auto",
-) -> PythonModelSpec:
-    return PythonModelSpec(
-        name=name,
-        python_class="services.reward.triton_model:RewardTritonModel",
-        inputs=INPUTS,
-        outputs=OUTPUTS,
-        max_batch_size=max_batch_size,
-        max_queue_delay_us=max_queue_delay_us,
-        device=device,
-        dtype=dtype,
-        parameters={
-            "model_dir": str(model_dir),
-            "version": str(version),
-            "max_length": str(max_length),
-        },
-    )
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,9 @@ def tool_env() -> dict[str, str]:
 
 
 def run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(argv, capture_output=True, text=True, env=tool_env(), timeout=120)
+    result = subprocess.run(
+        argv, capture_output=True, text=True, env=tool_env(), timeout=120, check=False
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"{argv[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

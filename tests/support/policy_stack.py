@@ -32,7 +32,7 @@ from pathlib import Path
 from services.common.grpc_server import GrpcSettings
 from services.common.settings import KafkaSettings, TritonSettings
 from services.common.triton_client import connect
-from services.policy.server import PolicyService, build
+from services.policy.server import PolicyService
 from services.policy.settings import PolicySettings
 
 _ids = itertools.count()
@@ -83,7 +83,7 @@ def policy_stack(
         follow_weights_topic=follow_weights_topic,
         **overrides,
     )
-    service = build(settings)
+    service = PolicyService.launch(settings)
     try:
         yield PolicyStack(service, settings)
     finally:

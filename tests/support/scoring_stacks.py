@@ -37,12 +37,12 @@ from pathlib import Path
 import tritonclient.grpc as grpcclient
 from prometheus_client import CollectorRegistry
 
-from services.common.grpc_server import GrpcSettings, ModelServer
+from services.common.grpc_server import GrpcSettings
+from services.common.model_service import ModelService
 from services.common.settings import TritonSettings
-from services.common.triton_client import write_and_load
-from services.reference import server as reference_server
+from services.reference.server import ReferenceService
 from services.reference.settings import ReferenceSettings
-from services.reward import server as reward_server
+from services.reward.server import RewardService
 from services.reward.settings import RewardSettings
 
 
@@ -53,11 +53,14 @@ class ServiceStack:
     address: str
     """host:port of the gRPC service."""
     settings: RewardSettings | ReferenceSettings
-    server: ModelServer
+    service: RewardService | ReferenceService
     registry: CollectorRegistry
     """The service's Prometheus metrics (rlhf_reward_* / rlhf_reference_*)."""
-    follower: object | None = None
-    """The reward service's PublishedFollower, when `versions_root` is set."""
+
+    @property
+    def follower(self):
+        """The reward service's PublishedFollower, when `versions_root` is set (else None)."""
+        return self.service.follower
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float | None:
         return self.registry.get_sample_value(name, labels or {})
@@ -68,19 +71,13 @@ def _grpc_settings() -> GrpcSettings:
 
 
 @contextmanager
-def _running(module, settings, triton_server) -> Iterator[ServiceStack]:
-    write_and_load(settings, module.write_triton_model)
+def _running(service_type: type[ModelService], settings, triton_server) -> Iterator[ServiceStack]:
     registry = CollectorRegistry()
-    server, scorer = module.build_server(settings, registry)
-    follower = module.follow_published(settings, scorer) if hasattr(module, "follow_published") else None
+    service = service_type.launch(settings, registry)
     try:
-        port = server.start()
-        yield ServiceStack(f"127.0.0.1:{port}", settings, server, registry, follower)
+        yield ServiceStack(service.address, settings, service, registry)
     finally:
-        server.stop(0)
-        if follower is not None:
-            follower.stop()
-        scorer.close()
+        service.stop(0)
         client = grpcclient.InferenceServerClient(triton_server.grpc_url)
         try:
             client.unload_model(settings.triton_model)
@@ -99,7 +96,7 @@ def reward_stack(triton_server, model_dir: Path, **overrides) -> Iterator[Servic
         triton=TritonSettings(url=triton_server.grpc_url),
         **overrides,
     )
-    with _running(reward_server, settings, triton_server) as stack:
+    with _running(RewardService, settings, triton_server) as stack:
         yield stack
 
 
@@ -114,5 +111,5 @@ def reference_stack(triton_server, model_dir: Path, **overrides) -> Iterator[Ser
         triton=TritonSettings(url=triton_server.grpc_url),
         **overrides,
     )
-    with _running(reference_server, settings, triton_server) as stack:
+    with _running(ReferenceService, settings, triton_server) as stack:
         yield stack

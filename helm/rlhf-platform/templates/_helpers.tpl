@@ -88,11 +88,11 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
   value: "false"
 {{- end -}}
 
-{{/* Where Triton runs the model (its instance kind) and in which dtype: (dict "root" $ "names" <env names>). */}}
+{{/* Where Triton runs the model (its instance kind) and in which dtype: (dict "root" $ "prefix" "RLHF_POLICY_"). */}}
 {{- define "rlhf.deviceEnv" -}}
-- name: {{ .names.device }}
+- name: {{ .prefix }}DEVICE
   value: {{ ternary "gpu" "cpu" .root.Values.gpu.enabled | quote }}
-- name: {{ .names.dtype }}
+- name: {{ .prefix }}DTYPE
   value: {{ ternary .root.Values.gpu.dtype "float32" .root.Values.gpu.enabled | quote }}
 {{- end -}}
 
@@ -204,32 +204,12 @@ readinessProbe:
 {{- end -}}
 
 {{/*
-The settings each model service reads, field -> environment variable, as the services' pydantic
-settings name them (services/<name>/settings.py). One place to change when a service renames one.
+The env prefix of a model service's settings: every one reads the same names under it
+(services/common/settings.py, ModelServiceSettings), e.g. RLHF_REWARD_GRPC_PORT. Call with the
+component name.
 */}}
-{{- define "rlhf.modelServiceEnvNames" -}}
-policy:
-  modelPath: RLHF_POLICY_MODEL_DIR
-  grpcPort: RLHF_POLICY_GRPC__PORT
-  metricsPort: RLHF_POLICY_GRPC__METRICS_PORT
-  weightsDir: RLHF_POLICY_WEIGHTS_ROOT
-  modelRepository: RLHF_POLICY_MODEL_REPOSITORY
-  device: RLHF_POLICY_DEVICE
-  dtype: RLHF_POLICY_DTYPE
-reward:
-  modelPath: RLHF_REWARD_MODEL_DIR
-  grpcPort: RLHF_REWARD_GRPC_PORT
-  metricsPort: RLHF_REWARD_GRPC_METRICS_PORT
-  modelRepository: RLHF_REWARD_MODEL_REPOSITORY
-  device: RLHF_REWARD_DEVICE
-  dtype: RLHF_REWARD_DTYPE
-reference:
-  modelPath: RLHF_REFERENCE_MODEL_DIR
-  grpcPort: RLHF_REFERENCE_GRPC_PORT
-  metricsPort: RLHF_REFERENCE_GRPC_METRICS_PORT
-  modelRepository: RLHF_REFERENCE_MODEL_REPOSITORY
-  device: RLHF_REFERENCE_DEVICE
-  dtype: RLHF_REFERENCE_DTYPE
+{{- define "rlhf.modelServiceEnvPrefix" -}}
+{{- printf "RLHF_%s_" (upper .) -}}
 {{- end -}}
 
 {{/*

@@ -148,13 +148,13 @@ def test_a_deadline_too_short_for_the_model_is_deadline_exceeded(stub):
 def test_overload_is_resource_exhausted_not_a_pile_up(reference):
     """A second front end on the same Triton model admitting one RPC at a time."""
     from services.common.grpc_server import GrpcSettings
-    from services.reference.server import build_server
+    from services.reference.server import ReferenceService
 
     narrow = GrpcSettings(
         host="127.0.0.1", port=0, metrics_port=0, max_concurrent_rpcs=1, shutdown_grace_s=5
     )
-    server, scorer = build_server(reference.settings.model_copy(update={"grpc": narrow}))
-    port = server.start()
+    service = ReferenceService(reference.settings.model_copy(update={"grpc": narrow}))
+    port = service.start()
     heavy = request(random_sequences(3, [(150, 100)] * 32))
     codes: list = []
     start = threading.Barrier(6)
@@ -175,8 +175,7 @@ def test_overload_is_resource_exhausted_not_a_pile_up(reference):
         for t in threads:
             t.join()
     finally:
-        server.stop(5)
-        scorer.close()
+        service.stop(5)
     assert grpc.StatusCode.OK in codes
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
