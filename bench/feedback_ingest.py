@@ -65,15 +65,35 @@ def _ms(value: str, unit: str) -> float:
 
 def run_wrk(url: str, script: Path, connections: int, duration_s: int) -> dict:
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--latency", "--timeout", "10s",
-         "-s", str(script), url], capture_output=True, text=True, timeout=duration_s + 60, check=True,
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{duration_s}s",
+            "--latency",
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=duration_s + 60,
+        check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
     p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)\b", out)
     status = re.search(r"STATUS accepted=(\d+) other=(\d+)", out)
-    return {"connections": connections, "requests_per_s": rps, "p50_ms": _ms(*p50.groups()),
-            "p99_ms": _ms(*p99.groups()), "accepted": int(status.group(1)), "other": int(status.group(2))}
+    return {
+        "connections": connections,
+        "requests_per_s": rps,
+        "p50_ms": _ms(*p50.groups()),
+        "p99_ms": _ms(*p99.groups()),
+        "accepted": int(status.group(1)),
+        "other": int(status.group(2)),
+    }
 
 
 def best_under_budget(runs: list[dict]) -> float:
@@ -97,9 +117,15 @@ def main() -> None:
     kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, client_id="bench")
     marker = f"bench-{uuid.uuid4().hex[:8]}"
     try:
-        with running_gateway(kafka, work, bench_noop_endpoint="true", rate_limit_per_s=1e9,
-                             rate_limit_burst=1_000_000_000, idempotency_cache_size=0,
-                             log_level="WARNING") as gw:
+        with running_gateway(
+            kafka,
+            work,
+            bench_noop_endpoint="true",
+            rate_limit_per_s=1e9,
+            rate_limit_burst=1_000_000_000,
+            idempotency_cache_size=0,
+            log_level="WARNING",
+        ) as gw:
             script = work / "post.lua"
             script.write_text(WRK_SCRIPT % {"rid": marker, "key": gw.api_key})
             run_wrk(f"{gw.url}/v1/feedback", script, 4, 2)  # warm-up (connections, metadata)
@@ -108,9 +134,11 @@ def main() -> None:
             for c in connections:  # interleaved so that machine noise hits both alike
                 noop.append(run_wrk(f"{gw.url}/v1/bench/noop", script, c, args.duration))
                 feedback.append(run_wrk(f"{gw.url}/v1/feedback", script, c, args.duration))
-                print(f"c={c:3d}  noop {noop[-1]['requests_per_s']:8.0f}/s p99 {noop[-1]['p99_ms']:6.1f} ms"
-                      f"   feedback {feedback[-1]['requests_per_s']:8.0f}/s p99 {feedback[-1]['p99_ms']:6.1f} ms",
-                      flush=True)
+                print(
+                    f"c={c:3d}  noop {noop[-1]['requests_per_s']:8.0f}/s p99 {noop[-1]['p99_ms']:6.1f} ms"
+                    f"   feedback {feedback[-1]['requests_per_s']:8.0f}/s p99 {feedback[-1]['p99_ms']:6.1f} ms",
+                    flush=True,
+                )
         acked = sum(r["accepted"] for r in feedback)
         stored = len(_stored(kafka, marker)) - warmup_count
     finally:

@@ -57,7 +57,9 @@ PROMPTS = [
 
 
 def chat(tok, text: str) -> list[int]:
-    rendered = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
     return tok(rendered, add_special_tokens=False)["input_ids"]
 
 
@@ -75,14 +77,21 @@ def in_process(model, tok, prompts: list[str], new_tokens: int, eos: set[int]) -
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
-                             pad_token_id=tok.pad_token_id)
+        out = model.generate(
+            input_ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            pad_token_id=tok.pad_token_id,
+        )
     elapsed = time.perf_counter() - start
     return elapsed, sum(counted(row.tolist(), eos) for row in out[:, width:])
 
 
 def request(prompts: list[str], new_tokens: int) -> policy_pb2.GenerateRequest:
-    messages = lambda p: common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role="user", content=p)])  # noqa: E731
+    messages = lambda p: common_pb2.ChatMessages(
+        messages=[common_pb2.ChatMessage(role="user", content=p)]
+    )  # noqa: E731
     return policy_pb2.GenerateRequest(
         prompts=[common_pb2.Prompt(messages=messages(p)) for p in prompts],
         sampling=policy_pb2.SamplingParams(n=1, max_new_tokens=new_tokens, temperature=0.0),
@@ -96,7 +105,9 @@ def service_call(stub, prompts: list[str], new_tokens: int) -> tuple[float, int]
     return elapsed, sum(len(s.token_ids) for c in response.completions for s in c.samples)
 
 
-def clients(stub, prompts: list[str], new_tokens: int, concurrent: bool) -> tuple[float, int, list[float]]:
+def clients(
+    stub, prompts: list[str], new_tokens: int, concurrent: bool
+) -> tuple[float, int, list[float]]:
     results: list = [None] * len(prompts)
 
     def one(i: int) -> None:
@@ -128,7 +139,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-kafka", action="store_true", help="skip the generation log (and the broker)")
+    parser.add_argument(
+        "--no-kafka", action="store_true", help="skip the generation log (and the broker)"
+    )
     opts = parser.parse_args()
     convert_smollm2(opts.model_dir)
     threads = os.cpu_count() or 1
@@ -144,17 +157,29 @@ def main() -> None:
         if broker is not None:
             broker.start()
         settings = PolicySettings(
-            model_dir=opts.model_dir, weights_root=state / "weights", model_repository=state / "model-repository",
+            model_dir=opts.model_dir,
+            weights_root=state / "weights",
+            model_repository=state / "model-repository",
             grpc=GrpcSettings(host="127.0.0.1", port=0, metrics_port=0),
             triton=TritonSettings(url=triton.grpc_url, timeout_s=600),
-            kafka=KafkaSettings(bootstrap_servers=broker.bootstrap_servers if broker else "127.0.0.1:1"),
-            log_generations=broker is not None, follow_weights_topic=False,
+            kafka=KafkaSettings(
+                bootstrap_servers=broker.bootstrap_servers if broker else "127.0.0.1:1"
+            ),
+            log_generations=broker is not None,
+            follow_weights_topic=False,
         )
         service = build(settings)
         stub = policy_pb2_grpc.PolicyServiceStub(grpc.insecure_channel(service.address))
         model = load_causal_lm(opts.model_dir, torch.device("cpu"), torch.float32)
         tok = load_tokenizer(opts.model_dir)
-        eos = {int(e) for e in ([model.generation_config.eos_token_id] if isinstance(model.generation_config.eos_token_id, int) else model.generation_config.eos_token_id)}
+        eos = {
+            int(e)
+            for e in (
+                [model.generation_config.eos_token_id]
+                if isinstance(model.generation_config.eos_token_id, int)
+                else model.generation_config.eos_token_id
+            )
+        }
         batch = PROMPTS[: opts.batch]
         service_call(stub, batch, 4)  # warm-up both sides
         in_process(model, tok, batch, 4, eos)
@@ -166,20 +191,31 @@ def main() -> None:
             ref.append(n / t)
         del model
         sequential = clients(stub, PROMPTS[: opts.clients], opts.new_tokens // 2, concurrent=False)
-        concurrent = [clients(stub, PROMPTS[: opts.clients], opts.new_tokens // 2, concurrent=True) for _ in range(2)]
+        concurrent = [
+            clients(stub, PROMPTS[: opts.clients], opts.new_tokens // 2, concurrent=True)
+            for _ in range(2)
+        ]
         conc_latencies = [x for c in concurrent for x in c[2]]
         conc_tps = statistics.median(n / wall for wall, n, _ in concurrent)
         seq_tps = sequential[1] / sequential[0]
         result = {
-            "model": opts.model_dir.name, "device": "cpu", "dtype": "float32", "torch_threads": threads,
-            "new_tokens": opts.new_tokens, "batch": opts.batch, "rounds": opts.rounds,
+            "model": opts.model_dir.name,
+            "device": "cpu",
+            "dtype": "float32",
+            "torch_threads": threads,
+            "new_tokens": opts.new_tokens,
+            "batch": opts.batch,
+            "rounds": opts.rounds,
             "kafka_generation_log": broker is not None,
             "service_tokens_per_s_batch": statistics.median(svc),
             "inprocess_tokens_per_s_batch": statistics.median(ref),
-            "service_tokens_per_s_runs": svc, "inprocess_tokens_per_s_runs": ref,
+            "service_tokens_per_s_runs": svc,
+            "inprocess_tokens_per_s_runs": ref,
             "ratio_vs_inprocess": statistics.median(svc) / statistics.median(ref),
-            "clients": opts.clients, "client_new_tokens": opts.new_tokens // 2,
-            "sequential_tokens_per_s": seq_tps, "concurrent_tokens_per_s": conc_tps,
+            "clients": opts.clients,
+            "client_new_tokens": opts.new_tokens // 2,
+            "sequential_tokens_per_s": seq_tps,
+            "concurrent_tokens_per_s": conc_tps,
             "batching_gain_16": conc_tps / seq_tps,
             "sequential_latency_p50_s": percentile(sequential[2], 0.5),
             "sequential_latency_p99_s": percentile(sequential[2], 0.99),

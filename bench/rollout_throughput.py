@@ -131,7 +131,12 @@ def run_kafka(settings: KafkaSettings, groups, learner) -> tuple[float, float]:
         producer = make_producer(settings)
         for group in groups:
             for r in group:
-                producer.send(topic, key=r.rollout_id, value=r, partition=zlib.crc32(r.group_id.encode()) % PARTITIONS)
+                producer.send(
+                    topic,
+                    key=r.rollout_id,
+                    value=r,
+                    partition=zlib.crc32(r.group_id.encode()) % PARTITIONS,
+                )
         producer.flush()
         producer.close()
 

@@ -20,8 +20,12 @@ HEADLINES: dict[str, list[tuple[str, float, str, str]]] = {
         ("ratio_vs_inprocess", 0.95, "min", "service tokens/s at batch 8 / in-process generate"),
         ("batching_gain_16", 4.0, "min", "16 concurrent clients / same clients one at a time"),
     ],
-    "weight_swap": [("ratio_vs_raw_copy", 2.0, "max", "push+verify+swap time / raw loopback TCP copy")],
-    "rollout_throughput": [("ratio_vs_in_process", 0.8, "min", "rollouts/s through Kafka / same loop in one process")],
+    "weight_swap": [
+        ("ratio_vs_raw_copy", 2.0, "max", "push+verify+swap time / raw loopback TCP copy")
+    ],
+    "rollout_throughput": [
+        ("ratio_vs_in_process", 0.8, "min", "rollouts/s through Kafka / same loop in one process")
+    ],
     "feedback_ingest": [
         ("ratio_vs_noop", 0.5, "min", "feedback req/s (acks=all, p99<50ms) / no-op endpoint"),
         ("lost", 0, "max", "acknowledged feedback events missing from Kafka"),
@@ -57,7 +61,9 @@ def table() -> str:
         for key, goal, sense, what in headlines:
             value = result.get(key)
             if value is None:
-                rows.append(f"| {name} | {what} | not run | {'>=' if sense == 'min' else '<='} {goal} | - |")
+                rows.append(
+                    f"| {name} | {what} | not run | {'>=' if sense == 'min' else '<='} {goal} | - |"
+                )
                 continue
             met = value >= goal if sense == "min" else value <= goal
             rows.append(

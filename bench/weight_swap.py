@@ -75,7 +75,9 @@ def raw_tcp_copy(payload: memoryview, fresh_buffer: bool = False) -> tuple[float
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]
     done = threading.Event()
-    buffer = None if fresh_buffer else bytearray(payload)  # allocated and written: all pages present
+    buffer = (
+        None if fresh_buffer else bytearray(payload)
+    )  # allocated and written: all pages present
 
     def receive() -> None:
         conn, _ = server.accept()
@@ -113,11 +115,18 @@ def discard_server() -> tuple[grpc.Server, str]:
 
     server = grpc.server(
         ThreadPoolExecutor(max_workers=2),
-        options=[("grpc.max_receive_message_length", 1 << 30), ("grpc.max_send_message_length", 1 << 30)],
+        options=[
+            ("grpc.max_receive_message_length", 1 << 30),
+            ("grpc.max_send_message_length", 1 << 30),
+        ],
     )
     service, method = DISCARD_METHOD.strip("/").split("/")
-    handler = grpc.stream_unary_rpc_method_handler(push)  # no deserializer: raw bytes, as UpdateWeights
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {method: handler}),))
+    handler = grpc.stream_unary_rpc_method_handler(
+        push
+    )  # no deserializer: raw bytes, as UpdateWeights
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service, {method: handler}),)
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, f"127.0.0.1:{port}"
@@ -161,15 +170,24 @@ def main() -> None:
     try:
         triton.start()
         settings = PolicySettings(
-            model_dir=opts.model_dir, weights_root=state / "weights", model_repository=state / "model-repository",
-            grpc=GrpcSettings(host="127.0.0.1", port=0, metrics_port=0, max_message_bytes=(opts.chunk_mib + 8) << 20),
+            model_dir=opts.model_dir,
+            weights_root=state / "weights",
+            model_repository=state / "model-repository",
+            grpc=GrpcSettings(
+                host="127.0.0.1",
+                port=0,
+                metrics_port=0,
+                max_message_bytes=(opts.chunk_mib + 8) << 20,
+            ),
             triton=TritonSettings(url=triton.grpc_url, timeout_s=600),
-            log_generations=False, follow_weights_topic=False,
+            log_generations=False,
+            follow_weights_topic=False,
         )
         service = PolicyService.launch(settings)
         parent, child = multiprocessing.get_context("spawn").Pipe()
         process = multiprocessing.get_context("spawn").Process(
-            target=pusher, args=(child, service.address, discard_address, opts.model_dir, opts.chunk_mib << 20)
+            target=pusher,
+            args=(child, service.address, discard_address, opts.model_dir, opts.chunk_mib << 20),
         )
         process.start()
         start = time.perf_counter()
@@ -178,7 +196,9 @@ def main() -> None:
 
         def push_once(to_policy: bool = True) -> float:
             manifest.weights_version = service.servicer.updater.version + 1
-            parent.send((manifest.weights_version if to_policy else None, manifest.SerializeToString()))
+            parent.send(
+                (manifest.weights_version if to_policy else None, manifest.SerializeToString())
+            )
             accepted, reason, seconds = parent.recv()
             assert accepted, reason
             return seconds
@@ -207,17 +227,27 @@ def main() -> None:
         cores = os.cpu_count() or 1
         cpu_floor = max(median(raw), (median(raw_cpu) + median(sha)) / cores)
         result = {
-            "model": opts.model_dir.name, "bytes": len(payload), "rounds": opts.rounds, "chunk_mib": opts.chunk_mib,
-            "raw_tcp_copy_s": median(raw), "push_verify_swap_s": median(push),
-            "raw_tcp_copy_runs_s": raw, "push_verify_swap_runs_s": push,
-            "raw_tcp_copy_cpu_s": median(raw_cpu), "grpc_stream_only_s": median(stream_only),
-            "grpc_stream_only_runs_s": stream_only, "sha256_s": median(sha), "cpu_cores": cores,
-            "cpu_floor_s": cpu_floor, "ratio_floor_vs_raw_copy": cpu_floor / median(raw),
+            "model": opts.model_dir.name,
+            "bytes": len(payload),
+            "rounds": opts.rounds,
+            "chunk_mib": opts.chunk_mib,
+            "raw_tcp_copy_s": median(raw),
+            "push_verify_swap_s": median(push),
+            "raw_tcp_copy_runs_s": raw,
+            "push_verify_swap_runs_s": push,
+            "raw_tcp_copy_cpu_s": median(raw_cpu),
+            "grpc_stream_only_s": median(stream_only),
+            "grpc_stream_only_runs_s": stream_only,
+            "sha256_s": median(sha),
+            "cpu_cores": cores,
+            "cpu_floor_s": cpu_floor,
+            "ratio_floor_vs_raw_copy": cpu_floor / median(raw),
             "ratio_grpc_stream_only_vs_raw_copy": median(stream_only) / median(raw),
             "raw_tcp_copy_fresh_buffer_runs_s": raw_fresh,
             "ratio_vs_raw_copy_fresh_buffer": median(push) / median(raw_fresh),
             "cold_push_verify_swap_runs_s": cold,
-            "sender_manifest_s": manifest_s, "service_phases_s": phases,
+            "sender_manifest_s": manifest_s,
+            "service_phases_s": phases,
             "ratio_vs_raw_copy": median(push) / median(raw),
             "served_version": service.servicer.updater.version,
         }

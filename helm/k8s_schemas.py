@@ -76,7 +76,9 @@ def export_version(source: Path, out: Path, version: str) -> Path:
     folder = source / name
     if not folder.is_dir():
         known = sorted(p.name for p in source.glob("v*-local-strict"))
-        raise SystemExit(f"no schemas for Kubernetes {version} in kubernetes-validate; it has {known}")
+        raise SystemExit(
+            f"no schemas for Kubernetes {version} in kubernetes-validate; it has {known}"
+        )
     tmp = out / f".{name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

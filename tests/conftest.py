@@ -35,7 +35,9 @@ def kafka_broker(run_dir: Path):
     broker = KafkaBroker(state_dir=run_dir / "kafka")
     try:
         broker.start()
-        _started["kafka"] = f"Apache Kafka broker (KRaft) pid {broker.daemon.pid} at {broker.bootstrap_servers}"
+        _started["kafka"] = (
+            f"Apache Kafka broker (KRaft) pid {broker.daemon.pid} at {broker.bootstrap_servers}"
+        )
         yield broker
     finally:
         broker.stop()

@@ -57,7 +57,9 @@ def up() -> tuple[KafkaBroker, TritonServer]:
     if not broker.running:
         t0 = time.monotonic()
         broker.start()
-        print(f"kafka     up in {time.monotonic() - t0:4.1f}s  pid {broker.daemon.pid}  {broker.bootstrap_servers}")
+        print(
+            f"kafka     up in {time.monotonic() - t0:4.1f}s  pid {broker.daemon.pid}  {broker.bootstrap_servers}"
+        )
     repository = STACK / "model-repository"
     weights = STACK / "probe.safetensors"
     save_probe(weights)
@@ -67,9 +69,13 @@ def up() -> tuple[KafkaBroker, TritonServer]:
         t0 = time.monotonic()
         triton.start()
         (STACK / "triton" / "ports.json").write_text(
-            json.dumps({"grpc": triton.grpc_port, "http": triton.http_port, "metrics": triton.metrics_port})
+            json.dumps(
+                {"grpc": triton.grpc_port, "http": triton.http_port, "metrics": triton.metrics_port}
+            )
         )
-        print(f"triton    up in {time.monotonic() - t0:4.1f}s  pid {triton.daemon.pid}  {triton.grpc_url}")
+        print(
+            f"triton    up in {time.monotonic() - t0:4.1f}s  pid {triton.daemon.pid}  {triton.grpc_url}"
+        )
     (STACK / "env").write_text(
         f"RLHF_KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap_servers}\nRLHF_TRITON_URL={triton.grpc_url}\n"
     )
@@ -77,7 +83,10 @@ def up() -> tuple[KafkaBroker, TritonServer]:
 
 
 def down() -> None:
-    for name, daemon in (("triton", Daemon("tritonserver", STACK / "triton")), ("kafka", Daemon("kafka", STACK / "kafka"))):
+    for name, daemon in (
+        ("triton", Daemon("tritonserver", STACK / "triton")),
+        ("kafka", Daemon("kafka", STACK / "kafka")),
+    ):
         print(f"{name:9s} {'stopped' if daemon.stop() else 'was not running'}")
 
 
@@ -134,8 +143,13 @@ def smoke() -> None:
     try:
         kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, client_id="demo")
         rollout = events_pb2.Rollout(
-            rollout_id=f"demo-{uuid.uuid4().hex[:12]}", group_id="demo", prompt_token_ids=[1, 2],
-            response_token_ids=[3], behaviour_logprobs=[-0.1], reference_logprobs=[-0.2], reward=1.0,
+            rollout_id=f"demo-{uuid.uuid4().hex[:12]}",
+            group_id="demo",
+            prompt_token_ids=[1, 2],
+            response_token_ids=[3],
+            behaviour_logprobs=[-0.1],
+            reference_logprobs=[-0.2],
+            reward=1.0,
         )
         producer = make_producer(kafka)
         meta = producer.send(topics.ROLLOUTS, key=rollout.rollout_id, value=rollout).get(timeout=30)
@@ -151,7 +165,9 @@ def smoke() -> None:
                 break
         consumer.close()
         assert got == rollout, "the rollout did not come back from Kafka"
-        print(f"kafka     rollout {rollout.rollout_id} -> {topics.ROLLOUTS}[{meta.partition}]@{meta.offset} -> consumed back")
+        print(
+            f"kafka     rollout {rollout.rollout_id} -> {topics.ROLLOUTS}[{meta.partition}]@{meta.offset} -> consumed back"
+        )
 
         client = connect(TritonSettings(url=triton.grpc_url))
         x = np.linspace(-1, 1, 16, dtype=np.float32).reshape(2, 8)
@@ -163,7 +179,9 @@ def smoke() -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.local", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.local", description=__doc__.splitlines()[0]
+    )
     with_args = {"demo": demo, "platform-up": platform_up, "platform-down": platform_down}
     commands = {"up": up, "down": down, "status": status, "smoke": smoke, "reap": reap}
     parser.add_argument("command", choices=[*commands, *with_args])

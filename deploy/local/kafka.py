@@ -16,7 +16,9 @@ from pathlib import Path
 
 from deploy.local.process import Daemon, free_port, port_open
 
-DEFAULT_LIBS = Path(os.environ.get("RLHF_CACHE", Path.home() / ".cache/rlhf-platform")) / "kafka-4.1.1/libs"
+DEFAULT_LIBS = (
+    Path(os.environ.get("RLHF_CACHE", Path.home() / ".cache/rlhf-platform")) / "kafka-4.1.1/libs"
+)
 
 LOG4J2 = """\
 Configuration:
@@ -119,7 +121,11 @@ class KafkaBroker:
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         # `--cluster-id=...` in one word: an id may start with "-".
         argv = self._java(
-            "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(self.config_file)
+            "kafka.tools.StorageTool",
+            "format",
+            f"--cluster-id={cluster_id}",
+            "-c",
+            str(self.config_file),
         )
         out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
@@ -139,7 +145,9 @@ class KafkaBroker:
     def _answers(self) -> bool:
         from kafka import KafkaAdminClient
 
-        admin = KafkaAdminClient(bootstrap_servers=[self.bootstrap_servers], request_timeout_ms=5000)
+        admin = KafkaAdminClient(
+            bootstrap_servers=[self.bootstrap_servers], request_timeout_ms=5000
+        )
         try:
             admin.list_topics()
             return True

@@ -45,7 +45,9 @@ class Daemon:
             return None
         return pid if _alive(pid) else None
 
-    def start(self, argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
+    def start(
+        self, argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> int:
         if self.pid is not None:
             raise RuntimeError(f"{self.name} already runs as pid {self.pid} ({self.pid_file})")
         self.state_dir.mkdir(parents=True, exist_ok=True)

@@ -58,9 +58,13 @@ def prepared_backends(cache: Path) -> Path:
 
 def server_environment() -> dict[str, str]:
     env = dict(os.environ)
-    libdirs = [sysconfig.get_config_var("LIBDIR") or "", str(pytriton_dir().parent / "nvidia_pytriton.libs")]
+    libdirs = [
+        sysconfig.get_config_var("LIBDIR") or "",
+        str(pytriton_dir().parent / "nvidia_pytriton.libs"),
+    ]
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
-        [d for d in libdirs if d] + [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+        [d for d in libdirs if d]
+        + [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
     )
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     site = sysconfig.get_paths()["purelib"]
@@ -87,7 +91,9 @@ class TritonServer:
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)
         self.model_repository = Path(self.model_repository)
-        self.cache_dir = Path(self.cache_dir or os.environ.get("RLHF_CACHE") or Path.home() / ".cache/rlhf-platform")
+        self.cache_dir = Path(
+            self.cache_dir or os.environ.get("RLHF_CACHE") or Path.home() / ".cache/rlhf-platform"
+        )
         self.daemon = Daemon("tritonserver", self.state_dir)
         self.grpc_port = self.grpc_port or free_port()
         self.http_port = self.http_port or free_port()
@@ -126,7 +132,9 @@ class TritonServer:
 
     def start(self, timeout_s: float = 300.0) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.daemon.start(self.argv(), env={**server_environment(), **self.environment}, cwd=self.state_dir)
+        self.daemon.start(
+            self.argv(), env={**server_environment(), **self.environment}, cwd=self.state_dir
+        )
         self.daemon.wait_ready(self._ready, timeout_s)
 
     def _ready(self) -> bool:

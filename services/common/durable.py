@@ -47,10 +47,15 @@ class DurableStore:
         self.db.close()
 
     def set_offset(self, topic: str, partition: int, next_offset: int) -> None:
-        self.db.execute("INSERT OR REPLACE INTO offsets VALUES (?,?,?)", (topic, partition, next_offset))
+        self.db.execute(
+            "INSERT OR REPLACE INTO offsets VALUES (?,?,?)", (topic, partition, next_offset)
+        )
 
     def offsets(self) -> dict[tuple[str, int], int]:
-        return {(t, p): o for t, p, o in self.db.execute("SELECT topic, partition, next_offset FROM offsets")}
+        return {
+            (t, p): o
+            for t, p, o in self.db.execute("SELECT topic, partition, next_offset FROM offsets")
+        }
 
 
 class SeekToStoredOffsets(ConsumerRebalanceListener):
@@ -86,7 +91,8 @@ def durable_cycle(worker, batches: dict, next_offsets: dict[TopicPartition, int]
             worker.store.set_offset(tp.topic, tp.partition, offset)
         worker.store.commit()
         worker.stored_offsets = {
-            **worker.stored_offsets, **{(tp.topic, tp.partition): o for tp, o in next_offsets.items()}
+            **worker.stored_offsets,
+            **{(tp.topic, tp.partition): o for tp, o in next_offsets.items()},
         }
     except Exception:
         worker.store.rollback()

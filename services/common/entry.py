@@ -8,7 +8,9 @@ import sys
 from collections.abc import Callable
 
 
-def run(name: str, serve: Callable[[], object], commands: dict[str, Callable[[], int]] | None = None) -> int:
+def run(
+    name: str, serve: Callable[[], object], commands: dict[str, Callable[[], int]] | None = None
+) -> int:
     commands = commands or {}
     args = sys.argv[1:]
     if not args:
@@ -17,6 +19,9 @@ def run(name: str, serve: Callable[[], object], commands: dict[str, Callable[[],
     if len(args) == 1 and args[0] in commands:
         return int(commands[args[0]]() or 0)
     usage = " | ".join(["", *commands]) if commands else ""
-    print(f"usage: python -m services.{name}{' [' + usage.strip(' |') + ']' if usage else ''}", file=sys.stderr)
+    print(
+        f"usage: python -m services.{name}{' [' + usage.strip(' |') + ']' if usage else ''}",
+        file=sys.stderr,
+    )
     print("settings are read from the environment (RLHF_*), not from arguments", file=sys.stderr)
     return 2

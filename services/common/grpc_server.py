@@ -38,7 +38,9 @@ class GrpcSettings(BaseSettings):
 
     host: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
-    metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus /metrics port; 0 disables.")
+    metrics_port: int = Field(
+        9100, ge=0, le=65535, description="Prometheus /metrics port; 0 disables."
+    )
     max_workers: int = Field(32, ge=1, description="Threads handling RPCs.")
     max_concurrent_rpcs: int = Field(
         64, ge=1, description="RPCs admitted at once; more get RESOURCE_EXHAUSTED immediately."
@@ -125,7 +127,9 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 class ModelServer:
     """Lifecycle of one gRPC service process: add servicers, start, serve, drain, stop."""
 
-    def __init__(self, service: str, settings: GrpcSettings, registry: CollectorRegistry | None = None):
+    def __init__(
+        self, service: str, settings: GrpcSettings, registry: CollectorRegistry | None = None
+    ):
         self.service = service
         self.settings = settings
         self.registry = registry or CollectorRegistry()
@@ -134,7 +138,9 @@ class ModelServer:
         self._service_names: list[str] = [health.SERVICE_NAME, reflection.SERVICE_NAME]
         self._stopped = threading.Event()
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix=service),
+            futures.ThreadPoolExecutor(
+                max_workers=settings.max_workers, thread_name_prefix=service
+            ),
             interceptors=[MetricsInterceptor(self.metrics)],
             options=message_size_options(settings.max_message_bytes),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
@@ -162,7 +168,9 @@ class ModelServer:
 
     def set_serving(self, serving: bool) -> None:
         status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for name in ["", *self._service_names]:
             self.health.set(name, status)

@@ -90,7 +90,9 @@ def ensure_topics(settings: KafkaSettings, specs: Iterable[TopicSpec] = TOPICS) 
     try:
         existing = set(admin.list_topics())
         new = [
-            NewTopic(s.name, num_partitions=s.partitions, replication_factor=1, topic_configs=s.configs)
+            NewTopic(
+                s.name, num_partitions=s.partitions, replication_factor=1, topic_configs=s.configs
+            )
             for s in specs
             if s.name not in existing
         ]

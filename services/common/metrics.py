@@ -19,12 +19,17 @@ class RpcMetrics:
     def __init__(self, service: str, registry: CollectorRegistry):
         prefix = f"rlhf_{service}"
         self.requests = Counter(
-            f"{prefix}_requests_total", "RPCs handled, by method and status code.",
-            ["method", "code"], registry=registry,
+            f"{prefix}_requests_total",
+            "RPCs handled, by method and status code.",
+            ["method", "code"],
+            registry=registry,
         )
         self.latency = Histogram(
-            f"{prefix}_request_duration_seconds", "RPC latency, by method.",
-            ["method"], buckets=LATENCY_BUCKETS, registry=registry,
+            f"{prefix}_request_duration_seconds",
+            "RPC latency, by method.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.in_flight = Gauge(
             f"{prefix}_requests_in_flight", "RPCs being handled now.", registry=registry

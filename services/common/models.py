@@ -35,7 +35,9 @@ def select_dtype(device: torch.device, preference: str = "auto") -> torch.dtype:
     """bf16 on CUDA, float32 on CPU (CPU bf16 matmuls are slow and lose log-prob precision)."""
     if preference == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[preference]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        preference
+    ]
 
 
 def _package_dir(name: str) -> Path:
@@ -85,7 +87,9 @@ def convert_smollm2(out_dir: Path) -> Path:
     if (out_dir / "model.safetensors").exists() and (out_dir / "tokenizer.json").exists():
         return out_dir
     gguf = smollm2_gguf()
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
@@ -107,7 +111,9 @@ def load_tokenizer(path: Path):
     return tokenizer
 
 
-def load_causal_lm(path: Path, device: torch.device | None = None, dtype: torch.dtype | None = None):
+def load_causal_lm(
+    path: Path, device: torch.device | None = None, dtype: torch.dtype | None = None
+):
     """A causal LM from a local folder, in eval mode on `device`."""
     from transformers import AutoModelForCausalLM
 
@@ -117,7 +123,9 @@ def load_causal_lm(path: Path, device: torch.device | None = None, dtype: torch.
     return model.to(device).eval()
 
 
-def load_reward_model(path: Path, device: torch.device | None = None, dtype: torch.dtype | None = None):
+def load_reward_model(
+    path: Path, device: torch.device | None = None, dtype: torch.dtype | None = None
+):
     """A sequence classifier with one output (the scalar reward), in eval mode on `device`."""
     from transformers import AutoModelForSequenceClassification
 

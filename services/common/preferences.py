@@ -38,7 +38,12 @@ def _now() -> Timestamp:
 
 
 def pair_record(
-    prompt: str, chosen: str, rejected: str, source: int, derived_from: list[str], preference_id: str
+    prompt: str,
+    chosen: str,
+    rejected: str,
+    source: int,
+    derived_from: list[str],
+    preference_id: str,
 ) -> events_pb2.PreferenceRecord:
     return events_pb2.PreferenceRecord(
         preference_id=preference_id,
@@ -51,7 +56,11 @@ def pair_record(
 
 
 def label_record(
-    prompt: str, completion: str, desirable: bool, source: int, derived_from: list[str],
+    prompt: str,
+    completion: str,
+    desirable: bool,
+    source: int,
+    derived_from: list[str],
     preference_id: str,
 ) -> events_pb2.PreferenceRecord:
     return events_pb2.PreferenceRecord(
@@ -71,8 +80,14 @@ def ranking_pairs(
     if len(ranked) < 2:
         raise ValueError(f"a ranking needs at least 2 responses, got {len(ranked)}")
     return [
-        pair_record(prompt, ranked[i], ranked[j], source, [event_id],
-                    derived_id("pair", event_id, str(i), str(j)))
+        pair_record(
+            prompt,
+            ranked[i],
+            ranked[j],
+            source,
+            [event_id],
+            derived_id("pair", event_id, str(i), str(j)),
+        )
         for i, j in itertools.combinations(range(len(ranked)), 2)
     ]
 

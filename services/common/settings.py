@@ -30,7 +30,9 @@ DEVICE_HELP = "Triton instance kind: cpu, gpu, or auto (a GPU when the writing p
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 """Model weights' dtype inside Triton; `auto` is bfloat16 on a GPU and float32 on the CPU."""
-DTYPE_HELP = "Weights dtype: float32, bfloat16, float16, or auto (bfloat16 on a GPU, float32 on CPU)."
+DTYPE_HELP = (
+    "Weights dtype: float32, bfloat16, float16, or auto (bfloat16 on a GPU, float32 on CPU)."
+)
 
 
 class KafkaSettings(BaseSettings):

@@ -119,13 +119,13 @@ def _merge_chunk(chunk: ChunkView, view: memoryview, start: int, end: int) -> No
     for field, wire_type, value in _fields(view, start, end):
         if field == _CHUNK_FILE_NAME and wire_type == _LEN:
             try:
-                chunk.file_name = str(view[value[0]:value[1]], "utf-8")
+                chunk.file_name = str(view[value[0] : value[1]], "utf-8")
             except UnicodeDecodeError as exc:
                 raise WireError("chunk.file_name is not valid UTF-8") from exc
         elif field == _CHUNK_OFFSET and wire_type == _VARINT:
             chunk.offset = value & 0xFFFFFFFFFFFFFFFF
         elif field == _CHUNK_DATA and wire_type == _LEN:
-            chunk.data = view[value[0]:value[1]]
+            chunk.data = view[value[0] : value[1]]
 
 
 def decode_request(raw: bytes) -> policy_pb2.WeightsManifest | ChunkView | None:
@@ -136,9 +136,13 @@ def decode_request(raw: bytes) -> policy_pb2.WeightsManifest | ChunkView | None:
         if field not in (_REQUEST_MANIFEST, _REQUEST_CHUNK) or wire_type != _LEN:
             continue  # unknown to this schema (protobuf keeps it as an unknown field)
         if field == _REQUEST_MANIFEST:
-            manifest = part if isinstance(part, policy_pb2.WeightsManifest) else policy_pb2.WeightsManifest()
+            manifest = (
+                part
+                if isinstance(part, policy_pb2.WeightsManifest)
+                else policy_pb2.WeightsManifest()
+            )
             try:
-                manifest.MergeFromString(bytes(view[value[0]:value[1]]))
+                manifest.MergeFromString(bytes(view[value[0] : value[1]]))
             except Exception as exc:  # protobuf's DecodeError
                 raise WireError(f"unreadable manifest: {exc}") from exc
             part = manifest

@@ -42,7 +42,9 @@ def run_cycles(worker: Worker, name: str, pause_s: float = 1.0) -> None:
             time.sleep(pause_s)
 
 
-def serve(name: str, settings: Any, make_worker: Callable[[Any, CollectorRegistry], Worker]) -> None:
+def serve(
+    name: str, settings: Any, make_worker: Callable[[Any, CollectorRegistry], Worker]
+) -> None:
     """Runs one worker until SIGTERM/SIGINT; `settings` carries log_level, metrics_port, state_dir."""
     configure_logging(name, settings.log_level)
     registry = CollectorRegistry()

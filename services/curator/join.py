@@ -67,26 +67,47 @@ def prompt_of(generation: events_pb2.GenerationRecord) -> str:
     return generation.prompt_text
 
 
-def on_generation(store: JoinStore, partition: int, generation: events_pb2.GenerationRecord,
-                  now: float, limits: JoinLimits, counts: JoinCounts) -> list[events_pb2.PreferenceRecord]:
+def on_generation(
+    store: JoinStore,
+    partition: int,
+    generation: events_pb2.GenerationRecord,
+    now: float,
+    limits: JoinLimits,
+    counts: JoinCounts,
+) -> list[events_pb2.PreferenceRecord]:
     prompt = prompt_of(generation)
-    store.add_generation(generation.response_id, partition, prompt, prompt_hash(prompt),
-                         generation.response_text, now)
+    store.add_generation(
+        generation.response_id,
+        partition,
+        prompt,
+        prompt_hash(prompt),
+        generation.response_text,
+        now,
+    )
     out: list[events_pb2.PreferenceRecord] = []
     for raw in store.take_pending(generation.response_id):
-        out += on_feedback(store, partition, decode(events_pb2.FeedbackEvent, raw), now, limits, counts)
+        out += on_feedback(
+            store, partition, decode(events_pb2.FeedbackEvent, raw), now, limits, counts
+        )
     return out
 
 
-def on_feedback(store: JoinStore, partition: int, feedback: events_pb2.FeedbackEvent, now: float,
-                limits: JoinLimits, counts: JoinCounts) -> list[events_pb2.PreferenceRecord]:
+def on_feedback(
+    store: JoinStore,
+    partition: int,
+    feedback: events_pb2.FeedbackEvent,
+    now: float,
+    limits: JoinLimits,
+    counts: JoinCounts,
+) -> list[events_pb2.PreferenceRecord]:
     if store.was_joined(feedback.feedback_id):
         counts.duplicates += 1
         return []
     generation = store.generation(feedback.response_id)
     if generation is None:
-        store.add_pending(feedback.feedback_id, feedback.response_id, partition,
-                          feedback.SerializeToString(), now)
+        store.add_pending(
+            feedback.feedback_id, feedback.response_id, partition, feedback.SerializeToString(), now
+        )
         counts.waiting += 1
         over = store.expire_pending(0.0, partition, keep=limits.max_pending_per_partition)
         _log_expired(over, "the pending bound of its partition was reached")
@@ -99,8 +120,16 @@ def on_feedback(store: JoinStore, partition: int, feedback: events_pb2.FeedbackE
         return []
     prompt, key, response = generation
     rid = feedback.response_id
-    out = [label_record(prompt, response, desirable, LIVE, [feedback.feedback_id, rid],
-                        derived_id("label", feedback.feedback_id))]
+    out = [
+        label_record(
+            prompt,
+            response,
+            desirable,
+            LIVE,
+            [feedback.feedback_id, rid],
+            derived_id("label", feedback.feedback_id),
+        )
+    ]
     store.add_judged(key, rid, desirable, response, now)
     for other_rid, other_response in store.opposite_answers(key, rid, desirable, limits.max_pairs):
         if other_response == response:
@@ -108,7 +137,9 @@ def on_feedback(store: JoinStore, partition: int, feedback: events_pb2.FeedbackE
         chosen, rejected = ((rid, response), (other_rid, other_response))[:: 1 if desirable else -1]
         pair_id = derived_id("pair-live", chosen[0], rejected[0])
         if store.mark_emitted(pair_id, now):
-            out.append(pair_record(prompt, chosen[1], rejected[1], LIVE, [chosen[0], rejected[0]], pair_id))
+            out.append(
+                pair_record(prompt, chosen[1], rejected[1], LIVE, [chosen[0], rejected[0]], pair_id)
+            )
     return out
 
 
@@ -120,4 +151,6 @@ def expire_waiting(store: JoinStore, now: float, limits: JoinLimits, counts: Joi
 
 def _log_expired(feedback_ids: list[str], why: str) -> None:
     for feedback_id in feedback_ids:
-        log.warning("feedback expired unjoined", extra={"fields": {"feedback_id": feedback_id, "why": why}})
+        log.warning(
+            "feedback expired unjoined", extra={"fields": {"feedback_id": feedback_id, "why": why}}
+        )

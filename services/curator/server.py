@@ -41,17 +41,33 @@ log = logging.getLogger(__name__)
 
 class CuratorMetrics:
     def __init__(self, registry: CollectorRegistry):
-        self.consumed = Counter("rlhf_curator_records_consumed_total", "Records read, by topic.",
-                                ["topic"], registry=registry)
-        self.emitted = Counter("rlhf_curator_preferences_emitted_total",
-                               "Preference records produced, by kind (pair or label).",
-                               ["kind"], registry=registry)
-        self.duplicates = Counter("rlhf_curator_feedback_duplicate_total",
-                                  "Feedback skipped: its id was joined before.", registry=registry)
-        self.expired = Counter("rlhf_curator_feedback_expired_total",
-                               "Feedback that expired before its generation arrived.", registry=registry)
-        self.pending = Gauge("rlhf_curator_feedback_pending", "Feedback waiting for its generation.",
-                             registry=registry)
+        self.consumed = Counter(
+            "rlhf_curator_records_consumed_total",
+            "Records read, by topic.",
+            ["topic"],
+            registry=registry,
+        )
+        self.emitted = Counter(
+            "rlhf_curator_preferences_emitted_total",
+            "Preference records produced, by kind (pair or label).",
+            ["kind"],
+            registry=registry,
+        )
+        self.duplicates = Counter(
+            "rlhf_curator_feedback_duplicate_total",
+            "Feedback skipped: its id was joined before.",
+            registry=registry,
+        )
+        self.expired = Counter(
+            "rlhf_curator_feedback_expired_total",
+            "Feedback that expired before its generation arrived.",
+            registry=registry,
+        )
+        self.pending = Gauge(
+            "rlhf_curator_feedback_pending",
+            "Feedback waiting for its generation.",
+            registry=registry,
+        )
 
 
 class CuratorWorker:
@@ -59,17 +75,24 @@ class CuratorWorker:
 
     def __init__(self, settings: CuratorSettings, registry: CollectorRegistry | None = None):
         self.settings = settings
-        self.limits = JoinLimits(settings.max_pending_per_partition, settings.max_pending_age_s,
-                                 settings.max_pairs_per_answer)
+        self.limits = JoinLimits(
+            settings.max_pending_per_partition,
+            settings.max_pending_age_s,
+            settings.max_pairs_per_answer,
+        )
         self.metrics = CuratorMetrics(registry or CollectorRegistry())
         self.store = JoinStore(settings.state_dir)
         self.stored_offsets: dict[tuple[str, int], int] = self.store.offsets()
         self.producer = make_producer(settings.kafka)
         self.consumer = make_consumer(
-            settings.kafka, settings.group_id, max_poll_records=settings.max_poll_records,
+            settings.kafka,
+            settings.group_id,
+            max_poll_records=settings.max_poll_records,
             partition_assignment_strategy=[RangePartitionAssignor],
         )
-        self.consumer.subscribe([topics.GENERATIONS, topics.FEEDBACK], listener=SeekToStoredOffsets(self))
+        self.consumer.subscribe(
+            [topics.GENERATIONS, topics.FEEDBACK], listener=SeekToStoredOffsets(self)
+        )
         self.stopping = threading.Event()
         self._last_prune = 0.0
 
@@ -88,7 +111,9 @@ class CuratorWorker:
                 for record in records:
                     if tp.topic == topics.GENERATIONS:
                         gen = decode(events_pb2.GenerationRecord, record.value)
-                        out += on_generation(self.store, tp.partition, gen, now, self.limits, counts)
+                        out += on_generation(
+                            self.store, tp.partition, gen, now, self.limits, counts
+                        )
                     else:
                         fb = decode(events_pb2.FeedbackEvent, record.value)
                         out += on_feedback(self.store, tp.partition, fb, now, self.limits, counts)
@@ -98,8 +123,10 @@ class CuratorWorker:
                 self.store.prune(now - self.settings.retention_s)
                 self._last_prune = now
             # 3. every output acknowledged before the state that produced it is committed
-            futures = [self.producer.send(topics.PREFERENCES, key=prompt_hash(r.prompt), value=r)
-                       for r in out]
+            futures = [
+                self.producer.send(topics.PREFERENCES, key=prompt_hash(r.prompt), value=r)
+                for r in out
+            ]
             for future in futures:
                 future.get(timeout=self.settings.kafka.delivery_timeout_ms / 1000)
         self._count(out, counts)

@@ -24,10 +24,14 @@ class CuratorSettings(BaseSettings):
         3600.0, gt=0, description="How long feedback waits for its generation before it expires."
     )
     max_pairs_per_answer: int = Field(
-        16, ge=0, description="Opposite-thumb answers of the same prompt one new judgement pairs with."
+        16,
+        ge=0,
+        description="Opposite-thumb answers of the same prompt one new judgement pairs with.",
     )
     retention_s: float = Field(
-        30 * 24 * 3600.0, gt=0, description="Generations and seen feedback ids older than this are pruned."
+        30 * 24 * 3600.0,
+        gt=0,
+        description="Generations and seen feedback ids older than this are pruned.",
     )
     poll_timeout_ms: int = Field(500, ge=10, description="Longest wait of one poll.")
     max_poll_records: int = Field(500, ge=1, description="Records processed per transaction.")

@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS judged (
 CREATE TABLE IF NOT EXISTS emitted (preference_id TEXT PRIMARY KEY, seen_at REAL);
 """
 
+
 class JoinStore(DurableStore):
     """A thin, typed layer over the curator's sqlite file."""
 
@@ -37,45 +38,65 @@ class JoinStore(DurableStore):
         super().__init__(state_dir, "curator.sqlite", SCHEMA)
 
     # ----- generations -----
-    def add_generation(self, response_id: str, partition: int, prompt: str, prompt_key: str,
-                       response: str, now: float) -> None:
-        self.db.execute("INSERT OR IGNORE INTO generations VALUES (?,?,?,?,?,?)",
-                        (response_id, partition, prompt, prompt_key, response, now))
+    def add_generation(
+        self,
+        response_id: str,
+        partition: int,
+        prompt: str,
+        prompt_key: str,
+        response: str,
+        now: float,
+    ) -> None:
+        self.db.execute(
+            "INSERT OR IGNORE INTO generations VALUES (?,?,?,?,?,?)",
+            (response_id, partition, prompt, prompt_key, response, now),
+        )
 
     def generation(self, response_id: str) -> tuple[str, str, str] | None:
         """(prompt, prompt_key, response) of a served generation, if seen."""
-        row = self.db.execute("SELECT prompt, prompt_key, response FROM generations WHERE response_id=?",
-                              (response_id,)).fetchone()
+        row = self.db.execute(
+            "SELECT prompt, prompt_key, response FROM generations WHERE response_id=?",
+            (response_id,),
+        ).fetchone()
         return tuple(row) if row else None
 
     # ----- feedback waiting for its generation -----
-    def add_pending(self, feedback_id: str, response_id: str, partition: int, event: bytes,
-                    now: float) -> None:
-        self.db.execute("INSERT OR IGNORE INTO pending VALUES (?,?,?,?,?)",
-                        (feedback_id, response_id, partition, event, now))
+    def add_pending(
+        self, feedback_id: str, response_id: str, partition: int, event: bytes, now: float
+    ) -> None:
+        self.db.execute(
+            "INSERT OR IGNORE INTO pending VALUES (?,?,?,?,?)",
+            (feedback_id, response_id, partition, event, now),
+        )
 
     def take_pending(self, response_id: str) -> list[bytes]:
-        rows = self.db.execute("SELECT event FROM pending WHERE response_id=? ORDER BY arrived_at",
-                               (response_id,)).fetchall()
+        rows = self.db.execute(
+            "SELECT event FROM pending WHERE response_id=? ORDER BY arrived_at", (response_id,)
+        ).fetchall()
         self.db.execute("DELETE FROM pending WHERE response_id=?", (response_id,))
         return [r[0] for r in rows]
 
     def pending_count(self, partition: int | None = None) -> int:
         if partition is None:
             return self.db.execute("SELECT COUNT(*) FROM pending").fetchone()[0]
-        return self.db.execute("SELECT COUNT(*) FROM pending WHERE partition=?", (partition,)).fetchone()[0]
+        return self.db.execute(
+            "SELECT COUNT(*) FROM pending WHERE partition=?", (partition,)
+        ).fetchone()[0]
 
-    def expire_pending(self, older_than: float, partition: int | None = None,
-                       keep: int | None = None) -> list[str]:
+    def expire_pending(
+        self, older_than: float, partition: int | None = None, keep: int | None = None
+    ) -> list[str]:
         """Deletes feedback that waited since before `older_than`, or beyond the newest `keep` of
         `partition`; returns the expired feedback ids."""
         if keep is not None:
             rows = self.db.execute(
                 "SELECT feedback_id FROM pending WHERE partition=? ORDER BY arrived_at DESC LIMIT -1 OFFSET ?",
-                (partition, keep)).fetchall()
+                (partition, keep),
+            ).fetchall()
         else:
-            rows = self.db.execute("SELECT feedback_id FROM pending WHERE arrived_at < ?",
-                                   (older_than,)).fetchall()
+            rows = self.db.execute(
+                "SELECT feedback_id FROM pending WHERE arrived_at < ?", (older_than,)
+            ).fetchall()
         ids = [r[0] for r in rows]
         self.db.executemany("DELETE FROM pending WHERE feedback_id=?", [(i,) for i in ids])
         return ids
@@ -87,25 +108,33 @@ class JoinStore(DurableStore):
         return cur.rowcount == 1
 
     def was_joined(self, feedback_id: str) -> bool:
-        return self.db.execute("SELECT 1 FROM joined WHERE feedback_id=?", (feedback_id,)).fetchone() is not None
+        return (
+            self.db.execute("SELECT 1 FROM joined WHERE feedback_id=?", (feedback_id,)).fetchone()
+            is not None
+        )
 
     def mark_emitted(self, preference_id: str, now: float) -> bool:
         cur = self.db.execute("INSERT OR IGNORE INTO emitted VALUES (?,?)", (preference_id, now))
         return cur.rowcount == 1
 
     # ----- judged answers, for pairing -----
-    def add_judged(self, prompt_key: str, response_id: str, desirable: bool, response: str,
-                   now: float) -> None:
-        self.db.execute("INSERT OR IGNORE INTO judged VALUES (?,?,?,?,?)",
-                        (prompt_key, response_id, int(desirable), response, now))
+    def add_judged(
+        self, prompt_key: str, response_id: str, desirable: bool, response: str, now: float
+    ) -> None:
+        self.db.execute(
+            "INSERT OR IGNORE INTO judged VALUES (?,?,?,?,?)",
+            (prompt_key, response_id, int(desirable), response, now),
+        )
 
-    def opposite_answers(self, prompt_key: str, response_id: str, desirable: bool,
-                         limit: int) -> list[tuple[str, str]]:
+    def opposite_answers(
+        self, prompt_key: str, response_id: str, desirable: bool, limit: int
+    ) -> list[tuple[str, str]]:
         """(response_id, response) of other answers to the prompt judged the other way."""
         rows = self.db.execute(
             "SELECT response_id, response FROM judged WHERE prompt_key=? AND desirable=? "
             "AND response_id<>? ORDER BY seen_at LIMIT ?",
-            (prompt_key, int(not desirable), response_id, limit)).fetchall()
+            (prompt_key, int(not desirable), response_id, limit),
+        ).fetchall()
         return [tuple(r) for r in rows]
 
     def prune(self, older_than: float) -> None:

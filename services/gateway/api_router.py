@@ -30,17 +30,27 @@ _ERRORS = {
     401: {"description": "Missing or invalid API key."},
     429: {"description": "Rate limit of this API key exceeded; see Retry-After."},
 }
-_EVENT_ERRORS = {**_ERRORS, 503: {"description": "Kafka did not acknowledge in time; retry with "
-                                                 "the same idempotency key after Retry-After."}}
-_POLICY_ERRORS = {**_ERRORS, 503: {"description": "The policy is unavailable or overloaded."},
-                  504: {"description": "The policy did not answer in time."}}
+_EVENT_ERRORS = {
+    **_ERRORS,
+    503: {
+        "description": "Kafka did not acknowledge in time; retry with "
+        "the same idempotency key after Retry-After."
+    },
+}
+_POLICY_ERRORS = {
+    **_ERRORS,
+    503: {"description": "The policy is unavailable or overloaded."},
+    504: {"description": "The policy did not answer in time."},
+}
 
 api = APIRouter(prefix="/v1")
 ops = APIRouter()
 bench = APIRouter(prefix="/v1/bench")
 
 
-async def _accept(request: Request, kind: str, event: Event, caller: ApiKey, key: str | None) -> Accepted:
+async def _accept(
+    request: Request, kind: str, event: Event, caller: ApiKey, key: str | None
+) -> Accepted:
     state = request.app.state
     scope_key = f"{caller.key_id}:{kind}:{key}" if key is not None else None
 
@@ -53,42 +63,77 @@ async def _accept(request: Request, kind: str, event: Event, caller: ApiKey, key
     except PublishUnavailable as exc:
         state.metrics.events_unavailable.labels(kind).inc()
         raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE, detail="event store unavailable, nothing stored; retry",
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail="event store unavailable, nothing stored; retry",
             headers={"Retry-After": str(max(1, round(state.settings.publish_timeout_s)))},
         ) from exc
-    (state.metrics.events_duplicate if duplicate else state.metrics.events_accepted).labels(kind).inc()
-    return Accepted(id=event_id, duplicate=duplicate, records=0 if duplicate else len(event.records))
+    (state.metrics.events_duplicate if duplicate else state.metrics.events_accepted).labels(
+        kind
+    ).inc()
+    return Accepted(
+        id=event_id, duplicate=duplicate, records=0 if duplicate else len(event.records)
+    )
 
 
-@api.post("/feedback", status_code=202, response_model=Accepted, responses=_EVENT_ERRORS,
-          summary="Thumbs up/down or a 1-5 rating of one response")
+@api.post(
+    "/feedback",
+    status_code=202,
+    response_model=Accepted,
+    responses=_EVENT_ERRORS,
+    summary="Thumbs up/down or a 1-5 rating of one response",
+)
 async def post_feedback(body: FeedbackRequest, request: Request, caller: Caller) -> Accepted:
-    return await _accept(request, "feedback", feedback_event(body, caller), caller, body.idempotency_key)
+    return await _accept(
+        request, "feedback", feedback_event(body, caller), caller, body.idempotency_key
+    )
 
 
-@api.post("/preferences", status_code=202, response_model=Accepted, responses=_EVENT_ERRORS,
-          summary="A chosen/rejected pair for one prompt")
+@api.post(
+    "/preferences",
+    status_code=202,
+    response_model=Accepted,
+    responses=_EVENT_ERRORS,
+    summary="A chosen/rejected pair for one prompt",
+)
 async def post_preference(body: PreferenceRequest, request: Request, caller: Caller) -> Accepted:
-    return await _accept(request, "preference", preference_event(body, caller), caller, body.idempotency_key)
+    return await _accept(
+        request, "preference", preference_event(body, caller), caller, body.idempotency_key
+    )
 
 
-@api.post("/rankings", status_code=202, response_model=Accepted, responses=_EVENT_ERRORS,
-          summary="K responses to one prompt, best first: stored as K(K-1)/2 pairs")
+@api.post(
+    "/rankings",
+    status_code=202,
+    response_model=Accepted,
+    responses=_EVENT_ERRORS,
+    summary="K responses to one prompt, best first: stored as K(K-1)/2 pairs",
+)
 async def post_ranking(body: RankingRequest, request: Request, caller: Caller) -> Accepted:
-    return await _accept(request, "ranking", ranking_event(body, caller), caller, body.idempotency_key)
+    return await _accept(
+        request, "ranking", ranking_event(body, caller), caller, body.idempotency_key
+    )
 
 
-@api.post("/chat/completions", response_model=ChatCompletionResponse, responses={
-    **_POLICY_ERRORS, 200: {"content": {"text/event-stream": {}},
-                            "description": "A completion, or server-sent chunks when stream is true."}})
+@api.post(
+    "/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses={
+        **_POLICY_ERRORS,
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "A completion, or server-sent chunks when stream is true.",
+        },
+    },
+)
 async def chat_completions(body: ChatCompletionRequest, request: Request, caller: Caller):
     state = request.app.state
     limit = state.settings.max_new_tokens_limit
     chat_serving.sampling_params(body, limit)  # 422 for a max_tokens above the limit, first
     if body.stream:
         chunks = await chat_serving.open_stream(state.policy, body, limit)
-        return StreamingResponse(chunks, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
     return await chat_serving.complete(state.policy, body, limit)
 
 
@@ -97,8 +142,13 @@ async def models(request: Request, caller: Caller) -> ModelList:
     return await chat_serving.list_models(request.app.state.policy)
 
 
-@bench.post("/noop", status_code=202, response_model=Accepted, responses=_ERRORS,
-            summary="Benchmark baseline: feedback's auth and validation, no Kafka write")
+@bench.post(
+    "/noop",
+    status_code=202,
+    response_model=Accepted,
+    responses=_ERRORS,
+    summary="Benchmark baseline: feedback's auth and validation, no Kafka write",
+)
 async def noop(body: FeedbackRequest, caller: Caller) -> Accepted:
     return Accepted(id="noop", duplicate=False, records=0)
 
@@ -118,12 +168,16 @@ async def _tcp_reachable(host_port: str, timeout_s: float) -> bool:
     return True
 
 
-@ops.get("/readyz", summary="Kafka and the policy are reachable",
-         responses={503: {"description": "Kafka or the policy is not reachable."}})
+@ops.get(
+    "/readyz",
+    summary="Kafka and the policy are reachable",
+    responses={503: {"description": "Kafka or the policy is not reachable."}},
+)
 async def readyz(request: Request, response: Response) -> dict[str, bool]:
     state = request.app.state
-    kafka_ok = any(await asyncio.gather(
-        *(_tcp_reachable(s, 1.0) for s in state.settings.kafka.servers)))
+    kafka_ok = any(
+        await asyncio.gather(*(_tcp_reachable(s, 1.0) for s in state.settings.kafka.servers))
+    )
     policy_ok = await state.policy.ready()
     if not (kafka_ok and policy_ok):
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
@@ -132,7 +186,9 @@ async def readyz(request: Request, response: Response) -> dict[str, bool]:
 
 @ops.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(
+        generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
+    )
 
 
 @ops.get("/ui/config", summary="Settings the chat page reads")

@@ -42,10 +42,16 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state = app.state
-        state.publisher = EventPublisher(lambda: make_producer(settings.kafka), settings.publish_timeout_s)
+        state.publisher = EventPublisher(
+            lambda: make_producer(settings.kafka), settings.publish_timeout_s
+        )
         state.policy = PolicyClient(settings.policy_url, settings.policy_timeout_s)
-        log.info("gateway ready", extra={"fields": {"kafka": settings.kafka.bootstrap_servers,
-                                                    "policy": settings.policy_url}})
+        log.info(
+            "gateway ready",
+            extra={
+                "fields": {"kafka": settings.kafka.bootstrap_servers, "policy": settings.policy_url}
+            },
+        )
         try:
             yield
         finally:
@@ -78,8 +84,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=routes)
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
         )
     return app
 
@@ -87,5 +95,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 def main() -> None:
     settings = GatewaySettings()
     configure_logging("gateway", settings.log_level)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), access_log=False)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )

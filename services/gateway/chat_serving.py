@@ -68,20 +68,34 @@ class PolicyClient:
 def http_error(error: grpc.aio.AioRpcError) -> HTTPException:
     code = GRPC_TO_HTTP.get(error.code(), 502)
     headers = {"Retry-After": "1"} if code == 503 else None
-    return HTTPException(code, detail=f"policy: {error.code().name}: {error.details()}", headers=headers)
+    return HTTPException(
+        code, detail=f"policy: {error.code().name}: {error.details()}", headers=headers
+    )
 
 
-def sampling_params(request: ChatCompletionRequest, max_new_tokens_limit: int) -> policy_pb2.SamplingParams:
+def sampling_params(
+    request: ChatCompletionRequest, max_new_tokens_limit: int
+) -> policy_pb2.SamplingParams:
     max_tokens = request.max_tokens or max_new_tokens_limit
     if max_tokens > max_new_tokens_limit:
-        raise HTTPException(422, detail=[{
-            "loc": ["body", "max_tokens"], "type": "less_than_equal",
-            "msg": f"max_tokens may be at most {max_new_tokens_limit} on this gateway",
-        }])
+        raise HTTPException(
+            422,
+            detail=[
+                {
+                    "loc": ["body", "max_tokens"],
+                    "type": "less_than_equal",
+                    "msg": f"max_tokens may be at most {max_new_tokens_limit} on this gateway",
+                }
+            ],
+        )
     return policy_pb2.SamplingParams(
-        n=request.n, max_new_tokens=max_tokens, temperature=request.temperature,
-        top_p=request.top_p, stop=request.stop_list,
-        seed=request.seed or 0, has_seed=request.seed is not None,
+        n=request.n,
+        max_new_tokens=max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        stop=request.stop_list,
+        seed=request.seed or 0,
+        has_seed=request.seed is not None,
     )
 
 
@@ -101,23 +115,32 @@ def to_completion(reply: policy_pb2.GenerateResponse) -> ChatCompletionResponse:
     samples = list(completion.samples)
     choices = [
         ChatChoice(
-            index=i, message=ChatMessageOut(content=s.text),
-            finish_reason=FINISH_REASONS.get(s.finish_reason), response_id=s.response_id,
+            index=i,
+            message=ChatMessageOut(content=s.text),
+            finish_reason=FINISH_REASONS.get(s.finish_reason),
+            response_id=s.response_id,
         )
         for i, s in enumerate(samples)
     ]
     generated = sum(len(s.token_ids) for s in samples)
     prompt_tokens = len(completion.prompt_token_ids)
     return ChatCompletionResponse(
-        id=samples[0].response_id, created=int(time.time()), model=reply.model or "policy",
+        id=samples[0].response_id,
+        created=int(time.time()),
+        model=reply.model or "policy",
         choices=choices,
-        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=generated,
-                    total_tokens=prompt_tokens + generated),
+        usage=Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=generated,
+            total_tokens=prompt_tokens + generated,
+        ),
         system_fingerprint=f"weights-v{reply.weights_version}",
     )
 
 
-async def complete(client: PolicyClient, request: ChatCompletionRequest, limit: int) -> ChatCompletionResponse:
+async def complete(
+    client: PolicyClient, request: ChatCompletionRequest, limit: int
+) -> ChatCompletionResponse:
     message = to_generate_request(request, limit)
     try:
         reply = await client.stub.Generate(message, timeout=client.timeout_s)
@@ -150,21 +173,32 @@ async def open_stream(
     return stream_chunks(call, first, request.model)
 
 
-async def stream_chunks(call, first: policy_pb2.GenerateStreamResponse, model: str) -> AsyncIterator[bytes]:
+async def stream_chunks(
+    call, first: policy_pb2.GenerateStreamResponse, model: str
+) -> AsyncIterator[bytes]:
     """OpenAI `chat.completion.chunk` events, then `data: [DONE]`; errors end the stream with an
     `error` event (the status line is already sent)."""
     created = int(time.time())
     response_id = first.response_id
-    head = {"id": response_id, "object": "chat.completion.chunk", "created": created,
-            "model": model, "system_fingerprint": f"weights-v{first.weights_version}"}
-    yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]})
+    head = {
+        "id": response_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": f"weights-v{first.weights_version}",
+    }
+    yield _sse(
+        {**head, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
+    )
     chunk = first
     try:
         while chunk is not grpc.aio.EOF:
             finish = FINISH_REASONS.get(chunk.finish_reason)
             if chunk.text_delta or finish:
                 delta = {"content": chunk.text_delta} if chunk.text_delta else {}
-                yield _sse({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+                yield _sse(
+                    {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                )
             chunk = await call.read()
     except grpc.aio.AioRpcError as error:
         yield _sse({"error": {"code": error.code().name, "message": error.details()}})
@@ -178,5 +212,12 @@ async def list_models(client: PolicyClient) -> ModelList:
         info = await client.stub.GetModelInfo(policy_pb2.GetModelInfoRequest(), timeout=5.0)
     except grpc.aio.AioRpcError as error:
         raise http_error(error) from error
-    return ModelList(data=[ModelCard(id=info.model or "policy", created=int(time.time()),
-                                     weights_version=info.weights_version)])
+    return ModelList(
+        data=[
+            ModelCard(
+                id=info.model or "policy",
+                created=int(time.time()),
+                weights_version=info.weights_version,
+            )
+        ]
+    )

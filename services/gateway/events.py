@@ -27,7 +27,11 @@ from services.gateway.auth import ApiKey
 from services.gateway.protocol import FeedbackRequest, PreferenceRequest, RankingRequest
 from services.genproto.rlhf.v1 import events_pb2
 
-THUMBS = {"up": events_pb2.THUMB_UP, "down": events_pb2.THUMB_DOWN, None: events_pb2.THUMB_UNSPECIFIED}
+THUMBS = {
+    "up": events_pb2.THUMB_UP,
+    "down": events_pb2.THUMB_DOWN,
+    None: events_pb2.THUMB_UNSPECIFIED,
+}
 
 
 @dataclass(frozen=True)
@@ -73,8 +77,12 @@ def feedback_event(request: FeedbackRequest, api_key: ApiKey) -> Event:
 def preference_event(request: PreferenceRequest, api_key: ApiKey) -> Event:
     pref_id = event_id("pref", api_key, request.idempotency_key)
     record = pair_record(
-        request.prompt, request.chosen, request.rejected, Source.PREFERENCE_SOURCE_ANNOTATION,
-        [pref_id], derived_id("pair", pref_id, "0", "1"),
+        request.prompt,
+        request.chosen,
+        request.rejected,
+        Source.PREFERENCE_SOURCE_ANNOTATION,
+        [pref_id],
+        derived_id("pair", pref_id, "0", "1"),
     )
     key = prompt_hash(request.prompt)
     return Event(pref_id, [OutgoingRecord(topics.PREFERENCES, key, record)])

@@ -14,24 +14,35 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry
         self.requests = Counter(
-            "rlhf_gateway_requests_total", "HTTP requests, by route and status code.",
-            ["route", "code"], registry=registry,
+            "rlhf_gateway_requests_total",
+            "HTTP requests, by route and status code.",
+            ["route", "code"],
+            registry=registry,
         )
         self.latency = Histogram(
-            "rlhf_gateway_request_duration_seconds", "HTTP request latency, by route.",
-            ["route"], buckets=LATENCY_BUCKETS, registry=registry,
+            "rlhf_gateway_request_duration_seconds",
+            "HTTP request latency, by route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.events_accepted = Counter(
-            "rlhf_gateway_events_accepted_total", "Events Kafka acknowledged, by kind.",
-            ["kind"], registry=registry,
+            "rlhf_gateway_events_accepted_total",
+            "Events Kafka acknowledged, by kind.",
+            ["kind"],
+            registry=registry,
         )
         self.events_duplicate = Counter(
-            "rlhf_gateway_events_duplicate_total", "Events answered from the idempotency cache.",
-            ["kind"], registry=registry,
+            "rlhf_gateway_events_duplicate_total",
+            "Events answered from the idempotency cache.",
+            ["kind"],
+            registry=registry,
         )
         self.events_unavailable = Counter(
-            "rlhf_gateway_events_unavailable_total", "Events answered 503: Kafka did not acknowledge.",
-            ["kind"], registry=registry,
+            "rlhf_gateway_events_unavailable_total",
+            "Events answered 503: Kafka did not acknowledge.",
+            ["kind"],
+            registry=registry,
         )
         self.rate_limited = Counter(
             "rlhf_gateway_rate_limited_total", "Requests refused with 429.", registry=registry

@@ -35,7 +35,9 @@ class ChatMessageIn(Strict):
 
 class ChatCompletionRequest(Strict):
     model: str = Field("policy", min_length=1, max_length=128, description="Served model name.")
-    messages: list[ChatMessageIn] = Field(min_length=1, max_length=64, description="The chat so far.")
+    messages: list[ChatMessageIn] = Field(
+        min_length=1, max_length=64, description="The chat so far."
+    )
     max_tokens: int | None = Field(None, ge=1, le=4096, description="Upper bound on new tokens.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
@@ -44,7 +46,9 @@ class ChatCompletionRequest(Strict):
     stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = Field(
         None, description="Up to 4 stop strings."
     )
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seed for reproducible sampling.")
+    seed: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="Seed for reproducible sampling."
+    )
     user: str | None = Field(None, max_length=128, description="End-user id, for abuse monitoring.")
 
     @field_validator("stream")
@@ -78,7 +82,9 @@ class Usage(BaseModel):
 
 
 class ChatCompletionResponse(BaseModel):
-    id: str = Field(description="The policy's response id of the first choice: the feedback handle.")
+    id: str = Field(
+        description="The policy's response id of the first choice: the feedback handle."
+    )
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
@@ -104,17 +110,28 @@ class ModelList(BaseModel):
 
 
 class FeedbackRequest(Strict):
-    response_id: str = Field(min_length=1, max_length=128, pattern=ID_PATTERN,
-                             description="The `id` a chat completion returned.")
+    response_id: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=ID_PATTERN,
+        description="The `id` a chat completion returned.",
+    )
     thumb: Literal["up", "down"] | None = Field(None, description="Thumbs up or down.")
-    rating: int | None = Field(None, ge=1, le=5, validate_default=True,
-                               description="A 1-5 rating instead of a thumb.")
+    rating: int | None = Field(
+        None, ge=1, le=5, validate_default=True, description="A 1-5 rating instead of a thumb."
+    )
     comment: str | None = Field(None, max_length=4000, description="Free text.")
-    categories: list[Category] = Field(default_factory=list, max_length=16,
-                                  description="Tags such as `helpful`, `unsafe` (each 1-64 chars).")
+    categories: list[Category] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Tags such as `helpful`, `unsafe` (each 1-64 chars).",
+    )
     user_id: str | None = Field(None, max_length=128, description="The product's user id.")
     idempotency_key: str | None = Field(
-        None, min_length=1, max_length=128, pattern=ID_PATTERN,
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=ID_PATTERN,
         description="The same key twice is stored once; retry with the same key after a 503.",
     )
 
@@ -144,8 +161,9 @@ class PreferenceRequest(Strict):
 
 class RankingRequest(Strict):
     prompt: str = Field(min_length=1, max_length=MAX_TEXT, description="The prompt all answer.")
-    responses: list[Text] = Field(min_length=2, max_length=16,
-                                 description="K responses ranked best first (2 <= K <= 16).")
+    responses: list[Text] = Field(
+        min_length=2, max_length=16, description="K responses ranked best first (2 <= K <= 16)."
+    )
     idempotency_key: str | None = Field(None, min_length=1, max_length=128, pattern=ID_PATTERN)
 
     @field_validator("responses")

@@ -56,13 +56,17 @@ def make_producer(settings: KafkaSettings, **overrides) -> Producer:
 
 
 class EventPublisher:
-    def __init__(self, make_producer: Callable[[], Producer], timeout_s: float, poll_s: float = 0.05):
+    def __init__(
+        self, make_producer: Callable[[], Producer], timeout_s: float, poll_s: float = 0.05
+    ):
         self.make_producer = make_producer
         self.producer = make_producer()
         self.timeout_s = timeout_s
         self._fatal = False
         self._stop = threading.Event()
-        self._poller = threading.Thread(target=self._poll, args=(poll_s,), name="kafka-poll", daemon=True)
+        self._poller = threading.Thread(
+            target=self._poll, args=(poll_s,), name="kafka-poll", daemon=True
+        )
         self._poller.start()
 
     def _poll(self, poll_s: float) -> None:
@@ -82,7 +86,9 @@ class EventPublisher:
                 for record in event.records:
                     ack = loop.create_future()
                     self.producer.produce(
-                        record.topic, key=record.key.encode(), value=record.value.SerializeToString(),
+                        record.topic,
+                        key=record.key.encode(),
+                        value=record.value.SerializeToString(),
                         on_delivery=functools.partial(self._delivered, loop, ack),
                     )
                     acks.append(ack)
@@ -93,7 +99,9 @@ class EventPublisher:
             self._after_failure(exc)
             raise PublishUnavailable(f"Kafka did not acknowledge: {exc!r}") from exc
 
-    def _delivered(self, loop: asyncio.AbstractEventLoop, ack: asyncio.Future, error, _message) -> None:
+    def _delivered(
+        self, loop: asyncio.AbstractEventLoop, ack: asyncio.Future, error, _message
+    ) -> None:
         if error is not None and error.fatal():
             self._fatal = True
         if not loop.is_closed():
@@ -116,7 +124,9 @@ class EventPublisher:
         self._poller.join()
         remaining = self.producer.flush(timeout_s)
         if remaining:
-            log.warning("producer did not flush on close", extra={"fields": {"unflushed": remaining}})
+            log.warning(
+                "producer did not flush on close", extra={"fields": {"unflushed": remaining}}
+            )
 
 
 def _set(ack: asyncio.Future, error) -> None:
@@ -136,7 +146,9 @@ class RecentEvents:
         self._done: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._in_flight: dict[str, asyncio.Future] = {}
 
-    async def once(self, scope_key: str | None, write: Callable[[], Awaitable[str]]) -> tuple[str, bool]:
+    async def once(
+        self, scope_key: str | None, write: Callable[[], Awaitable[str]]
+    ) -> tuple[str, bool]:
         """Runs `write` unless `scope_key` was accepted before; returns (event id, duplicate)."""
         if scope_key is None or self.capacity == 0:
             return await write(), False

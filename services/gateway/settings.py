@@ -33,16 +33,23 @@ class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RLHF_GATEWAY_", extra="ignore")
 
     api_key_sha256: Annotated[list[str], NoDecode] = Field(
-        ..., min_length=1,
+        ...,
+        min_length=1,
         description="Comma-separated sha256 hex digests of the accepted API keys (secret, required).",
     )
     host: str = Field("0.0.0.0", description="Address uvicorn listens on.")
     port: int = Field(8080, ge=0, le=65535, description="HTTP port.")
-    policy_url: str = Field("127.0.0.1:50051", description="PolicyService gRPC endpoint, host:port.")
+    policy_url: str = Field(
+        "127.0.0.1:50051", description="PolicyService gRPC endpoint, host:port."
+    )
     policy_timeout_s: float = Field(120.0, gt=0, description="Deadline of one generation call.")
-    max_new_tokens_limit: int = Field(1024, ge=1, description="Largest `max_tokens` a request may ask.")
+    max_new_tokens_limit: int = Field(
+        1024, ge=1, description="Largest `max_tokens` a request may ask."
+    )
     publish_timeout_s: float = Field(
-        5.0, gt=0, le=60,
+        5.0,
+        gt=0,
+        le=60,
         description="How long a request waits for Kafka's acks=all before answering 503.",
     )
     rate_limit_per_s: float = Field(50.0, gt=0, description="Sustained requests/s per API key.")
@@ -51,13 +58,15 @@ class GatewaySettings(BaseSettings):
         100_000, ge=0, description="Recent idempotency keys remembered by this replica."
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Comma-separated origins allowed by CORS; none by default."
+        default_factory=list,
+        description="Comma-separated origins allowed by CORS; none by default.",
     )
     ui_dev_api_key: SecretStr | None = Field(
         None, description="Development only: an API key the chat page fills in for the user."
     )
     bench_noop_endpoint: bool = Field(
-        False, description="Expose POST /v1/bench/noop, the benchmark's baseline (same auth and body)."
+        False,
+        description="Expose POST /v1/bench/noop, the benchmark's baseline (same auth and body).",
     )
     log_level: str = Field("INFO", description="Root log level.")
     kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="Kafka connection.")

@@ -109,7 +109,9 @@ class PolicyEngine:
         outputs: list[str] = GENERATION_OUTPUTS,
     ) -> Iterator[tuple[SequenceEvent, dict[str, np.ndarray]]]:
         """Sends every sequence on one stream; yields (event, raw outputs) until all are final."""
-        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.settings.timeout_s)
+        deadline = time.monotonic() + (
+            timeout_s if timeout_s is not None else self.settings.timeout_s
+        )
         responses: queue.Queue = queue.Queue()
         client = self._client()
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
@@ -117,7 +119,9 @@ class PolicyEngine:
         try:
             for i, seq in enumerate(sequences):
                 client.async_stream_infer(
-                    self.model, make_inputs(seq.arrays()), request_id=str(i),
+                    self.model,
+                    make_inputs(seq.arrays()),
+                    request_id=str(i),
                     outputs=[grpcclient.InferRequestedOutput(o) for o in outputs],
                     enable_empty_final_response=True,
                 )
@@ -135,7 +139,9 @@ class PolicyEngine:
                     raise ModelError(str(error))
                 response = result.get_response()
                 params = response.parameters
-                final = "triton_final_response" in params and params["triton_final_response"].bool_param
+                final = (
+                    "triton_final_response" in params and params["triton_final_response"].bool_param
+                )
                 done += final
                 if not response.outputs:
                     continue
@@ -152,7 +158,9 @@ class PolicyEngine:
         probe = SequenceRequest([0], 0, 0.0, 1.0, 0, 0)
         for event, raw in self.run([probe], timeout_s, outputs=["WEIGHTS_VERSION", "INFO"]):
             info = raw["INFO"].reshape(-1)[0]
-            return event.weights_version, json.loads(info.decode() if isinstance(info, bytes) else info)
+            return event.weights_version, json.loads(
+                info.decode() if isinstance(info, bytes) else info
+            )
         raise ModelError("the policy model sent no control response")
 
     def close(self) -> None:

@@ -26,13 +26,21 @@ log = logging.getLogger(__name__)
 
 
 class WeightsFollower:
-    def __init__(self, kafka: KafkaSettings, model_names: set[str], updater: WeightsUpdater, metrics: PolicyMetrics):
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        model_names: set[str],
+        updater: WeightsUpdater,
+        metrics: PolicyMetrics,
+    ):
         self.kafka = kafka
         self.model_names = model_names
         self.updater = updater
         self.metrics = metrics
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="policy-weights-follower", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="policy-weights-follower", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()

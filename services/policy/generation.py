@@ -51,7 +51,9 @@ OnToken = Callable[[int, int, float, Finish], None]
 """(row index, token, log-prob, finish reason after it) for every generated token."""
 
 
-def left_pad(rows: list[Row], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    rows: list[Row], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (input_ids (B, P), attention_mask (B, P)), prompts right-aligned."""
     width = max(len(r.prompt_ids) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -62,7 +64,9 @@ def left_pad(rows: list[Row], pad_id: int, device: torch.device) -> tuple[torch.
     return ids.to(device), mask.to(device)
 
 
-def finish_of(row: Row, token: int, eos_ids: set[int], decode: Callable[[list[int]], str]) -> Finish:
+def finish_of(
+    row: Row, token: int, eos_ids: set[int], decode: Callable[[list[int]], str]
+) -> Finish:
     if token in eos_ids:
         return Finish.STOP
     if row.stop and first_stop_string(decode(row.tokens), row.stop) >= 0:
@@ -99,7 +103,9 @@ def generate_rows(
 
     # Prefill: only the last position's logits are needed (the LM head over every prompt position
     # would cost B x P x V for nothing, about a fifth of a short prompt's prefill).
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+    )
     cache, logits = out.past_key_values, out.logits[:, -1, :]  # (B, V)
     next_pos = positions[:, -1:] + 1  # (B, 1)
     steps = max(r.max_new_tokens for r in rows)
@@ -124,8 +130,11 @@ def generate_rows(
             break
         mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)  # (B, P + t)
         out = model(
-            input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos,
-            past_key_values=cache, use_cache=True,
+            input_ids=tokens[:, None],
+            attention_mask=mask,
+            position_ids=next_pos,
+            past_key_values=cache,
+            use_cache=True,
         )
         cache, logits = out.past_key_values, out.logits[:, -1, :]
         next_pos = next_pos + 1

@@ -13,20 +13,27 @@ class PolicyMetrics:
             "rlhf_policy_generated_tokens_total", "Tokens returned to clients.", registry=registry
         )
         self.batch_size = Histogram(
-            "rlhf_policy_batch_size", "Sequences Triton generated together, observed per sequence.",
-            buckets=BATCH_BUCKETS, registry=registry,
+            "rlhf_policy_batch_size",
+            "Sequences Triton generated together, observed per sequence.",
+            buckets=BATCH_BUCKETS,
+            registry=registry,
         )
         self.queue_depth = Gauge(
-            "rlhf_policy_queue_depth", "Sequences admitted to Triton and not finished.", registry=registry
+            "rlhf_policy_queue_depth",
+            "Sequences admitted to Triton and not finished.",
+            registry=registry,
         )
         self.weights_version = Gauge(
             "rlhf_policy_weights_version", "Weights version served now.", registry=registry
         )
         self.weights_updates = Counter(
-            "rlhf_policy_weights_updates_total", "Weight updates by source and result.",
-            ["source", "result"], registry=registry,
+            "rlhf_policy_weights_updates_total",
+            "Weight updates by source and result.",
+            ["source", "result"],
+            registry=registry,
         )
         self.generation_log_errors = Counter(
-            "rlhf_policy_generation_log_errors_total", "Generations Kafka did not acknowledge.",
+            "rlhf_policy_generation_log_errors_total",
+            "Generations Kafka did not acknowledge.",
             registry=registry,
         )

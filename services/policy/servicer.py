@@ -35,9 +35,17 @@ log = logging.getLogger(__name__)
 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     def __init__(
-        self, engine: PolicyEngine, tokenizer, limits: Limits, updater: WeightsUpdater,
-        metrics: PolicyMetrics, model_info: dict, max_queued_sequences: int,
-        producer=None, kafka_ack_timeout_s: float = 10.0, default_timeout_s: float = 60.0,
+        self,
+        engine: PolicyEngine,
+        tokenizer,
+        limits: Limits,
+        updater: WeightsUpdater,
+        metrics: PolicyMetrics,
+        model_info: dict,
+        max_queued_sequences: int,
+        producer=None,
+        kafka_ack_timeout_s: float = 10.0,
+        default_timeout_s: float = 60.0,
     ):
         self.engine = engine
         self.tokenizer = tokenizer
@@ -55,7 +63,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     # Generate -----------------------------------------------------------------------------
 
     def Generate(self, request, context):
-        plan = self._plan(context, request.model, list(request.prompts), request.sampling, stream=False)
+        plan = self._plan(
+            context, request.model, list(request.prompts), request.sampling, stream=False
+        )
         finals = {}
         with self._admitted(context, plan), self._errors(context):
             cancelled = self._cancel_event(context)
@@ -64,11 +74,16 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         response = policy_pb2.GenerateResponse(model=self.limits.served_name)
         pending = []
         for p, prompt in enumerate(plan.prompts):
-            completion = response.completions.add(prompt_index=p, prompt_token_ids=prompt.prompt_ids)
+            completion = response.completions.add(
+                prompt_index=p, prompt_token_ids=prompt.prompt_ids
+            )
             for j in range(plan.n):
                 event = finals[p * plan.n + j]
                 sample = self._sample(
-                    event.token_ids, event.logprobs, event.finish_reason, event.weights_version,
+                    event.token_ids,
+                    event.logprobs,
+                    event.finish_reason,
+                    event.weights_version,
                     plan.sequences[0].stop,
                 )
                 completion.samples.append(sample)
@@ -79,7 +94,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         return response
 
     def GenerateStream(self, request, context):
-        plan = self._plan(context, request.model, [request.prompt], request.sampling, stream=True, field="prompt")
+        plan = self._plan(
+            context, request.model, [request.prompt], request.sampling, stream=True, field="prompt"
+        )
         prompt = plan.prompts[0]
         tokens = {j: [] for j in range(plan.n)}
         logprobs = {j: [] for j in range(plan.n)}
@@ -92,16 +109,24 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 tokens[j] += event.token_ids
                 logprobs[j] += event.logprobs
                 text = self._decode(tokens[j])
-                delta, texts[j] = text[len(texts[j]):] if text.startswith(texts[j]) else text, text
+                delta, texts[j] = text[len(texts[j]) :] if text.startswith(texts[j]) else text, text
                 chunk = policy_pb2.GenerateStreamResponse(
-                    sample_index=j, response_id=ids[j], token_ids=event.token_ids, logprobs=event.logprobs,
-                    text_delta=delta, weights_version=event.weights_version,
+                    sample_index=j,
+                    response_id=ids[j],
+                    token_ids=event.token_ids,
+                    logprobs=event.logprobs,
+                    text_delta=delta,
+                    weights_version=event.weights_version,
                 )
                 if event.final:
                     self.metrics.batch_size.observe(event.batch_size)
                     sample = self._sample(
-                        tokens[j], logprobs[j], event.finish_reason, event.weights_version,
-                        plan.sequences[0].stop, ids[j],
+                        tokens[j],
+                        logprobs[j],
+                        event.finish_reason,
+                        event.weights_version,
+                        plan.sequences[0].stop,
+                        ids[j],
                     )
                     self._wait_logged(context, [self._log(prompt, sample)])
                     chunk.finish_reason = event.finish_reason
@@ -111,8 +136,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
     def GetModelInfo(self, request, context):
         return policy_pb2.GetModelInfoResponse(
-            model=self.limits.served_name, weights_version=self.updater.version,
-            dtype=self.model_info.get("dtype", ""), parameter_count=int(self.model_info.get("parameter_count", 0)),
+            model=self.limits.served_name,
+            weights_version=self.updater.version,
+            dtype=self.model_info.get("dtype", ""),
+            parameter_count=int(self.model_info.get("parameter_count", 0)),
             device=self.model_info.get("device", ""),
         )
 
@@ -124,22 +151,32 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         except WireError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"manifest: {exc}")
         if not isinstance(first, policy_pb2.WeightsManifest):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "manifest: the first message must be the manifest")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "manifest: the first message must be the manifest"
+            )
         chunks = _chunks(request_iterator)
         try:
             version, received = self.updater.receive_push(first, chunks)
         except WeightsRejected as exc:
             log.warning("weights refused: %s", exc)
             self.metrics.weights_updates.labels("push", "refused").inc()
-            return policy_pb2.UpdateWeightsResponse(accepted=False, weights_version=self.updater.version, reason=str(exc))
+            return policy_pb2.UpdateWeightsResponse(
+                accepted=False, weights_version=self.updater.version, reason=str(exc)
+            )
         self.metrics.weights_updates.labels("push", "accepted").inc()
-        return policy_pb2.UpdateWeightsResponse(accepted=True, weights_version=version, bytes_received=received)
+        return policy_pb2.UpdateWeightsResponse(
+            accepted=True, weights_version=version, bytes_received=received
+        )
 
     # Helpers ------------------------------------------------------------------------------
 
-    def _plan(self, context, model, prompts, sampling, stream: bool, field: str = "prompts") -> GenerationPlan:
+    def _plan(
+        self, context, model, prompts, sampling, stream: bool, field: str = "prompts"
+    ) -> GenerationPlan:
         try:
-            return plan_generation(model, prompts, sampling, self.tokenizer, self.limits, stream, field)
+            return plan_generation(
+                model, prompts, sampling, self.tokenizer, self.limits, stream, field
+            )
         except InvalidArgument as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
@@ -155,7 +192,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 self._queued += size
                 self.metrics.queue_depth.set(self._queued)
         if not admitted:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"generation queue full ({self._capacity} sequences)")
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"generation queue full ({self._capacity} sequences)",
+            )
         try:
             yield
         finally:
@@ -187,7 +227,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def _sample(self, tokens, logprobs, finish, version, stop, response_id: str | None = None) -> policy_pb2.Sample:
+    def _sample(
+        self, tokens, logprobs, finish, version, stop, response_id: str | None = None
+    ) -> policy_pb2.Sample:
         text = self._decode(tokens)
         if finish == common_pb2.FINISH_REASON_STOP_STRING:
             # The text ends before the stop string (OpenAI's convention); token_ids keep every
@@ -195,8 +237,12 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             text = text[: max(first_stop_string(text, list(stop)), 0)]
         self.metrics.generated_tokens.inc(len(tokens))
         return policy_pb2.Sample(
-            response_id=response_id or str(uuid.uuid4()), text=text, token_ids=tokens, logprobs=logprobs,
-            finish_reason=finish, weights_version=version,
+            response_id=response_id or str(uuid.uuid4()),
+            text=text,
+            token_ids=tokens,
+            logprobs=logprobs,
+            finish_reason=finish,
+            weights_version=version,
         )
 
     def _log(self, prompt, sample: policy_pb2.Sample):
@@ -205,11 +251,17 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         created = Timestamp()
         created.GetCurrentTime()
         record = events_pb2.GenerationRecord(
-            response_id=sample.response_id, prompt=prompt.prompt, prompt_text=prompt.prompt_text,
-            response_text=sample.text, prompt_token_ids=prompt.prompt_ids,
-            response_token_ids=sample.token_ids, logprobs=sample.logprobs,
-            weights_version=sample.weights_version, model=self.limits.served_name,
-            finish_reason=sample.finish_reason, created_at=created,
+            response_id=sample.response_id,
+            prompt=prompt.prompt,
+            prompt_text=prompt.prompt_text,
+            response_text=sample.text,
+            prompt_token_ids=prompt.prompt_ids,
+            response_token_ids=sample.token_ids,
+            logprobs=sample.logprobs,
+            weights_version=sample.weights_version,
+            model=self.limits.served_name,
+            finish_reason=sample.finish_reason,
+            created_at=created,
         )
         return self.producer.send(GENERATIONS, key=sample.response_id, value=record)
 
@@ -221,7 +273,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 future.get(timeout=self.kafka_ack_timeout_s)
             except Exception as exc:  # noqa: BLE001 - any Kafka failure means "not durable"
                 self.metrics.generation_log_errors.inc()
-                context.abort(grpc.StatusCode.UNAVAILABLE, f"generation log (Kafka) did not acknowledge: {exc}")
+                context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"generation log (Kafka) did not acknowledge: {exc}",
+                )
 
 
 def _chunks(requests) -> Iterator[ChunkView]:
@@ -252,5 +307,7 @@ def add_to_server(servicer: PolicyServicer, server: grpc.Server) -> None:
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, captured)
     handlers = dict(captured.handlers)
     handlers["UpdateWeights"] = handlers["UpdateWeights"]._replace(request_deserializer=None)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.service, handlers),))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(captured.service, handlers),)
+    )
     server.add_registered_method_handlers(captured.service, handlers)

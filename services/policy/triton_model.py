@@ -69,7 +69,9 @@ class PolicyTritonModel:
         self.device = instance_device(args)
         self.dtype = select_dtype(self.device, params["dtype"])
         if self.device.type == "cpu":
-            torch.set_num_threads(int(os.environ.get("RLHF_POLICY_TORCH_THREADS", os.cpu_count() or 1)))
+            torch.set_num_threads(
+                int(os.environ.get("RLHF_POLICY_TORCH_THREADS", os.cpu_count() or 1))
+            )
         model_dir = Path(params["model_dir"])
         self.model = load_causal_lm(model_dir, self.device, self.dtype)
         self.tokenizer = load_tokenizer(model_dir)
@@ -81,11 +83,13 @@ class PolicyTritonModel:
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {int(e) for e in [*eos, self.tokenizer.eos_token_id] if e is not None}
         self.pad_id = int(self.tokenizer.pad_token_id)
-        self.info = json.dumps({
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "device": str(self.device),
-            "parameter_count": sum(p.numel() for p in self.model.parameters()),
-        })
+        self.info = json.dumps(
+            {
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "device": str(self.device),
+                "parameter_count": sum(p.numel() for p in self.model.parameters()),
+            }
+        )
         # The family must outlive its metric, so both are kept.
         self.tokens_family = pb_utils.MetricFamily(
             name="rlhf_policy_model_generated_tokens_total",
@@ -111,7 +115,11 @@ class PolicyTritonModel:
         if marker is None or marker.weights_version == self.version:
             return
         try:
-            compare_specs(self.served_specs, files_specs(list(marker.files)), f"version {marker.weights_version}")
+            compare_specs(
+                self.served_specs,
+                files_specs(list(marker.files)),
+                f"version {marker.weights_version}",
+            )
             load_into(self.model, list(marker.files))
         except Exception:  # a bad set never replaces the served one
             log.exception("weights version %s not loaded", marker.weights_version)
@@ -144,7 +152,12 @@ class PolicyTritonModel:
 
         try:
             generate_rows(
-                self.model, rows, self.pad_id, self.eos_ids, self._decode, on_token,
+                self.model,
+                rows,
+                self.pad_id,
+                self.eos_ids,
+                self._decode,
+                on_token,
                 cancelled=lambda i: live[i][0].is_cancelled(),
                 on_step=lambda produced: self.tokens_metric.increment(float(produced)),
             )
@@ -167,15 +180,22 @@ class PolicyTritonModel:
         get = lambda name: self.pb.get_input_tensor_by_name(request, name)  # noqa: E731
         scalar = lambda name: get(name).as_numpy().reshape(-1)[0]  # noqa: E731
         stop_tensor = get("STOP")
-        stop = [] if stop_tensor is None else [
-            s.decode() if isinstance(s, bytes) else str(s) for s in stop_tensor.as_numpy().reshape(-1)
-        ]
+        stop = (
+            []
+            if stop_tensor is None
+            else [
+                s.decode() if isinstance(s, bytes) else str(s)
+                for s in stop_tensor.as_numpy().reshape(-1)
+            ]
+        )
         row = Row(
             prompt_ids=get("INPUT_IDS").as_numpy().reshape(-1).tolist(),
             max_new_tokens=int(scalar("MAX_NEW_TOKENS")),
             sampling=RowSampling(
-                temperature=float(scalar("TEMPERATURE")), top_p=float(scalar("TOP_P")),
-                top_k=int(scalar("TOP_K")), seed=int(scalar("SEED")),
+                temperature=float(scalar("TEMPERATURE")),
+                top_p=float(scalar("TOP_P")),
+                top_k=int(scalar("TOP_K")),
+                seed=int(scalar("SEED")),
             ),
             stop=[s for s in stop if s],
         )
@@ -184,7 +204,9 @@ class PolicyTritonModel:
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def _send(self, request, tokens, logprobs, finish: Finish, batch: int, final: bool, info: bool = False) -> None:
+    def _send(
+        self, request, tokens, logprobs, finish: Finish, batch: int, final: bool, info: bool = False
+    ) -> None:
         pb = self.pb
         outputs = [
             pb.Tensor("TOKEN_IDS", np.asarray(tokens, dtype=np.int64).reshape(1, -1)),
@@ -196,7 +218,9 @@ class PolicyTritonModel:
         if info:
             outputs.append(pb.Tensor("INFO", np.array([[self.info.encode()]], dtype=np.object_)))
         flags = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
-        request.get_response_sender().send(pb.InferenceResponse(output_tensors=outputs), flags=flags)
+        request.get_response_sender().send(
+            pb.InferenceResponse(output_tensors=outputs), flags=flags
+        )
 
     def finalize(self) -> None:
         self.tokens_metric = None

@@ -21,8 +21,15 @@ from pathlib import Path
 
 from services.genproto.rlhf.v1 import events_pb2, policy_pb2
 from services.policy.weights import (
-    ChunkWriter, IncomingFile, TensorSpecs, WeightsRejected, WeightsStore, check_file_name, compare_specs,
-    files_specs, sha256_file,
+    ChunkWriter,
+    IncomingFile,
+    TensorSpecs,
+    WeightsRejected,
+    WeightsStore,
+    check_file_name,
+    compare_specs,
+    files_specs,
+    sha256_file,
 )
 
 log = logging.getLogger(__name__)
@@ -41,8 +48,12 @@ class WeightsUpdater:
     """Owns the served version; one update at a time."""
 
     def __init__(
-        self, store: WeightsStore, served_specs: TensorSpecs, version: int,
-        swap: Callable[[], int], on_version: Callable[[int], None] = lambda v: None,
+        self,
+        store: WeightsStore,
+        served_specs: TensorSpecs,
+        version: int,
+        swap: Callable[[], int],
+        on_version: Callable[[int], None] = lambda v: None,
     ):
         self.store = store
         self.served_specs = served_specs
@@ -56,7 +67,9 @@ class WeightsUpdater:
 
     def _check_newer(self, version: int) -> None:
         if version <= self.version:
-            raise WeightsRejected(f"weights_version {version} is not newer than the served {self.version}")
+            raise WeightsRejected(
+                f"weights_version {version} is not newer than the served {self.version}"
+            )
 
     def receive_push(
         self, manifest: policy_pb2.WeightsManifest, chunks: Iterable[policy_pb2.WeightsChunk]
@@ -85,7 +98,9 @@ class WeightsUpdater:
                 try:
                     for chunk in chunks:
                         if chunk.file_name not in files:
-                            raise WeightsRejected(f"chunk for {chunk.file_name!r}, which the manifest does not list")
+                            raise WeightsRejected(
+                                f"chunk for {chunk.file_name!r}, which the manifest does not list"
+                            )
                         writer.put(files[chunk.file_name], chunk.offset, chunk.data)
                         received += len(chunk.data)
                 finally:
@@ -93,11 +108,14 @@ class WeightsUpdater:
                 received_at = time.perf_counter()
                 for f in files.values():
                     f.finish()
-                compare_specs(expected, files_specs([f.path for f in files.values()]), "files vs manifest")
+                compare_specs(
+                    expected, files_specs([f.path for f in files.values()]), "files vs manifest"
+                )
                 verified_at = time.perf_counter()
                 version = self._publish(manifest.weights_version, staged)
                 self.last_timings = {
-                    "receive_s": received_at - clock, "verify_s": verified_at - received_at,
+                    "receive_s": received_at - clock,
+                    "verify_s": verified_at - received_at,
                     "publish_and_swap_s": time.perf_counter() - verified_at,
                 }
                 log.info("weights version %s accepted: %s", version, self.last_timings)
@@ -123,8 +141,14 @@ class WeightsUpdater:
                     shutil.copyfile(source, staged / name)
                     got = sha256_file(staged / name)
                     if got != digest.lower():
-                        raise WeightsRejected(f"{name}: sha256 {got} does not match the announced {digest}")
-                compare_specs(self.served_specs, files_specs(sorted(staged.glob("*.safetensors"))), "files vs served model")
+                        raise WeightsRejected(
+                            f"{name}: sha256 {got} does not match the announced {digest}"
+                        )
+                compare_specs(
+                    self.served_specs,
+                    files_specs(sorted(staged.glob("*.safetensors"))),
+                    "files vs served model",
+                )
                 return self._publish(event.weights_version, staged)
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
@@ -135,7 +159,9 @@ class WeightsUpdater:
         served = self._swap()
         if served != version:
             self.store.point(previous)
-            raise WeightsRejected(f"the Triton model did not load version {version} (serves {served})")
+            raise WeightsRejected(
+                f"the Triton model did not load version {version} (serves {served})"
+            )
         self.version = served
         self._on_version(served)
         return served

@@ -63,7 +63,9 @@ def render_prompt(prompt: common_pb2.Prompt, tokenizer, field: str) -> tuple[str
             raise InvalidArgument(field, "empty prompt (no messages)")
         for j, m in enumerate(messages):
             if m.role not in ROLES:
-                raise InvalidArgument(f"{field}.messages[{j}].role", f"must be one of {ROLES}, got {m.role!r}")
+                raise InvalidArgument(
+                    f"{field}.messages[{j}].role", f"must be one of {ROLES}, got {m.role!r}"
+                )
             if not m.content.strip():
                 raise InvalidArgument(f"{field}.messages[{j}].content", "empty message")
         chat = [{"role": m.role, "content": m.content} for m in messages]
@@ -72,14 +74,19 @@ def render_prompt(prompt: common_pb2.Prompt, tokenizer, field: str) -> tuple[str
     raise InvalidArgument(field, "empty prompt (neither text nor messages)")
 
 
-def check_sampling(s: policy_pb2.SamplingParams, prompts: int, limits: Limits) -> tuple[int, int, float]:
+def check_sampling(
+    s: policy_pb2.SamplingParams, prompts: int, limits: Limits
+) -> tuple[int, int, float]:
     """Returns (n, max_new_tokens, top_p) after defaults."""
     if s.n == 0:
         raise InvalidArgument("sampling.n", "must be at least 1")
     if s.n > limits.max_n:
         raise InvalidArgument("sampling.n", f"{s.n} is more than the limit of {limits.max_n}")
     if prompts * s.n > limits.max_sequences:
-        raise InvalidArgument("sampling.n", f"{prompts} prompts x n={s.n} is more than {limits.max_sequences} sequences")
+        raise InvalidArgument(
+            "sampling.n",
+            f"{prompts} prompts x n={s.n} is more than {limits.max_sequences} sequences",
+        )
     if math.isnan(s.temperature) or s.temperature < 0:
         raise InvalidArgument("sampling.temperature", f"must be >= 0, got {s.temperature}")
     top_p = 1.0 if s.top_p == 0 else s.top_p
@@ -87,24 +94,38 @@ def check_sampling(s: policy_pb2.SamplingParams, prompts: int, limits: Limits) -
         raise InvalidArgument("sampling.top_p", f"must be in (0, 1], got {s.top_p}")
     max_new = s.max_new_tokens or limits.default_max_new_tokens
     if max_new >= limits.max_total_tokens:
-        raise InvalidArgument("sampling.max_new_tokens", f"{max_new} leaves no room in {limits.max_total_tokens} tokens")
+        raise InvalidArgument(
+            "sampling.max_new_tokens",
+            f"{max_new} leaves no room in {limits.max_total_tokens} tokens",
+        )
     if len(s.stop) > limits.max_stop_strings:
-        raise InvalidArgument("sampling.stop", f"{len(s.stop)} stop strings, the limit is {limits.max_stop_strings}")
+        raise InvalidArgument(
+            "sampling.stop", f"{len(s.stop)} stop strings, the limit is {limits.max_stop_strings}"
+        )
     if any(not x for x in s.stop):
         raise InvalidArgument("sampling.stop", "empty stop string")
     return s.n, max_new, top_p
 
 
 def plan_generation(
-    model: str, prompts: list[common_pb2.Prompt], sampling: policy_pb2.SamplingParams,
-    tokenizer, limits: Limits, stream: bool = False, prompt_field: str = "prompts",
+    model: str,
+    prompts: list[common_pb2.Prompt],
+    sampling: policy_pb2.SamplingParams,
+    tokenizer,
+    limits: Limits,
+    stream: bool = False,
+    prompt_field: str = "prompts",
 ) -> GenerationPlan:
     if model and model != limits.served_name:
-        raise InvalidArgument("model", f"unknown model {model!r}; this service serves {limits.served_name!r}")
+        raise InvalidArgument(
+            "model", f"unknown model {model!r}; this service serves {limits.served_name!r}"
+        )
     if not prompts:
         raise InvalidArgument(prompt_field, "at least one prompt is required")
     if len(prompts) > limits.max_prompts:
-        raise InvalidArgument(prompt_field, f"{len(prompts)} prompts, the limit is {limits.max_prompts}")
+        raise InvalidArgument(
+            prompt_field, f"{len(prompts)} prompts, the limit is {limits.max_prompts}"
+        )
     n, max_new, top_p = check_sampling(sampling, len(prompts), limits)
     seed = sampling.seed if sampling.has_seed else secrets.randbits(63)
     planned, sequences = [], []
@@ -115,13 +136,21 @@ def plan_generation(
             raise InvalidArgument(field, "empty prompt (no tokens)")
         if len(ids) + max_new > limits.max_total_tokens:
             raise InvalidArgument(
-                field, f"too many tokens: {len(ids)} prompt + {max_new} new > limit {limits.max_total_tokens}"
+                field,
+                f"too many tokens: {len(ids)} prompt + {max_new} new > limit {limits.max_total_tokens}",
             )
         planned.append(PlannedPrompt(prompt, text, ids))
         for j in range(n):
-            sequences.append(SequenceRequest(
-                prompt_ids=ids, max_new_tokens=max_new, temperature=float(sampling.temperature),
-                top_p=float(top_p), top_k=int(sampling.top_k), seed=seed + i * n + j,
-                stop=list(sampling.stop), stream=stream,
-            ))
+            sequences.append(
+                SequenceRequest(
+                    prompt_ids=ids,
+                    max_new_tokens=max_new,
+                    temperature=float(sampling.temperature),
+                    top_p=float(top_p),
+                    top_k=int(sampling.top_k),
+                    seed=seed + i * n + j,
+                    stop=list(sampling.stop),
+                    stream=stream,
+                )
+            )
     return GenerationPlan(planned, n, sequences)

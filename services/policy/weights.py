@@ -159,7 +159,9 @@ class IncomingFile:
 
     def write(self, offset: int, data: bytes) -> None:
         if offset + len(data) > self.size:
-            raise WeightsRejected(f"{self.path.name}: chunk at {offset} runs past the size {self.size}")
+            raise WeightsRejected(
+                f"{self.path.name}: chunk at {offset} runs past the size {self.size}"
+            )
         if self._handle is None:
             # A recycled file (WeightsStore.staging) is overwritten in place, cut to size at the end.
             self._handle = open(self.path, "r+b" if self.path.exists() else "wb")  # noqa: SIM115 - held across chunks
@@ -182,10 +184,14 @@ class IncomingFile:
         self._handle.truncate(self.size)
         self._handle.close()
         if self.received != self.size:
-            raise WeightsRejected(f"{self.path.name}: received {self.received} bytes, manifest says {self.size}")
+            raise WeightsRejected(
+                f"{self.path.name}: received {self.received} bytes, manifest says {self.size}"
+            )
         digest = self._hash.hexdigest() if self._in_order else sha256_file(self.path)
         if digest != self.sha256.lower():
-            raise WeightsRejected(f"{self.path.name}: sha256 {digest} does not match the manifest's {self.sha256}")
+            raise WeightsRejected(
+                f"{self.path.name}: sha256 {digest} does not match the manifest's {self.sha256}"
+            )
 
 
 class ChunkWriter:

@@ -41,7 +41,9 @@ class ReferenceTritonModel:
     def initialize(self, args: dict) -> None:
         params = model_parameters(args)
         self.device = instance_device(args)
-        self.model = load_causal_lm(Path(params["model_dir"]), self.device, select_dtype(self.device, params["dtype"]))
+        self.model = load_causal_lm(
+            Path(params["model_dir"]), self.device, select_dtype(self.device, params["dtype"])
+        )
 
     def execute(self, requests: list) -> list:
         import triton_python_backend_utils as pb_utils

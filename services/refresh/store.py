@@ -68,7 +68,9 @@ class PairStore(DurableStore):
         return None if row is None else {int(k): int(v) for k, v in json.loads(row[0]).items()}
 
     def set_base_cutoff(self, ends: dict[int, int]) -> None:
-        self.db.execute("INSERT OR REPLACE INTO state VALUES ('base_cutoff', ?)", (json.dumps(ends),))
+        self.db.execute(
+            "INSERT OR REPLACE INTO state VALUES ('base_cutoff', ?)", (json.dumps(ends),)
+        )
 
     def count(self, held_out: bool, trained: bool | None = None) -> int:
         sql, args = "SELECT COUNT(*) FROM pairs WHERE held_out=?", [int(held_out)]

@@ -289,7 +289,9 @@ class RefreshWorker:
         held_out = self.store.held_out_pairs(self.settings.max_held_out)
         # a. fine-tune, b. evaluate before and after
         config = self.training_config(current)
-        candidate = fit_reward(config, [p for _, p in new] + replay, held_out, make_runtime(config), rng)
+        candidate = fit_reward(
+            config, [p for _, p in new] + replay, held_out, make_runtime(config), rng
+        )
         before, after = candidate.before["accuracy"], candidate.after["accuracy"]
         decision = publish_decision(before, after, self.settings.tolerance)
         self.metrics.runs.inc()
@@ -343,13 +345,18 @@ class RefreshWorker:
         none could be reached. Never retried beyond `reload_attempts`."""
         current = self.store.current(self.base)
         if current.version > self.base.version:
-            write_published(self.settings.versions_root, current.version, current.path, current.file_sha256)
+            write_published(
+                self.settings.versions_root, current.version, current.path, current.file_sha256
+            )
         request = reward_pb2.ReloadModelRequest(
             reward_model_version=current.version,
             path=str(current.path),
             file_sha256=current.file_sha256,
         )
-        answers = [self._reload_one(address, request) for address in replica_addresses([self.settings.reward_address])]
+        answers = [
+            self._reload_one(address, request)
+            for address in replica_addresses([self.settings.reward_address])
+        ]
         self.store.set_current(
             CurrentVersion(current.version, current.path, current.file_sha256, False)
         )
@@ -368,7 +375,13 @@ class RefreshWorker:
             except grpc.RpcError as error:
                 log.warning(
                     "reward service unreachable for reload",
-                    extra={"fields": {"address": address, "attempt": attempt + 1, "code": str(error.code())}},
+                    extra={
+                        "fields": {
+                            "address": address,
+                            "attempt": attempt + 1,
+                            "code": str(error.code()),
+                        }
+                    },
                 )
                 if attempt + 1 < self.settings.reload_attempts:
                     time.sleep(min(2.0**attempt, 10.0))

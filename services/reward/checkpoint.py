@@ -69,7 +69,9 @@ def read_verified(folder: Path, file_sha256: dict[str, str]) -> dict[str, bytes]
 
 def folder_specs(contents: dict[str, bytes]) -> TensorSpecs:
     """Specs of all the safetensors files of one version (shards included), from their bytes."""
-    shards = {name: data for name, data in sorted(contents.items()) if name.endswith(".safetensors")}
+    shards = {
+        name: data for name, data in sorted(contents.items()) if name.endswith(".safetensors")
+    }
     if not shards:
         raise CheckpointRefused("no .safetensors weights in the folder")
     try:

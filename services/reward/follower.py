@@ -36,18 +36,28 @@ class PublishedFollower:
         try:
             published = read_published(self.root)
         except (OSError, ValueError, KeyError) as exc:
-            log.warning("unreadable CURRENT", extra={"fields": {"root": str(self.root), "error": repr(exc)}})
+            log.warning(
+                "unreadable CURRENT", extra={"fields": {"root": str(self.root), "error": repr(exc)}}
+            )
             return self.served
-        if published is None or published.version <= self.served or published.version in self.refused:
+        if (
+            published is None
+            or published.version <= self.served
+            or published.version in self.refused
+        ):
             return self.served
         self.reloads += 1
         result = self.scorer.reload(published.version, str(published.path), published.file_sha256)
         if result.accepted or result.version >= published.version:  # a ReloadModel got there first
-            log.info("serving the published reward model", extra={"fields": {"version": result.version}})
+            log.info(
+                "serving the published reward model", extra={"fields": {"version": result.version}}
+            )
         else:
             self.refused.add(published.version)
-            log.error("published reward model refused",
-                      extra={"fields": {"version": published.version, "reason": result.reason}})
+            log.error(
+                "published reward model refused",
+                extra={"fields": {"version": published.version, "reason": result.reason}},
+            )
         self.served = max(self.served, result.version)
         return self.served
 

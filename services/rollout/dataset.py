@@ -27,8 +27,14 @@ def prompt_from_row(row: dict, where: str) -> common_pb2.Prompt:
             raise ValueError(f"{where}: `messages` must be a non-empty list")
         chat = common_pb2.ChatMessages()
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise ValueError(f"{where}: message {i} needs a role in {sorted(ROLES)} and a text content")
+            if (
+                not isinstance(m, dict)
+                or m.get("role") not in ROLES
+                or not isinstance(m.get("content"), str)
+            ):
+                raise ValueError(
+                    f"{where}: message {i} needs a role in {sorted(ROLES)} and a text content"
+                )
             chat.messages.add(role=m["role"], content=m["content"])
         return common_pb2.Prompt(messages=chat)
     if row.get("prompt") is not None:
@@ -59,7 +65,9 @@ def _parquet_rows(path: Path) -> Iterable[tuple[str, dict]]:
     table = pq.read_table(path)
     columns = [c for c in ("prompt", "messages") if c in table.column_names]
     if not columns:
-        raise ValueError(f"{path.name}: needs a `prompt` or a `messages` column, has {table.column_names}")
+        raise ValueError(
+            f"{path.name}: needs a `prompt` or a `messages` column, has {table.column_names}"
+        )
     for n, row in enumerate(table.select(columns).to_pylist()):
         yield f"{path.name}[{n}]", row
 

@@ -21,35 +21,59 @@ class RolloutSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RLHF_ROLLOUT_", extra="ignore")
 
-    dataset: Path = Field(..., description="JSONL or Parquet file with a `prompt` or `messages` column.")
-    live_prompt_fraction: float = Field(
-        0.0, ge=0, le=1, description="Share of prompts taken from recent live generations (0: none)."
+    dataset: Path = Field(
+        ..., description="JSONL or Parquet file with a `prompt` or `messages` column."
     )
-    live_prompt_buffer: int = Field(1024, ge=1, description="Recent live prompts kept to draw from.")
+    live_prompt_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of prompts taken from recent live generations (0: none).",
+    )
+    live_prompt_buffer: int = Field(
+        1024, ge=1, description="Recent live prompts kept to draw from."
+    )
     policy_address: str = Field("127.0.0.1:50051", description="PolicyService host:port.")
     reward_address: str = Field("127.0.0.1:50052", description="RewardService host:port.")
     reference_address: str = Field("127.0.0.1:50053", description="ReferenceService host:port.")
-    model_name: str = Field("policy", description="Policy model name (the key of its weights events).")
+    model_name: str = Field(
+        "policy", description="Policy model name (the key of its weights events)."
+    )
     samples_per_prompt: int = Field(4, ge=1, description="n: samples per prompt, one group.")
     prompts_per_call: int = Field(4, ge=1, description="Prompts per Generate call.")
     max_new_tokens: int = Field(64, ge=1, description="Upper bound on generated tokens per sample.")
-    temperature: float = Field(1.0, ge=0, description="Sampling temperature (the trainer must match it).")
+    temperature: float = Field(
+        1.0, ge=0, description="Sampling temperature (the trainer must match it)."
+    )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     top_k: int = Field(0, ge=0, description="Top-k filtering; 0 disables it.")
-    max_staleness: int = Field(2, ge=0, description="Pause when new rollouts would be this many versions stale.")
-    trainer_group: str = Field("rlhf-trainer", description="The trainer's consumer group (for its backlog).")
+    max_staleness: int = Field(
+        2, ge=0, description="Pause when new rollouts would be this many versions stale."
+    )
+    trainer_group: str = Field(
+        "rlhf-trainer", description="The trainer's consumer group (for its backlog)."
+    )
     rollouts_per_version: int = Field(
-        8, ge=1, description="Rollouts the trainer uses per weights version (batch size x ranks x push_every)."
+        8,
+        ge=1,
+        description="Rollouts the trainer uses per weights version (batch size x ranks x push_every).",
     )
     rollouts_topic: str = Field(topics.ROLLOUTS, description="Topic rollouts go to.")
-    weights_topic: str = Field(topics.WEIGHTS, description="Topic the trainer announces versions on.")
+    weights_topic: str = Field(
+        topics.WEIGHTS, description="Topic the trainer announces versions on."
+    )
     generations_topic: str = Field(topics.GENERATIONS, description="Topic of live generations.")
     max_rollouts: int = Field(0, ge=0, description="Stop after this many rollouts; 0 runs forever.")
     epochs: int = Field(0, ge=0, description="Passes over the dataset; 0 loops forever.")
     seed: int = Field(0, description="Seed of prompt order and sampling.")
     timeout_s: float = Field(120.0, gt=0, description="Deadline of each RPC.")
-    max_message_bytes: int = Field(64 * 1024 * 1024, ge=4 * 1024 * 1024, description="gRPC message limit.")
-    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 disables.")
+    max_message_bytes: int = Field(
+        64 * 1024 * 1024, ge=4 * 1024 * 1024, description="gRPC message limit."
+    )
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Prometheus /metrics port; 0 disables."
+    )
     kafka: KafkaSettings = Field(
-        default_factory=KafkaSettings, description="Shared Kafka block (its own RLHF_KAFKA_ prefix)."
+        default_factory=KafkaSettings,
+        description="Shared Kafka block (its own RLHF_KAFKA_ prefix).",
     )

@@ -55,7 +55,9 @@ from services.rollout.settings import RolloutSettings
 log = logging.getLogger(__name__)
 
 
-def expected_staleness(policy_version: int, trainer_version: int, backlog: int, rollouts_per_version: int) -> float:
+def expected_staleness(
+    policy_version: int, trainer_version: int, backlog: int, rollouts_per_version: int
+) -> float:
     """Versions between the policy that makes a rollout now and the trainer when it uses it."""
     return trainer_version + backlog / rollouts_per_version - policy_version
 
@@ -82,7 +84,9 @@ def build_rollouts(
         group_id = uuid.uuid4().hex
         for sample in completion.samples:
             if len(reference[k]) != len(sample.token_ids):
-                raise ValueError(f"reference gave {len(reference[k])} log-probs for {len(sample.token_ids)} tokens")
+                raise ValueError(
+                    f"reference gave {len(reference[k])} log-probs for {len(sample.token_ids)} tokens"
+                )
             rollouts.append(
                 events_pb2.Rollout(
                     rollout_id=sample.response_id or uuid.uuid4().hex,
@@ -109,7 +113,9 @@ class TopicTail:
     """Follows a topic from a thread without a consumer group and hands each value to `on_value`."""
 
     def __init__(self, settings, topic: str, on_value, from_beginning: bool):
-        self.consumer = make_consumer(settings, group_id=None, auto_offset_reset="earliest" if from_beginning else "latest")
+        self.consumer = make_consumer(
+            settings, group_id=None, auto_offset_reset="earliest" if from_beginning else "latest"
+        )
         self.topic, self.on_value = topic, on_value
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"tail-{topic}", daemon=True)
@@ -137,7 +143,10 @@ class RolloutWorker:
         self.settings = s = settings
         self.prompts = load_prompts(s.dataset)
         options = message_size_options(s.max_message_bytes)
-        self.channels = [grpc.insecure_channel(a, options=options) for a in (s.policy_address, s.reward_address, s.reference_address)]
+        self.channels = [
+            grpc.insecure_channel(a, options=options)
+            for a in (s.policy_address, s.reward_address, s.reference_address)
+        ]
         self.policy = policy_pb2_grpc.PolicyServiceStub(self.channels[0])
         self.reward = reward_pb2_grpc.RewardServiceStub(self.channels[1])
         self.reference = reference_pb2_grpc.ReferenceServiceStub(self.channels[2])
@@ -149,15 +158,28 @@ class RolloutWorker:
         self.live: deque[common_pb2.Prompt] = deque(maxlen=s.live_prompt_buffer)
         self.tails = [TopicTail(s.kafka, s.weights_topic, self._on_weights, from_beginning=True)]
         if s.live_prompt_fraction > 0:
-            self.tails.append(TopicTail(s.kafka, s.generations_topic, self._on_generation, from_beginning=False))
+            self.tails.append(
+                TopicTail(s.kafka, s.generations_topic, self._on_generation, from_beginning=False)
+            )
         self.random = random.Random(s.seed)
         self.stop_requested = threading.Event()
         self.produced = 0
         r = self.registry = registry or CollectorRegistry()
         self.m_rollouts = Counter("rlhf_rollout_rollouts_total", "Rollouts produced.", registry=r)
-        self.m_round = Histogram("rlhf_rollout_round_duration_seconds", "Generate + score + produce.", buckets=LATENCY_BUCKETS, registry=r)
-        self.m_paused = Counter("rlhf_rollout_backpressure_seconds_total", "Time paused by backpressure.", registry=r)
-        self.m_staleness = Gauge("rlhf_rollout_expected_staleness_versions", "Staleness new rollouts would have.", registry=r)
+        self.m_round = Histogram(
+            "rlhf_rollout_round_duration_seconds",
+            "Generate + score + produce.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.m_paused = Counter(
+            "rlhf_rollout_backpressure_seconds_total", "Time paused by backpressure.", registry=r
+        )
+        self.m_staleness = Gauge(
+            "rlhf_rollout_expected_staleness_versions",
+            "Staleness new rollouts would have.",
+            registry=r,
+        )
 
     # -- inputs -------------------------------------------------------------------------------
     def _on_weights(self, key: bytes | None, value: bytes) -> None:
@@ -183,7 +205,9 @@ class RolloutWorker:
 
     # -- backpressure -------------------------------------------------------------------------
     def policy_version(self) -> int:
-        info = self.policy.GetModelInfo(policy_pb2.GetModelInfoRequest(), timeout=self.settings.timeout_s)
+        info = self.policy.GetModelInfo(
+            policy_pb2.GetModelInfoRequest(), timeout=self.settings.timeout_s
+        )
         return info.weights_version
 
     def trainer_backlog(self) -> int:
@@ -193,7 +217,9 @@ class RolloutWorker:
         ends = self.offsets.end_offsets(tps)
         starts = self.offsets.beginning_offsets(tps)
         committed = {tp: self.offsets.committed(tp) for tp in tps}
-        return sum(ends[tp] - (committed[tp] if committed[tp] is not None else starts[tp]) for tp in tps)
+        return sum(
+            ends[tp] - (committed[tp] if committed[tp] is not None else starts[tp]) for tp in tps
+        )
 
     def wait_for_trainer(self) -> None:
         s = self.settings
@@ -201,7 +227,9 @@ class RolloutWorker:
         while not self.stop_requested.is_set():
             policy = self.policy_version()
             trainer = self.trainer_version if self.trainer_version is not None else policy
-            staleness = expected_staleness(policy, max(trainer, policy), self.trainer_backlog(), s.rollouts_per_version)
+            staleness = expected_staleness(
+                policy, max(trainer, policy), self.trainer_backlog(), s.rollouts_per_version
+            )
             self.m_staleness.set(staleness)
             if staleness <= s.max_staleness:
                 break
@@ -212,29 +240,55 @@ class RolloutWorker:
     def make_rollouts(self, prompts: list[common_pb2.Prompt]) -> list[events_pb2.Rollout]:
         s = self.settings
         sampling = policy_pb2.SamplingParams(
-            n=s.samples_per_prompt, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k
+            n=s.samples_per_prompt,
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
         )
-        generated = self.policy.Generate(policy_pb2.GenerateRequest(prompts=prompts, sampling=sampling), timeout=s.timeout_s)
+        generated = self.policy.Generate(
+            policy_pb2.GenerateRequest(prompts=prompts, sampling=sampling), timeout=s.timeout_s
+        )
         completions = sorted(generated.completions, key=lambda c: c.prompt_index)
         pairs, sequences = [], []
         for completion in completions:
             for sample in completion.samples:
-                pairs.append(reward_pb2.ScoredPair(prompt=prompts[completion.prompt_index], response=sample.text))
-                sequences.append(reference_pb2.TokenSequence(prompt_token_ids=completion.prompt_token_ids, response_token_ids=sample.token_ids))
+                pairs.append(
+                    reward_pb2.ScoredPair(
+                        prompt=prompts[completion.prompt_index], response=sample.text
+                    )
+                )
+                sequences.append(
+                    reference_pb2.TokenSequence(
+                        prompt_token_ids=completion.prompt_token_ids,
+                        response_token_ids=sample.token_ids,
+                    )
+                )
         # Reward and reference at the same time: neither depends on the other.
-        score_call = self.reward.Score.future(reward_pb2.ScoreRequest(pairs=pairs), timeout=s.timeout_s)
-        ref_call = self.reference.ComputeLogprobs.future(reference_pb2.ComputeLogprobsRequest(sequences=sequences), timeout=s.timeout_s)
+        score_call = self.reward.Score.future(
+            reward_pb2.ScoreRequest(pairs=pairs), timeout=s.timeout_s
+        )
+        ref_call = self.reference.ComputeLogprobs.future(
+            reference_pb2.ComputeLogprobsRequest(sequences=sequences), timeout=s.timeout_s
+        )
         scored = score_call.result()
         scores = list(scored.scores)
         reference = [list(r.logprobs) for r in ref_call.result().results]
         if len(scores) != len(pairs) or len(reference) != len(sequences):
-            raise RuntimeError(f"asked for {len(pairs)} scores/log-probs, got {len(scores)}/{len(reference)}")
+            raise RuntimeError(
+                f"asked for {len(pairs)} scores/log-probs, got {len(scores)}/{len(reference)}"
+            )
         return build_rollouts(completions, scores, reference, prompts, scored.reward_model_version)
 
     def publish(self, rollouts: list[events_pb2.Rollout]) -> None:
         topic = self.settings.rollouts_topic
         futures = [
-            self.producer.send(topic, key=r.rollout_id, value=r, partition=group_partition(r.group_id, self.partitions))
+            self.producer.send(
+                topic,
+                key=r.rollout_id,
+                value=r,
+                partition=group_partition(r.group_id, self.partitions),
+            )
             for r in rollouts
         ]
         for f in futures:
@@ -245,7 +299,9 @@ class RolloutWorker:
     def run(self) -> int:
         s = self.settings
         stream = self.prompt_stream()
-        while not self.stop_requested.is_set() and not (s.max_rollouts and self.produced >= s.max_rollouts):
+        while not self.stop_requested.is_set() and not (
+            s.max_rollouts and self.produced >= s.max_rollouts
+        ):
             prompts = [p for _, p in zip(range(s.prompts_per_call), stream)]
             if not prompts:
                 break

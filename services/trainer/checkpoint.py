@@ -115,7 +115,10 @@ def finish(root: Path, checkpoint: Checkpoint, keep: int = 2) -> Path:
     state = {"step": checkpoint.step, "weights_version": checkpoint.weights_version}
     write_durable(tmp / STATE_FILE, json.dumps(state).encode())
     files = sorted(p.name for p in tmp.iterdir() if p.name != MANIFEST)
-    manifest = {"step": checkpoint.step, "sha256": {name: sha256_file(tmp / name) for name in files}}
+    manifest = {
+        "step": checkpoint.step,
+        "sha256": {name: sha256_file(tmp / name) for name in files},
+    }
     write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
     fsync_dir(tmp)
     final = _store(root).commit(tmp, checkpoint.step)  # a rerun after a crash: same content
@@ -164,7 +167,9 @@ def load(folder: Path) -> Checkpoint:
         step=int(state["step"]),
         weights_version=int(state["weights_version"]),
         tensors=load_file(folder / MODEL_FILE),
-        trainer_state=torch.load(folder / TRAINER_STATE_FILE, weights_only=True, map_location="cpu"),
+        trainer_state=torch.load(
+            folder / TRAINER_STATE_FILE, weights_only=True, map_location="cpu"
+        ),
         positions=positions,
         path=folder,
     )

@@ -75,9 +75,15 @@ class RolloutBatcher:
     # -- intake -------------------------------------------------------------------------------
     def add(self, item: Received) -> str:
         """Takes one record; returns what became of it: pending, duplicate."""
-        self.next_offset[item.partition] = max(self.next_offset.get(item.partition, 0), item.offset + 1)
+        self.next_offset[item.partition] = max(
+            self.next_offset.get(item.partition, 0), item.offset + 1
+        )
         rollout_id = item.rollout.rollout_id
-        if rollout_id in self.skip or rollout_id in self.recent_set or rollout_id in self.pending_ids:
+        if (
+            rollout_id in self.skip
+            or rollout_id in self.recent_set
+            or rollout_id in self.pending_ids
+        ):
             self.counts["duplicate"] += 1
             self._handled(item, rollout_id)
             return "duplicate"
@@ -158,7 +164,9 @@ class RolloutBatcher:
             for offset in [o for o in by_offset if o < resume]:
                 del by_offset[offset]
             skip.extend(i for i in by_offset.values() if i)
-        return ConsumerPosition(offsets=offsets, skip_ids=sorted(set(skip)), recent_ids=list(self.recent))
+        return ConsumerPosition(
+            offsets=offsets, skip_ids=sorted(set(skip)), recent_ids=list(self.recent)
+        )
 
     def _handled(self, item: Received, rollout_id: str) -> None:
         self.handled.setdefault(item.partition, {})[item.offset] = rollout_id
@@ -181,7 +189,9 @@ def partitions_of_rank(partitions: list[int], rank: int, world: int) -> list[int
 class RolloutSource:
     """This rank's partitions of the rollouts topic, read from checkpointed offsets."""
 
-    def __init__(self, settings: KafkaSettings, topic: str, group_id: str, rank: int = 0, world: int = 1):
+    def __init__(
+        self, settings: KafkaSettings, topic: str, group_id: str, rank: int = 0, world: int = 1
+    ):
         self.topic = topic
         self.consumer = make_consumer(settings, group_id)
         partitions = self.consumer.partitions_for_topic(topic)
@@ -200,19 +210,34 @@ class RolloutSource:
                 start[p] = offsets[p]
             else:
                 committed = self.consumer.committed(tp)
-                start[p] = committed if committed is not None else self.consumer.beginning_offsets([tp])[tp]
+                start[p] = (
+                    committed
+                    if committed is not None
+                    else self.consumer.beginning_offsets([tp])[tp]
+                )
             self.consumer.seek(tp, start[p])
         return start
 
-    def poll(self, timeout_ms: int = 200, max_records: int = 500) -> list[Received | tuple[int, int]]:
+    def poll(
+        self, timeout_ms: int = 200, max_records: int = 500
+    ) -> list[Received | tuple[int, int]]:
         """Decoded records, or (partition, offset) for records that are not Rollouts."""
         out: list[Received | tuple[int, int]] = []
-        for tp, records in self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records).items():
+        for tp, records in self.consumer.poll(
+            timeout_ms=timeout_ms, max_records=max_records
+        ).items():
             for record in records:
                 try:
-                    out.append(Received(tp.partition, record.offset, decode(events_pb2.Rollout, record.value)))
+                    out.append(
+                        Received(
+                            tp.partition, record.offset, decode(events_pb2.Rollout, record.value)
+                        )
+                    )
                 except DecodeError:
-                    log.warning("undecodable rollout", extra={"fields": {"partition": tp.partition, "offset": record.offset}})
+                    log.warning(
+                        "undecodable rollout",
+                        extra={"fields": {"partition": tp.partition, "offset": record.offset}},
+                    )
                     out.append((tp.partition, record.offset))
         return out
 

@@ -31,7 +31,13 @@ from services.trainer.consumer import Received, RolloutBatcher, RolloutSource, p
 from services.trainer.learner import Learner, LearnerConfig, RolloutSample
 from services.trainer.metrics import MetricsLog, TrainerMetrics
 from services.trainer.settings import TrainerSettings
-from services.trainer.weights_push import announce, build_manifest, push_all, version_dir, write_version
+from services.trainer.weights_push import (
+    announce,
+    build_manifest,
+    push_all,
+    version_dir,
+    write_version,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +76,30 @@ class TrainerService:
     def __init__(self, settings: TrainerSettings):
         self.settings = settings
         if settings.push_every % settings.checkpoint_every:
-            raise ValueError("push_every must be a multiple of checkpoint_every (a version is pushed only once durable)")
+            raise ValueError(
+                "push_every must be a multiple of checkpoint_every (a version is pushed only once durable)"
+            )
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.rank = distributed.init_from_env()
-        config = LearnerConfig(**{"algorithm": settings.algorithm, "seed": settings.seed, **settings.learner})
+        config = LearnerConfig(
+            **{"algorithm": settings.algorithm, "seed": settings.seed, **settings.learner}
+        )
         self.learner = Learner(config, settings.model_dir)
         self.metrics = TrainerMetrics()
         self.batcher = RolloutBatcher(settings.batch_size, settings.max_staleness)
         self.source = RolloutSource(
-            settings.kafka, settings.rollouts_topic, settings.consumer_group, self.rank.rank, self.rank.world
+            settings.kafka,
+            settings.rollouts_topic,
+            settings.consumer_group,
+            self.rank.rank,
+            self.rank.world,
         )
-        self.producer = make_producer(settings.kafka) if self.rank.is_leader and settings.weights_topic else None
+        self.producer = (
+            make_producer(settings.kafka)
+            if self.rank.is_leader and settings.weights_topic
+            else None
+        )
         suffix = "" if self.rank.is_leader else f"-rank-{self.rank.rank}"
         self.log = MetricsLog(settings.metrics_log.with_name(f"metrics{suffix}.jsonl"))
         self.step = 0
@@ -96,9 +114,15 @@ class TrainerService:
         offsets: dict[int, int] = {}
         if saved is not None:
             state = dict(saved.trainer_state)
-            state["policy"] = {k.removeprefix("policy."): v for k, v in saved.tensors.items() if k.startswith("policy.")}
+            state["policy"] = {
+                k.removeprefix("policy."): v
+                for k, v in saved.tensors.items()
+                if k.startswith("policy.")
+            }
             state["value_head"] = {
-                k.removeprefix("value_head."): v for k, v in saved.tensors.items() if k.startswith("value_head.")
+                k.removeprefix("value_head."): v
+                for k, v in saved.tensors.items()
+                if k.startswith("value_head.")
             }
             self.learner.load_state_dict(state)
             self.step, self.version = saved.step, saved.weights_version
@@ -108,8 +132,18 @@ class TrainerService:
             offsets = position.offsets
         start = self.source.seek(offsets)
         self.metrics.version.set(self.version)
-        self.log.write({"event": "resume", "step": self.step, "weights_version": self.version, "offsets": start})
-        log.info("trainer ready", extra={"fields": {"rank": self.rank.rank, "step": self.step, "offsets": start}})
+        self.log.write(
+            {
+                "event": "resume",
+                "step": self.step,
+                "weights_version": self.version,
+                "offsets": start,
+            }
+        )
+        log.info(
+            "trainer ready",
+            extra={"fields": {"rank": self.rank.rank, "step": self.step, "offsets": start}},
+        )
         if saved is not None and self.version > self.settings.initial_weights_version:
             self._publish()  # a crash may have fallen between the checkpoint and its push
 
@@ -148,7 +182,9 @@ class TrainerService:
         try:
             to_sample(item.rollout)
         except ValueError as exc:
-            log.warning("invalid rollout", extra={"fields": {"why": str(exc), "offset": item.offset}})
+            log.warning(
+                "invalid rollout", extra={"fields": {"why": str(exc), "offset": item.offset}}
+            )
             self.batcher.add_invalid(item.partition, item.offset)
             return
         self.batcher.add(item)
@@ -191,8 +227,13 @@ class TrainerService:
         distributed.barrier()
         if self.rank.is_leader:
             state = self.learner.state_dict()
-            tensors = {f"policy.{k}": v.detach().cpu().clone() for k, v in state.pop("policy").items()}
-            tensors |= {f"value_head.{k}": v.detach().cpu().clone() for k, v in state.pop("value_head").items()}
+            tensors = {
+                f"policy.{k}": v.detach().cpu().clone() for k, v in state.pop("policy").items()
+            }
+            tensors |= {
+                f"value_head.{k}": v.detach().cpu().clone()
+                for k, v in state.pop("value_head").items()
+            }
             saved = Checkpoint(self.step, self.version, tensors, state, positions={})
             checkpoint.finish(root, saved, keep=self.settings.keep_checkpoints)
         distributed.barrier()
@@ -209,7 +250,12 @@ class TrainerService:
             folder = write_version(s.weights_dir, self.version, self.learner.policy_state_dict())
         manifest = build_manifest(folder, self.version)
         results = push_all(
-            s.policy_addresses, folder, manifest, s.push_chunk_bytes, s.push_timeout_s, s.max_message_bytes
+            s.policy_addresses,
+            folder,
+            manifest,
+            s.push_chunk_bytes,
+            s.push_timeout_s,
+            s.max_message_bytes,
         )
         failed = [r for r in results if not r.accepted]
         self.metrics.push_failures.inc(len(failed))

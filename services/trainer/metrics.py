@@ -22,7 +22,10 @@ STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 16)
 # Learner metric keys reported as named gauges (the rest still go to the JSONL log).
 LEARNER_GAUGES = {
     "reward/mean": ("reward_mean", "Mean reward-model score of the last batch."),
-    "kl/behaviour_ref_k1": ("kl", "Mean sequence KL (k1) of the behaviour policy to the reference."),
+    "kl/behaviour_ref_k1": (
+        "kl",
+        "Mean sequence KL (k1) of the behaviour policy to the reference.",
+    ),
     "policy/entropy": ("entropy", "Mean per-token policy entropy in the last batch."),
     "policy/clipfrac": ("clip_fraction", "Fraction of tokens whose ratio was clipped."),
     "value/loss": ("value_loss", "Critic loss of the last update (PPO)."),
@@ -39,30 +42,45 @@ class TrainerMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.updates = Counter("rlhf_trainer_updates_total", "RL updates done.", registry=r)
-        self.consumed = Counter("rlhf_trainer_rollouts_consumed_total", "Rollouts used in an update.", registry=r)
+        self.consumed = Counter(
+            "rlhf_trainer_rollouts_consumed_total", "Rollouts used in an update.", registry=r
+        )
         self.dropped = Counter(
-            "rlhf_trainer_rollouts_dropped_total", "Rollouts not used, by reason.", ["reason"], registry=r
+            "rlhf_trainer_rollouts_dropped_total",
+            "Rollouts not used, by reason.",
+            ["reason"],
+            registry=r,
         )
         self.step_time = Histogram(
-            "rlhf_trainer_step_duration_seconds", "Time of one RL update.", buckets=LATENCY_BUCKETS, registry=r
+            "rlhf_trainer_step_duration_seconds",
+            "Time of one RL update.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.staleness = Histogram(
             "rlhf_trainer_rollout_staleness_versions", "Trainer version minus the rollout's version.",
             buckets=STALENESS_BUCKETS, registry=r,
         )  # fmt: skip
-        self.version = Gauge("rlhf_trainer_weights_version", "Weights version the trainer holds.", registry=r)
+        self.version = Gauge(
+            "rlhf_trainer_weights_version", "Weights version the trainer holds.", registry=r
+        )
         self.push_time = Histogram(
             "rlhf_trainer_weights_push_duration_seconds", "Time to push one version to all replicas.",
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.push_failures = Counter(
-            "rlhf_trainer_weights_push_failures_total", "Replica pushes refused or failed.", registry=r
+            "rlhf_trainer_weights_push_failures_total",
+            "Replica pushes refused or failed.",
+            registry=r,
         )
         self.learner = {
-            key: Gauge(f"rlhf_trainer_{name}", doc, registry=r) for key, (name, doc) in LEARNER_GAUGES.items()
+            key: Gauge(f"rlhf_trainer_{name}", doc, registry=r)
+            for key, (name, doc) in LEARNER_GAUGES.items()
         }
 
-    def observe_update(self, learner_metrics: dict[str, float], staleness: list[int], seconds: float) -> None:
+    def observe_update(
+        self, learner_metrics: dict[str, float], staleness: list[int], seconds: float
+    ) -> None:
         self.updates.inc()
         self.consumed.inc(len(staleness))
         self.step_time.observe(seconds)

@@ -14,7 +14,6 @@ from dataclasses import dataclass, fields
 import torch
 
 
-
 @dataclass
 class RolloutSample:
     """One scored sample, as a `rlhf.v1.Rollout` carries it (plain Python values)."""

@@ -41,4 +41,7 @@ def main() -> None:
     finally:
         service.close()
         distributed.shutdown()
-    log.info("trainer stopped", extra={"fields": {"step": service.step, "weights_version": service.version}})
+    log.info(
+        "trainer stopped",
+        extra={"fields": {"step": service.step, "weights_version": service.version}},
+    )

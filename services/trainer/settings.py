@@ -22,7 +22,9 @@ class TrainerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RLHF_TRAINER_", extra="ignore")
 
-    model_dir: Path = Field(..., description="Hugging Face folder of the initial policy (safetensors).")
+    model_dir: Path = Field(
+        ..., description="Hugging Face folder of the initial policy (safetensors)."
+    )
     model_name: str = Field("policy", description="Model name: the Kafka key of weights events.")
     algorithm: str = Field("grpo", description="RL algorithm name (ppo, grpo, rloo).")
     learner: dict = Field(
@@ -32,34 +34,49 @@ class TrainerSettings(BaseSettings):
     max_staleness: int = Field(
         2, ge=0, description="Rollouts more than this many versions behind the trainer are dropped."
     )
-    initial_weights_version: int = Field(1, ge=0, description="Version of the weights in model_dir.")
+    initial_weights_version: int = Field(
+        1, ge=0, description="Version of the weights in model_dir."
+    )
     push_every: int = Field(1, ge=1, description="Publish a new weights version every k updates.")
     checkpoint_every: int = Field(1, ge=1, description="Write a checkpoint every k updates.")
     max_steps: int = Field(0, ge=0, description="Stop after this many updates; 0 runs forever.")
-    idle_exit_s: float = Field(0.0, ge=0, description="Exit after this long with no new rollouts; 0 never.")
-    state_dir: Path = Field(Path(".local/trainer"), description="Checkpoints, weights and the metrics log.")
+    idle_exit_s: float = Field(
+        0.0, ge=0, description="Exit after this long with no new rollouts; 0 never."
+    )
+    state_dir: Path = Field(
+        Path(".local/trainer"), description="Checkpoints, weights and the metrics log."
+    )
     keep_checkpoints: int = Field(2, ge=1, description="Completed checkpoints kept on disk.")
-    consumer_group: str = Field("rlhf-trainer", description="Kafka consumer group (offsets for lag).")
+    consumer_group: str = Field(
+        "rlhf-trainer", description="Kafka consumer group (offsets for lag)."
+    )
     rollouts_topic: str = Field(topics.ROLLOUTS, description="Topic the rollouts arrive on.")
     weights_topic: str = Field(topics.WEIGHTS, description="Topic new versions are announced on.")
     policy_addresses: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="host:port of every policy replica (comma-separated in env)."
+        default_factory=list,
+        description="host:port of every policy replica (comma-separated in env).",
     )
     push_chunk_bytes: int = Field(
-        DEFAULT_CHUNK_BYTES, ge=1024, description="Bytes per UpdateWeights chunk (1 and 4 MiB measured alike, 16 MiB slower: bench/weight_swap.py)."
+        DEFAULT_CHUNK_BYTES,
+        ge=1024,
+        description="Bytes per UpdateWeights chunk (1 and 4 MiB measured alike, 16 MiB slower: bench/weight_swap.py).",
     )
     push_timeout_s: float = Field(300.0, gt=0, description="Deadline of one push to one replica.")
     max_message_bytes: int = Field(
         64 * 1024 * 1024, ge=4 * 1024 * 1024, description="gRPC message limit on the push channel."
     )
     log_weights_digest: bool = Field(
-        False, description="Log a sha256 of the policy weights after every update (multi-rank checks)."
+        False,
+        description="Log a sha256 of the policy weights after every update (multi-rank checks).",
     )
-    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 disables.")
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Prometheus /metrics port; 0 disables."
+    )
     seed: int = Field(0, description="Seed of torch, numpy and random at a fresh start.")
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
     kafka: KafkaSettings = Field(
-        default_factory=KafkaSettings, description="Shared Kafka block (its own RLHF_KAFKA_ prefix)."
+        default_factory=KafkaSettings,
+        description="Shared Kafka block (its own RLHF_KAFKA_ prefix).",
     )
 
     @field_validator("policy_addresses", mode="before")

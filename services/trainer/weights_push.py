@@ -55,7 +55,9 @@ def write_version(root: Path, version: int, tensors: dict[str, torch.Tensor]) ->
     """Writes `v{version}/model.safetensors` and its manifest atomically (temp folder + rename)."""
     store = VersionedFolders(root)
     tmp = store.begin(version)
-    write_durable(tmp / WEIGHTS_FILE, save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}))
+    write_durable(
+        tmp / WEIGHTS_FILE, save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+    )
     manifest = build_manifest(tmp, version)
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest_to_json(manifest), indent=1))
     return store.commit(tmp, version)
@@ -87,11 +89,15 @@ def manifest_to_json(manifest: policy_pb2.WeightsManifest) -> dict:
         "weights_version": manifest.weights_version,
         "file_sha256": dict(sorted(manifest.file_sha256.items())),
         "file_size": dict(sorted(manifest.file_size.items())),
-        "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in manifest.tensors],
+        "tensors": [
+            {"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in manifest.tensors
+        ],
     }
 
 
-def iter_requests(folder: Path, manifest: policy_pb2.WeightsManifest, chunk_bytes: int) -> Iterator[bytes]:
+def iter_requests(
+    folder: Path, manifest: policy_pb2.WeightsManifest, chunk_bytes: int
+) -> Iterator[bytes]:
     """The UpdateWeights stream, serialized: the manifest, then each file in order,
     `chunk_bytes` at a time (encoded by `weights_wire`, which spares protobuf's copies)."""
     if chunk_bytes < 1:
@@ -105,7 +111,7 @@ def iter_requests(folder: Path, manifest: policy_pb2.WeightsManifest, chunk_byte
             # Each message is built straight from the page cache: one copy per byte.
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 for offset in range(0, size, chunk_bytes):
-                    with memoryview(mapped)[offset:offset + chunk_bytes] as data:
+                    with memoryview(mapped)[offset : offset + chunk_bytes] as data:
                         message = encode_chunk(name, offset, data)
                     yield message
 
@@ -113,7 +119,8 @@ def iter_requests(folder: Path, manifest: policy_pb2.WeightsManifest, chunk_byte
 def update_weights_call(channel: grpc.Channel) -> grpc.StreamUnaryMultiCallable:
     """UpdateWeights on `channel`, taking already serialized requests (`iter_requests`)."""
     return channel.stream_unary(
-        UPDATE_WEIGHTS_METHOD, request_serializer=None,
+        UPDATE_WEIGHTS_METHOD,
+        request_serializer=None,
         response_deserializer=policy_pb2.UpdateWeightsResponse.FromString,
     )
 
@@ -150,9 +157,21 @@ def push(
                 timeout=timeout_s,
             )
         except grpc.RpcError as exc:
-            return PushResult(address, False, 0, f"{exc.code().name}: {exc.details()}", sent, time.perf_counter() - started)
+            return PushResult(
+                address,
+                False,
+                0,
+                f"{exc.code().name}: {exc.details()}",
+                sent,
+                time.perf_counter() - started,
+            )
     return PushResult(
-        address, reply.accepted, reply.weights_version, reply.reason, sent, time.perf_counter() - started
+        address,
+        reply.accepted,
+        reply.weights_version,
+        reply.reason,
+        sent,
+        time.perf_counter() - started,
     )
 
 
@@ -160,9 +179,11 @@ def serving_version(address: str, timeout_s: float = 10.0) -> int | None:
     """The version a replica serves now, or None if it does not answer."""
     with grpc.insecure_channel(address) as channel:
         try:
-            return policy_pb2_grpc.PolicyServiceStub(channel).GetModelInfo(
-                policy_pb2.GetModelInfoRequest(), timeout=timeout_s
-            ).weights_version
+            return (
+                policy_pb2_grpc.PolicyServiceStub(channel)
+                .GetModelInfo(policy_pb2.GetModelInfoRequest(), timeout=timeout_s)
+                .weights_version
+            )
         except grpc.RpcError:
             return None
 
@@ -193,11 +214,17 @@ def push_all(
         results = list(pool.map(one, addresses))
     for r in results:
         level = logging.INFO if r.accepted else logging.WARNING
-        log.log(level, "weights push", extra={"fields": r.__dict__ | {"version": manifest.weights_version}})
+        log.log(
+            level,
+            "weights push",
+            extra={"fields": r.__dict__ | {"version": manifest.weights_version}},
+        )
     return results
 
 
-def announce(producer, topic: str, model: str, manifest: policy_pb2.WeightsManifest, location: Path | str) -> None:
+def announce(
+    producer, topic: str, model: str, manifest: policy_pb2.WeightsManifest, location: Path | str
+) -> None:
     """Publishes the version on `rlhf.weights.v1` (keyed by model name) and waits for the ack."""
     created = Timestamp()
     created.GetCurrentTime()

@@ -39,7 +39,9 @@ WORKLOADS = ("Deployment", "StatefulSet")
 
 def tool_env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(CACHE / "tools"), str(Path(sys.executable).parent), env["PATH"]])
+    env["PATH"] = os.pathsep.join(
+        [str(CACHE / "tools"), str(Path(sys.executable).parent), env["PATH"]]
+    )
     env["PYTHON"] = sys.executable
     env["RLHF_CACHE"] = str(CACHE)
     return env
@@ -50,13 +52,26 @@ def run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
         argv, capture_output=True, text=True, env=tool_env(), timeout=120, check=False
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"{argv[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"{argv[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
 def render(*args: str) -> list[dict]:
-    out = run(["helm", "template", "rlhf", str(CHART), "--namespace", "rlhf",
-               "--kube-version", KUBE_VERSION, *args]).stdout
+    out = run(
+        [
+            "helm",
+            "template",
+            "rlhf",
+            str(CHART),
+            "--namespace",
+            "rlhf",
+            "--kube-version",
+            KUBE_VERSION,
+            *args,
+        ]
+    ).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
@@ -67,7 +82,9 @@ def find(docs: list[dict], kind: str, name: str) -> dict:
 
 
 def pod_specs(docs: list[dict]) -> dict[str, dict]:
-    return {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs if d["kind"] in WORKLOADS}
+    return {
+        d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs if d["kind"] in WORKLOADS
+    }
 
 
 def env_of(container: dict) -> dict[str, object]:
@@ -81,7 +98,9 @@ def container(spec: dict, name: str) -> dict:
 @pytest.fixture(scope="module")
 def check_sh() -> subprocess.CompletedProcess:
     for tool in ("helm", "kubeconform"):
-        assert (CACHE / "tools" / tool).exists(), f"{tool} missing from {CACHE / 'tools'}: run `make setup`"
+        assert (CACHE / "tools" / tool).exists(), (
+            f"{tool} missing from {CACHE / 'tools'}: run `make setup`"
+        )
     return run(["bash", str(ROOT / "helm" / "check.sh")], check=False)
 
 
@@ -107,14 +126,30 @@ def test_check_script_lints_renders_and_validates_strictly(check_sh):
 
 def test_validation_refuses_an_unknown_field(check_sh, minimal, tmp_path):
     assert check_sh.returncode == 0
-    locations = run([sys.executable, str(ROOT / "helm" / "k8s_schemas.py"), str(CACHE / "k8s-schemas"),
-                     KUBE_VERSION]).stdout.splitlines()
+    locations = run(
+        [
+            sys.executable,
+            str(ROOT / "helm" / "k8s_schemas.py"),
+            str(CACHE / "k8s-schemas"),
+            KUBE_VERSION,
+        ]
+    ).stdout.splitlines()
     deployment = find(minimal, "Deployment", "rlhf-rlhf-platform-policy")
     deployment["spec"]["template"]["spec"]["containers"][0]["resourcez"] = {}
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(deployment))
-    result = run(["kubeconform", "-strict", "-kubernetes-version", KUBE_VERSION,
-                  "-schema-location", locations[0], str(bad)], check=False)
+    result = run(
+        [
+            "kubeconform",
+            "-strict",
+            "-kubernetes-version",
+            KUBE_VERSION,
+            "-schema-location",
+            locations[0],
+            str(bad),
+        ],
+        check=False,
+    )
     assert result.returncode == 1
     assert "additional properties 'resourcez' not allowed" in result.stdout
 
@@ -127,7 +162,8 @@ def test_policy_has_a_headless_service_over_its_replicas(minimal, production):
     assert find(production, "Deployment", "rlhf-rlhf-platform-policy")["spec"]["replicas"] == 3
     trainer = container(pod_specs(minimal)["rlhf-rlhf-platform-trainer"], "trainer")
     assert env_of(trainer)["RLHF_TRAINER_POLICY_ADDRESSES"] == (
-        "rlhf-rlhf-platform-policy-headless.rlhf.svc.cluster.local:50051")
+        "rlhf-rlhf-platform-policy-headless.rlhf.svc.cluster.local:50051"
+    )
 
 
 def test_refresh_publishes_to_a_shared_volume_every_reward_replica_follows(minimal):
@@ -137,19 +173,36 @@ def test_refresh_publishes_to_a_shared_volume_every_reward_replica_follows(minim
     refresh = container(specs["rlhf-rlhf-platform-refresh"], "refresh")
     env = env_of(refresh)
     assert env["RLHF_REFRESH_VERSIONS_ROOT"] == "/reward-versions"
-    assert env["RLHF_REFRESH_REWARD_ADDRESS"] == "rlhf-rlhf-platform-reward-headless.rlhf.svc.cluster.local:50051"
-    assert find(minimal, "Service", "rlhf-rlhf-platform-reward-headless")["spec"]["clusterIP"] == "None"
+    assert (
+        env["RLHF_REFRESH_REWARD_ADDRESS"]
+        == "rlhf-rlhf-platform-reward-headless.rlhf.svc.cluster.local:50051"
+    )
+    assert (
+        find(minimal, "Service", "rlhf-rlhf-platform-reward-headless")["spec"]["clusterIP"]
+        == "None"
+    )
     assert {"name": "versions", "mountPath": "/reward-versions"} in refresh["volumeMounts"]
     reward = specs["rlhf-rlhf-platform-reward"]
-    assert {"name": "reward-versions", "persistentVolumeClaim": {
-        "claimName": "rlhf-rlhf-platform-refresh-versions", "readOnly": True}} in reward["volumes"]
+    assert {
+        "name": "reward-versions",
+        "persistentVolumeClaim": {
+            "claimName": "rlhf-rlhf-platform-refresh-versions",
+            "readOnly": True,
+        },
+    } in reward["volumes"]
     for name in ("service", "triton"):  # Triton reads the files the reload order names
         mounts = container(reward, name)["volumeMounts"]
-        assert {"name": "reward-versions", "mountPath": "/reward-versions", "readOnly": True} in mounts, name
+        assert {
+            "name": "reward-versions",
+            "mountPath": "/reward-versions",
+            "readOnly": True,
+        } in mounts, name
     assert env_of(container(reward, "service"))["RLHF_REWARD_VERSIONS_ROOT"] == "/reward-versions"
     off = pod_specs(render(*SECRET, "--set", "refresh.enabled=false"))
     assert "rlhf-rlhf-platform-refresh" not in off
-    assert "RLHF_REWARD_VERSIONS_ROOT" not in env_of(container(off["rlhf-rlhf-platform-reward"], "service"))
+    assert "RLHF_REWARD_VERSIONS_ROOT" not in env_of(
+        container(off["rlhf-rlhf-platform-reward"], "service")
+    )
 
 
 def test_every_container_has_resources_probes_and_a_locked_down_context(minimal, production):
@@ -161,7 +214,9 @@ def test_every_container_has_resources_probes_and_a_locked_down_context(minimal,
             assert spec["automountServiceAccountToken"] is False, name
             for c in spec["containers"] + spec.get("initContainers", []):
                 where = f"{name}/{c['name']}"
-                assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"], where
+                assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"], (
+                    where
+                )
                 ctx = c["securityContext"]
                 assert ctx["capabilities"]["drop"] == ["ALL"], where
                 assert ctx["allowPrivilegeEscalation"] is False, where
@@ -176,7 +231,9 @@ def test_model_pods_run_the_service_beside_triton_on_a_generated_repository(mini
         spec = pod_specs(minimal)[f"rlhf-rlhf-platform-{component}"]
         assert [c["name"] for c in spec["initContainers"]] == ["model-repository"]
         assert [c["name"] for c in spec["containers"]] == ["service", "triton"]
-        init, service, triton = (container(spec, n) for n in ("model-repository", "service", "triton"))
+        init, service, triton = (
+            container(spec, n) for n in ("model-repository", "service", "triton")
+        )
         assert init["command"] == ["python", "-m", f"services.{component}", "repository"]
         upper = component.upper()
         assert env_of(init)[f"RLHF_{upper}_MODEL_REPOSITORY"] == "/model-repository"
@@ -184,13 +241,20 @@ def test_model_pods_run_the_service_beside_triton_on_a_generated_repository(mini
         port = service["ports"][0]["containerPort"]
         assert service["readinessProbe"]["grpc"]["port"] == port == 50051
         assert env_of(service)["RLHF_TRITON_URL"] == "127.0.0.1:8001"
-        assert env_of(service)["RLHF_KAFKA_BOOTSTRAP_SERVERS"] == "rlhf-kafka-bootstrap.rlhf.svc:9092"
-        assert "--grpc-address=127.0.0.1" in triton["args"] and "--allow-http=false" in triton["args"]
+        assert (
+            env_of(service)["RLHF_KAFKA_BOOTSTRAP_SERVERS"] == "rlhf-kafka-bootstrap.rlhf.svc:9092"
+        )
+        assert (
+            "--grpc-address=127.0.0.1" in triton["args"] and "--allow-http=false" in triton["args"]
+        )
         assert f"--load-model={component}" in triton["args"]
         mounts = {m["name"]: m for m in triton["volumeMounts"]}
         assert mounts["model-repository"]["readOnly"] is True
         volumes = {v["name"]: v for v in spec["volumes"]}
-        assert "emptyDir" in volumes["model-repository"] and volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+        assert (
+            "emptyDir" in volumes["model-repository"]
+            and volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+        )
         assert find(minimal, "PodDisruptionBudget", f"rlhf-rlhf-platform-{component}")
 
 
@@ -201,14 +265,21 @@ def test_gateway_probes_secret_reference_and_no_secret_rendered(minimal, product
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
     env = env_of(gateway)
     assert env["RLHF_GATEWAY_API_KEY_SHA256"] == {
-        "secretKeyRef": {"name": "rlhf-gateway-keys", "key": "api-key-sha256"}}
+        "secretKeyRef": {"name": "rlhf-gateway-keys", "key": "api-key-sha256"}
+    }
     assert env["RLHF_GATEWAY_CORS_ORIGINS"] == ""  # no origin allowed by default
-    assert env_of(container(pod_specs(production)["rlhf-rlhf-platform-gateway"], "gateway"))[
-        "RLHF_GATEWAY_CORS_ORIGINS"] == "https://chat.example.com"
+    assert (
+        env_of(container(pod_specs(production)["rlhf-rlhf-platform-gateway"], "gateway"))[
+            "RLHF_GATEWAY_CORS_ORIGINS"
+        ]
+        == "https://chat.example.com"
+    )
 
 
 def test_rendering_fails_without_a_gateway_secret():
-    result = run(["helm", "template", "rlhf", str(CHART), "--kube-version", KUBE_VERSION], check=False)
+    result = run(
+        ["helm", "template", "rlhf", str(CHART), "--kube-version", KUBE_VERSION], check=False
+    )
     assert result.returncode != 0
     assert "gateway.apiKeys.existingSecret is required" in result.stderr
     assert "ships no default key" in result.stderr
@@ -230,16 +301,30 @@ def test_rendering_fails_without_a_gateway_secret():
     ],
 )
 def test_values_schema_refuses_bad_values(override, message):
-    result = run(["helm", "template", "rlhf", str(CHART), "--kube-version", KUBE_VERSION, *SECRET,
-                  *override], check=False)
+    result = run(
+        [
+            "helm",
+            "template",
+            "rlhf",
+            str(CHART),
+            "--kube-version",
+            KUBE_VERSION,
+            *SECRET,
+            *override,
+        ],
+        check=False,
+    )
     assert result.returncode != 0
     assert message in result.stderr, result.stderr
 
 
 def test_gpu_values_add_gpu_limits_and_bf16(minimal, production):
     def gpu_limits(docs):
-        return {f"{n}/{c['name']}": c["resources"]["limits"].get("nvidia.com/gpu")
-                for n, spec in pod_specs(docs).items() for c in spec["containers"]}
+        return {
+            f"{n}/{c['name']}": c["resources"]["limits"].get("nvidia.com/gpu")
+            for n, spec in pod_specs(docs).items()
+            for c in spec["containers"]
+        }
 
     assert set(gpu_limits(minimal).values()) == {None}
     limits = gpu_limits(production)
@@ -256,7 +341,8 @@ def test_gpu_values_add_gpu_limits_and_bf16(minimal, production):
     triton = container(pod_specs(production)["rlhf-rlhf-platform-policy"], "triton")
     assert "--allow-gpu-metrics=true" in triton["args"]
     assert pod_specs(production)["rlhf-rlhf-platform-policy"]["nodeSelector"] == {
-        "nvidia.com/gpu.present": "true"}
+        "nvidia.com/gpu.present": "true"
+    }
 
 
 def test_trainer_ranks_are_statefulset_pods_with_checkpoint_volumes(production):
@@ -268,9 +354,12 @@ def test_trainer_ranks_are_statefulset_pods_with_checkpoint_volumes(production):
     assert claim["spec"]["resources"]["requests"]["storage"] == "200Gi"
     env = env_of(container(sts["spec"]["template"]["spec"], "trainer"))
     assert env["WORLD_SIZE"] == "2"
-    assert env["RANK"] == {"fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}
+    assert env["RANK"] == {
+        "fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}
+    }
     assert env["MASTER_ADDR"] == (
-        "rlhf-rlhf-platform-trainer-0.rlhf-rlhf-platform-trainer-headless.rlhf.svc.cluster.local")
+        "rlhf-rlhf-platform-trainer-0.rlhf-rlhf-platform-trainer-headless.rlhf.svc.cluster.local"
+    )
     headless = find(production, "Service", "rlhf-rlhf-platform-trainer-headless")
     assert headless["spec"]["publishNotReadyAddresses"] is True
 
@@ -287,7 +376,11 @@ def test_production_adds_ingress_autoscaling_network_policies_and_monitoring(min
     policies = {d["metadata"]["name"] for d in production if d["kind"] == "NetworkPolicy"}
     assert len(policies) == 7
     monitor = find(production, "ServiceMonitor", "rlhf-rlhf-platform")
-    assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"metrics", "triton-metrics", "http"}
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} == {
+        "metrics",
+        "triton-metrics",
+        "http",
+    }
     env = env_of(container(pod_specs(production)["rlhf-rlhf-platform-rollout"], "worker"))
     assert env["RLHF_KAFKA_BOOTSTRAP_SERVERS"].count(":9092") == 3
 
@@ -320,7 +413,9 @@ def python_containers(docs: list[dict]) -> list[tuple[str, str, dict[str, str]]]
                 if "value" in e:
                     env[e["name"]] = e["value"]
                 elif e["name"].startswith("RLHF_"):
-                    env[e["name"]] = SECRET_VALUES[e["name"]]  # a new secret-fed variable: add it above
+                    env[e["name"]] = SECRET_VALUES[
+                        e["name"]
+                    ]  # a new secret-fed variable: add it above
             found.append((f"{pod}/{c['name']}", argv[2], env))
     return found
 
@@ -357,28 +452,44 @@ def test_every_setting_the_chart_passes_is_one_its_service_reads(minimal, produc
         containers = python_containers(docs)
         assert {module for _, module, _ in containers} == set(ENTRY_POINT_SETTINGS)
         for where, module, env in containers:
-            built = settings_from(monkeypatch, module, env).model_dump()  # raises when a field is missing or bad
+            built = settings_from(
+                monkeypatch, module, env
+            ).model_dump()  # raises when a field is missing or bad
             for key in sorted(k for k in env if k.startswith("RLHF_")):
                 if key in shared:
                     if reads(monkeypatch, module, env, key, built):
                         shared_readers[key].add(module)
                     continue
-                assert reads(monkeypatch, module, env, key, built), f"{where}: {module} never reads {key}"
+                assert reads(monkeypatch, module, env, key, built), (
+                    f"{where}: {module} never reads {key}"
+                )
                 checked += 1
     assert checked > 80
     for key in shared:
-        assert {"services.policy", "services.rollout", "services.trainer",
-                "services.gateway", "services.curator", "services.refresh",
-                } <= shared_readers[key], key
+        assert {
+            "services.policy",
+            "services.rollout",
+            "services.trainer",
+            "services.gateway",
+            "services.curator",
+            "services.refresh",
+        } <= shared_readers[key], key
 
 
-def test_the_chart_points_each_service_at_the_others_and_at_its_device(minimal, production, monkeypatch):
+def test_the_chart_points_each_service_at_the_others_and_at_its_device(
+    minimal, production, monkeypatch
+):
     for docs, device, dtype in ((minimal, "cpu", "float32"), (production, "gpu", "bfloat16")):
-        built = {where: settings_from(monkeypatch, module, env) for where, module, env in python_containers(docs)}
+        built = {
+            where: settings_from(monkeypatch, module, env)
+            for where, module, env in python_containers(docs)
+        }
         rollout = built["rlhf-rlhf-platform-rollout/worker"]
         assert (rollout.policy_address, rollout.reward_address, rollout.reference_address) == (
-            "rlhf-rlhf-platform-policy:50051", "rlhf-rlhf-platform-reward:50051",
-            "rlhf-rlhf-platform-reference:50051")
+            "rlhf-rlhf-platform-policy:50051",
+            "rlhf-rlhf-platform-reward:50051",
+            "rlhf-rlhf-platform-reference:50051",
+        )
         assert str(rollout.dataset) == "/models/prompts/prompts.jsonl"
         for component in MODEL_SERVICES:
             for name in ("model-repository", "service"):

@@ -30,7 +30,8 @@ def test_topics_exist_with_designed_partitions(kafka_settings):
     admin = KafkaAdminClient(bootstrap_servers=kafka_settings.servers)
     try:
         described = {
-            t["name"]: len(t["partitions"]) for t in admin.describe_topics([s.name for s in topics.TOPICS])
+            t["name"]: len(t["partitions"])
+            for t in admin.describe_topics([s.name for s in topics.TOPICS])
         }
     finally:
         admin.close()
@@ -43,7 +44,9 @@ def test_rollout_round_trip_with_manual_commit(kafka_settings):
     producer = make_producer(kafka_settings)
     assert producer.config["acks"] == -1 and producer.config["enable_idempotence"]
     sent = [_rollout(i) for i in range(5)]
-    metadata = [producer.send(topics.ROLLOUTS, key=r.rollout_id, value=r).get(timeout=30) for r in sent]
+    metadata = [
+        producer.send(topics.ROLLOUTS, key=r.rollout_id, value=r).get(timeout=30) for r in sent
+    ]
     producer.close()
     assert all(m.offset >= 0 for m in metadata)
 
@@ -92,7 +95,10 @@ def test_uncommitted_records_are_redelivered(kafka_settings):
         found = False
         for _ in range(60):
             records = [r for batch in consumer.poll(timeout_ms=500).values() for r in batch]
-            if any(decode(events_pb2.Rollout, r.value).rollout_id == rollout.rollout_id for r in records):
+            if any(
+                decode(events_pb2.Rollout, r.value).rollout_id == rollout.rollout_id
+                for r in records
+            ):
                 found = True
                 break
         consumer.close(autocommit=False)

@@ -32,7 +32,14 @@ def probe(triton_server, run_dir):
 def _infer(client, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     inp = grpcclient.InferInput("INPUT", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
-    result = client.infer("probe", [inp], outputs=[grpcclient.InferRequestedOutput("OUTPUT"), grpcclient.InferRequestedOutput("BATCH_SIZE")])
+    result = client.infer(
+        "probe",
+        [inp],
+        outputs=[
+            grpcclient.InferRequestedOutput("OUTPUT"),
+            grpcclient.InferRequestedOutput("BATCH_SIZE"),
+        ],
+    )
     return result.as_numpy("OUTPUT"), result.as_numpy("BATCH_SIZE")
 
 

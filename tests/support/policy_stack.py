@@ -64,19 +64,34 @@ class PolicyStack:
 
 @contextmanager
 def policy_stack(
-    triton_server, kafka_settings: KafkaSettings | None, model_dir: Path, work_dir: Path,
-    triton_model: str | None = None, grpc_overrides: dict | None = None, **overrides,
+    triton_server,
+    kafka_settings: KafkaSettings | None,
+    model_dir: Path,
+    work_dir: Path,
+    triton_model: str | None = None,
+    grpc_overrides: dict | None = None,
+    **overrides,
 ) -> Iterator[PolicyStack]:
     name = triton_model or f"policy-{os.getpid()}-{next(_ids)}"
     work_dir = Path(work_dir)
     log_generations = kafka_settings is not None and overrides.pop("log_generations", True)
-    follow_weights_topic = kafka_settings is not None and overrides.pop("follow_weights_topic", True)
+    follow_weights_topic = kafka_settings is not None and overrides.pop(
+        "follow_weights_topic", True
+    )
     settings = PolicySettings(
         model_dir=Path(model_dir),
         triton_model=name,
         weights_root=work_dir / "weights",
         model_repository=triton_server.model_repository,
-        grpc=GrpcSettings(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0, "shutdown_grace_s": 2.0, **(grpc_overrides or {})}),
+        grpc=GrpcSettings(
+            **{
+                "host": "127.0.0.1",
+                "port": 0,
+                "metrics_port": 0,
+                "shutdown_grace_s": 2.0,
+                **(grpc_overrides or {}),
+            }
+        ),
         kafka=kafka_settings or KafkaSettings(),
         triton=TritonSettings(url=triton_server.grpc_url),
         log_generations=log_generations,

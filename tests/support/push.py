@@ -24,10 +24,16 @@ __all__ = ["DEFAULT_CHUNK_BYTES", "build_manifest", "push_folder"]
 
 
 def push_folder(
-    channel, folder: Path, weights_version: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    manifest: policy_pb2.WeightsManifest | None = None, timeout_s: float = 300.0,
+    channel,
+    folder: Path,
+    weights_version: int,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    manifest: policy_pb2.WeightsManifest | None = None,
+    timeout_s: float = 300.0,
 ) -> policy_pb2.UpdateWeightsResponse:
     """One UpdateWeights call on `channel`: the manifest, then the folder's files in chunks (the
     same stream the trainer sends, `services.trainer.weights_push`)."""
     manifest = manifest or build_manifest(folder, weights_version)
-    return update_weights_call(channel)(iter_requests(folder, manifest, chunk_bytes), timeout=timeout_s)
+    return update_weights_call(channel)(
+        iter_requests(folder, manifest, chunk_bytes), timeout=timeout_s
+    )

@@ -39,7 +39,11 @@ def sample_rollouts(
     rows = generate_rows(
         policy,
         [
-            Row(p, max_new_tokens, RowSampling(temperature, top_p=1.0, top_k=0, seed=seed * len(prompt_rows) + i))
+            Row(
+                p,
+                max_new_tokens,
+                RowSampling(temperature, top_p=1.0, top_k=0, seed=seed * len(prompt_rows) + i),
+            )
             for i, p in enumerate(prompt_rows)
         ],
         pad_id=pad_id,

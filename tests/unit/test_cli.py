@@ -64,7 +64,10 @@ def test_sft_from_the_command_line_writes_a_loadable_folder(tmp_path, tiny_lm_di
     assert printed["output"] == str(output)
     assert printed["metrics"]["eval/loss_after"] < printed["metrics"]["eval/loss_before"]
     summary = json.loads((output / SUMMARY_FILE).read_text())
-    assert summary["stage"] == "sft" and summary["data"]["train"]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    assert (
+        summary["stage"] == "sft"
+        and summary["data"]["train"]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    )
     assert summary["config"]["learning_rate"] == 1e-3 and summary["config"]["epochs"] == 1
     model = load_causal_lm(output, torch.device("cpu"), torch.float32)
     assert model.config.vocab_size == 49152

@@ -56,7 +56,9 @@ def test_every_locked_package_is_installed_and_accepts_the_images_python():
     assert len(pins) > 100
     refused = {}
     for name, version in pins.items():
-        assert metadata.version(name) == version, f"{name}: installed {metadata.version(name)}, locked {version}"
+        assert metadata.version(name) == version, (
+            f"{name}: installed {metadata.version(name)}, locked {version}"
+        )
         if TESTS_PYTHON + ".0" not in requires_python(name):
             refused[name] = str(requires_python(name))
     assert refused == {}
@@ -64,8 +66,11 @@ def test_every_locked_package_is_installed_and_accepts_the_images_python():
 
 def test_the_image_python_check_would_refuse_310():
     """Against Python 3.10 (the 24.10 image's own) the same check refuses real locked packages."""
-    too_new = {name for name in ("torch", "transformers", "pydantic-settings")
-               if "3.10.0" not in requires_python(name)}
+    too_new = {
+        name
+        for name in ("torch", "transformers", "pydantic-settings")
+        if "3.10.0" not in requires_python(name)
+    }
     assert too_new == {"torch", "transformers", "pydantic-settings"}
 
 

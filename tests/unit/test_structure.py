@@ -106,6 +106,8 @@ def test_an_unknown_argument_is_a_usage_error_and_starts_nothing():
 
 
 def test_the_repository_command_runs_through_main(tmp_path):
-    done = _main("services.reference", "repository", env={"RLHF_REFERENCE_MODEL_DIR": str(tmp_path)})
+    done = _main(
+        "services.reference", "repository", env={"RLHF_REFERENCE_MODEL_DIR": str(tmp_path)}
+    )
     assert done.returncode == 2, done.stderr
     assert "RLHF_REFERENCE_MODEL_REPOSITORY is not set" in done.stderr

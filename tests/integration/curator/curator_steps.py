@@ -12,13 +12,22 @@ from services.curator.server import CuratorWorker
 from services.curator.settings import CuratorSettings
 
 
-def make_worker(kafka: KafkaSettings, state_dir: Path, group_id: str | None = None) -> CuratorWorker:
-    settings = CuratorSettings(kafka=kafka, state_dir=state_dir, metrics_port=0, poll_timeout_ms=300,
-                               group_id=group_id or f"curator-test-{uuid.uuid4().hex[:8]}")
+def make_worker(
+    kafka: KafkaSettings, state_dir: Path, group_id: str | None = None
+) -> CuratorWorker:
+    settings = CuratorSettings(
+        kafka=kafka,
+        state_dir=state_dir,
+        metrics_port=0,
+        poll_timeout_ms=300,
+        group_id=group_id or f"curator-test-{uuid.uuid4().hex[:8]}",
+    )
     return CuratorWorker(settings)
 
 
-def step_until(worker: CuratorWorker, done: Callable[[list], bool], timeout_s: float = 60.0) -> list:
+def step_until(
+    worker: CuratorWorker, done: Callable[[list], bool], timeout_s: float = 60.0
+) -> list:
     """Runs cycles until `done(all records produced so far)`; returns those records."""
     produced: list = []
     deadline = time.monotonic() + timeout_s

@@ -21,6 +21,7 @@ from tests.integration.gateway.gateway_process import read_topic, running_gatewa
 def gateway_factory(kafka_settings, run_dir):
     def start():
         return running_gateway(kafka_settings, run_dir / "gateway", rate_limit_burst=1000)
+
     return start
 
 
@@ -28,10 +29,17 @@ def _generation(prompt: str, response: str) -> events_pb2.GenerationRecord:
     # What the policy saw is its chat template; the records carry the question as asked.
     templated = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
     return events_pb2.GenerationRecord(
-        response_id=f"gen-{uuid.uuid4().hex}", response_text=response, prompt_text=templated,
-        prompt=common_pb2.Prompt(messages=common_pb2.ChatMessages(
-            messages=[common_pb2.ChatMessage(role="user", content=prompt)])),
-        weights_version=1, model="policy")
+        response_id=f"gen-{uuid.uuid4().hex}",
+        response_text=response,
+        prompt_text=templated,
+        prompt=common_pb2.Prompt(
+            messages=common_pb2.ChatMessages(
+                messages=[common_pb2.ChatMessage(role="user", content=prompt)]
+            )
+        ),
+        weights_version=1,
+        model="policy",
+    )
 
 
 def _summary(records, prompt: str) -> list[tuple]:
@@ -53,8 +61,18 @@ def test_live_thumbs_become_pairs_and_labels_once(kafka_settings, gateway_factor
     # Only the good answer's generation is in Kafka before the thumbs.
     producer.send(topics.GENERATIONS, key=good.response_id, value=good).get(timeout=30)
 
-    thumbs = [{"response_id": good.response_id, "thumb": "up", "idempotency_key": f"k-{good.response_id}"},
-              {"response_id": bad.response_id, "thumb": "down", "idempotency_key": f"k-{bad.response_id}"}]
+    thumbs = [
+        {
+            "response_id": good.response_id,
+            "thumb": "up",
+            "idempotency_key": f"k-{good.response_id}",
+        },
+        {
+            "response_id": bad.response_id,
+            "thumb": "down",
+            "idempotency_key": f"k-{bad.response_id}",
+        },
+    ]
     with gateway_factory() as gw:
         for body in thumbs:
             r = httpx.post(f"{gw.url}/v1/feedback", json=body, headers=gw.headers, timeout=10)
@@ -71,10 +89,17 @@ def test_live_thumbs_become_pairs_and_labels_once(kafka_settings, gateway_factor
     finally:
         worker.close()
 
-    expected = [("label", "Lyon, probably.", False), ("label", "Paris.", True),
-                ("pair", "Paris.", "Lyon, probably.")]
-    stored = read_topic(kafka_settings, topics.PREFERENCES, events_pb2.PreferenceRecord,
-                        lambda found: _summary(found, prompt) == expected)
+    expected = [
+        ("label", "Lyon, probably.", False),
+        ("label", "Paris.", True),
+        ("pair", "Paris.", "Lyon, probably."),
+    ]
+    stored = read_topic(
+        kafka_settings,
+        topics.PREFERENCES,
+        events_pb2.PreferenceRecord,
+        lambda found: _summary(found, prompt) == expected,
+    )
     assert _summary(stored, prompt) == expected
     pair = next(r for r in stored if r.prompt == prompt and r.WhichOneof("kind") == "pair")
     assert list(pair.derived_from) == [good.response_id, bad.response_id]
@@ -85,7 +110,10 @@ def test_live_thumbs_become_pairs_and_labels_once(kafka_settings, gateway_factor
     # state folder and group) recognises them, and re-emits nothing.
     with gateway_factory() as gw:
         for body in thumbs:
-            assert httpx.post(f"{gw.url}/v1/feedback", json=body, headers=gw.headers).status_code == 202
+            assert (
+                httpx.post(f"{gw.url}/v1/feedback", json=body, headers=gw.headers).status_code
+                == 202
+            )
     worker = make_worker(kafka_settings, state, group_id=group)
     try:
         again = step_until(worker, lambda _: worker.metrics.duplicates._value.get() >= 2)

@@ -8,27 +8,43 @@ import pytest
 from tests.integration.gateway.gateway_process import running_gateway
 from tests.support.policy_stack import policy_stack
 
-POLICY_LIMITS = dict(max_n=4, max_sequences_per_request=8, max_queued_sequences=16,
-                     max_total_tokens=512, default_max_new_tokens=8)
+POLICY_LIMITS = dict(
+    max_n=4,
+    max_sequences_per_request=8,
+    max_queued_sequences=16,
+    max_total_tokens=512,
+    default_max_new_tokens=8,
+)
 
 
 @pytest.fixture(scope="module")
 def gateway(kafka_settings, run_dir):
-    with running_gateway(kafka_settings, run_dir / "gateway", rate_limit_burst=10_000,
-                         rate_limit_per_s=10_000) as gw:
+    with running_gateway(
+        kafka_settings, run_dir / "gateway", rate_limit_burst=10_000, rate_limit_per_s=10_000
+    ) as gw:
         yield gw
 
 
 @pytest.fixture(scope="session")
 def policy(triton_server, kafka_settings, tiny_lm_dir, tmp_path_factory):
-    with policy_stack(triton_server, kafka_settings, tiny_lm_dir,
-                      tmp_path_factory.mktemp("gateway-policy"), **POLICY_LIMITS) as stack:
+    with policy_stack(
+        triton_server,
+        kafka_settings,
+        tiny_lm_dir,
+        tmp_path_factory.mktemp("gateway-policy"),
+        **POLICY_LIMITS,
+    ) as stack:
         yield stack
 
 
 @pytest.fixture(scope="module")
 def chat_gateway(policy, kafka_settings, run_dir):
-    with running_gateway(kafka_settings, run_dir / "gateway", policy_url=policy.address,
-                         rate_limit_burst=10_000, rate_limit_per_s=10_000,
-                         max_new_tokens_limit=16) as gw:
+    with running_gateway(
+        kafka_settings,
+        run_dir / "gateway",
+        policy_url=policy.address,
+        rate_limit_burst=10_000,
+        rate_limit_per_s=10_000,
+        max_new_tokens_limit=16,
+    ) as gw:
         yield gw

@@ -36,25 +36,38 @@ class Gateway:
 
 
 @contextmanager
-def running_gateway(kafka: KafkaSettings, log_dir: Path, policy_url: str = "127.0.0.1:9",
-                    **settings: object) -> Iterator[Gateway]:
+def running_gateway(
+    kafka: KafkaSettings, log_dir: Path, policy_url: str = "127.0.0.1:9", **settings: object
+) -> Iterator[Gateway]:
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO),
-           "RLHF_GATEWAY_API_KEY_SHA256": sha256_hex(API_KEY), "RLHF_GATEWAY_HOST": "127.0.0.1",
-           "RLHF_GATEWAY_PORT": str(port), "RLHF_GATEWAY_POLICY_URL": policy_url,
-           "RLHF_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "RLHF_GATEWAY_API_KEY_SHA256": sha256_hex(API_KEY),
+        "RLHF_GATEWAY_HOST": "127.0.0.1",
+        "RLHF_GATEWAY_PORT": str(port),
+        "RLHF_GATEWAY_POLICY_URL": policy_url,
+        "RLHF_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+    }
     env.update({f"RLHF_GATEWAY_{k.upper()}": str(v) for k, v in settings.items()})
     log_dir.mkdir(parents=True, exist_ok=True)
     log_file = log_dir / f"gateway-{port}.log"
     with open(log_file, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "services.gateway"], env=env, cwd=REPO,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.gateway"],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"gateway exited with {proc.returncode}:\n{log_file.read_text()}")
+                raise RuntimeError(
+                    f"gateway exited with {proc.returncode}:\n{log_file.read_text()}"
+                )
             try:
                 if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
                     break
@@ -73,12 +86,21 @@ def running_gateway(kafka: KafkaSettings, log_dir: Path, policy_url: str = "127.
             proc.wait()
 
 
-def read_topic(kafka: KafkaSettings, topic: str, message_type,
-               done: Callable[[list], bool] | None = None, timeout_s: float = 30.0) -> list:
+def read_topic(
+    kafka: KafkaSettings,
+    topic: str,
+    message_type,
+    done: Callable[[list], bool] | None = None,
+    timeout_s: float = 30.0,
+) -> list:
     """Every record of `topic` from the beginning, decoded: polled until `done(records)`, or,
     without `done`, until the end offsets of when it started."""
-    consumer = KafkaConsumer(bootstrap_servers=kafka.servers, group_id=None, enable_auto_commit=False,
-                             isolation_level="read_committed")
+    consumer = KafkaConsumer(
+        bootstrap_servers=kafka.servers,
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+    )
     try:
         parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
         consumer.assign(parts)

@@ -25,20 +25,36 @@ def test_acknowledged_feedback_survives_a_broker_outage(kafka_broker, kafka_sett
         with httpx.Client(timeout=30) as http:
             i = 0
             while not stop.is_set():
-                body = {"response_id": f"outage-{run}-{n}-{i}", "thumb": "down",
-                        "idempotency_key": f"{run}-{n}-{i}"}
+                body = {
+                    "response_id": f"outage-{run}-{n}-{i}",
+                    "thumb": "down",
+                    "idempotency_key": f"{run}-{n}-{i}",
+                }
                 r = http.post(f"{url}/v1/feedback", json=body, headers=headers)
-                answers.append((r.status_code, r.json().get("id") if r.status_code == 202 else None,
-                                r.headers.get("retry-after")))
+                answers.append(
+                    (
+                        r.status_code,
+                        r.json().get("id") if r.status_code == 202 else None,
+                        r.headers.get("retry-after"),
+                    )
+                )
                 i += 1
 
     def count(code: int) -> int:
         return sum(1 for a in answers if a[0] == code)
 
     try:
-        with running_gateway(kafka_settings, run_dir / "gateway", publish_timeout_s=2, rate_limit_burst=100_000,
-                             rate_limit_per_s=100_000) as gw:
-            threads = [threading.Thread(target=client, args=(n, gw.url, gw.headers)) for n in range(CLIENTS)]
+        with running_gateway(
+            kafka_settings,
+            run_dir / "gateway",
+            publish_timeout_s=2,
+            rate_limit_burst=100_000,
+            rate_limit_per_s=100_000,
+        ) as gw:
+            threads = [
+                threading.Thread(target=client, args=(n, gw.url, gw.headers))
+                for n in range(CLIENTS)
+            ]
             for t in threads:
                 t.start()
             _wait(lambda: count(202) >= 20, 30, "accepted feedback before the outage")
@@ -46,7 +62,9 @@ def test_acknowledged_feedback_survives_a_broker_outage(kafka_broker, kafka_sett
             before_outage = count(202)
             _wait(lambda: count(503) >= 6, 60, "503 answers while the broker is down")
             kafka_broker.start()
-            _wait(lambda: count(202) >= before_outage + 20, 90, "accepted feedback after the outage")
+            _wait(
+                lambda: count(202) >= before_outage + 20, 90, "accepted feedback after the outage"
+            )
             stop.set()
             for t in threads:
                 t.join(timeout=60)
@@ -59,8 +77,12 @@ def test_acknowledged_feedback_survives_a_broker_outage(kafka_broker, kafka_sett
     assert all(a[2] is not None and int(a[2]) >= 1 for a in answers if a[0] == 503)
     acked = {a[1] for a in answers if a[0] == 202}
     stored = read_topic(
-        kafka_settings, topics.FEEDBACK, events_pb2.FeedbackEvent,
-        lambda found: acked <= {e.feedback_id for e in found}, timeout_s=90)
+        kafka_settings,
+        topics.FEEDBACK,
+        events_pb2.FeedbackEvent,
+        lambda found: acked <= {e.feedback_id for e in found},
+        timeout_s=90,
+    )
     missing = acked - {e.feedback_id for e in stored}
     assert not missing, f"{len(missing)} of {len(acked)} acknowledged events are not in Kafka"
 

@@ -16,10 +16,19 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 
 
 def test_completion_id_is_the_policy_response_id(chat_gateway, policy, kafka_settings):
-    body = {"model": policy.model_name, "messages": MESSAGES, "max_tokens": 6, "temperature": 0,
-            "seed": 3}
-    reply = httpx.post(f"{chat_gateway.url}/v1/chat/completions", json=body,
-                       headers=chat_gateway.headers, timeout=120)
+    body = {
+        "model": policy.model_name,
+        "messages": MESSAGES,
+        "max_tokens": 6,
+        "temperature": 0,
+        "seed": 3,
+    }
+    reply = httpx.post(
+        f"{chat_gateway.url}/v1/chat/completions",
+        json=body,
+        headers=chat_gateway.headers,
+        timeout=120,
+    )
     assert reply.status_code == 200, reply.text
     completion = reply.json()
     assert completion["object"] == "chat.completion"
@@ -29,8 +38,12 @@ def test_completion_id_is_the_policy_response_id(chat_gateway, policy, kafka_set
     assert 1 <= completion["usage"]["completion_tokens"] <= 6
     assert completion["system_fingerprint"] == f"weights-v{policy.weights_version}"
 
-    generations = read_topic(kafka_settings, topics.GENERATIONS, events_pb2.GenerationRecord,
-                             lambda found: any(g.response_id == completion["id"] for g in found))
+    generations = read_topic(
+        kafka_settings,
+        topics.GENERATIONS,
+        events_pb2.GenerationRecord,
+        lambda found: any(g.response_id == completion["id"] for g in found),
+    )
     (generation,) = [g for g in generations if g.response_id == completion["id"]]
     assert generation.response_text == choice["message"]["content"]
     assert [m.content for m in generation.prompt.messages.messages] == ["Be brief.", "Hello there"]
@@ -38,11 +51,16 @@ def test_completion_id_is_the_policy_response_id(chat_gateway, policy, kafka_set
 
 def test_streaming_chunks_add_up_to_the_answer(chat_gateway, policy):
     body = {"messages": MESSAGES, "max_tokens": 6, "temperature": 0, "seed": 3}
-    with httpx.stream("POST", f"{chat_gateway.url}/v1/chat/completions",
-                      json={**body, "stream": True}, headers=chat_gateway.headers, timeout=120) as r:
+    with httpx.stream(
+        "POST",
+        f"{chat_gateway.url}/v1/chat/completions",
+        json={**body, "stream": True},
+        headers=chat_gateway.headers,
+        timeout=120,
+    ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
-        events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+        events = [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
@@ -51,8 +69,12 @@ def test_streaming_chunks_add_up_to_the_answer(chat_gateway, policy):
     assert chunks[-1]["choices"][0]["finish_reason"] in {"stop", "length"}
     streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     # Greedy decoding with one seed: the unary answer is the same text.
-    unary = httpx.post(f"{chat_gateway.url}/v1/chat/completions", json=body,
-                       headers=chat_gateway.headers, timeout=120).json()
+    unary = httpx.post(
+        f"{chat_gateway.url}/v1/chat/completions",
+        json=body,
+        headers=chat_gateway.headers,
+        timeout=120,
+    ).json()
     assert streamed == unary["choices"][0]["message"]["content"]
 
 

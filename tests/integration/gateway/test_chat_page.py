@@ -12,8 +12,14 @@ from services.genproto.rlhf.v1 import events_pb2
 from tests.integration.gateway.gateway_process import read_topic
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def test_thumbs_up_in_the_browser_reaches_kafka(chat_gateway, kafka_settings):
@@ -35,7 +41,11 @@ def test_thumbs_up_in_the_browser_reaches_kafka(chat_gateway, kafka_settings):
         finally:
             browser.close()
 
-    events = read_topic(kafka_settings, topics.FEEDBACK, events_pb2.FeedbackEvent,
-                        lambda found: any(e.feedback_id == feedback_id for e in found))
+    events = read_topic(
+        kafka_settings,
+        topics.FEEDBACK,
+        events_pb2.FeedbackEvent,
+        lambda found: any(e.feedback_id == feedback_id for e in found),
+    )
     (event,) = [e for e in events if e.feedback_id == feedback_id]
     assert (event.response_id, event.thumb) == (response_id, events_pb2.THUMB_UP)

@@ -23,11 +23,18 @@ def test_no_server_errors(chat_gateway):
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         def check(case):
             case.call_and_validate(
-                headers=chat_gateway.headers, timeout=60,
-                checks=[not_a_server_error, status_code_conformance, response_schema_conformance])
+                headers=chat_gateway.headers,
+                timeout=60,
+                checks=[not_a_server_error, status_code_conformance, response_schema_conformance],
+            )
 
         check()

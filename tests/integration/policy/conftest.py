@@ -16,13 +16,17 @@ LIMITS = dict(max_n=4, max_sequences_per_request=8, max_queued_sequences=10, max
 
 @pytest.fixture(scope="session")
 def policy(triton_server, kafka_settings, tiny_lm_dir, tmp_path_factory):
-    with policy_stack(triton_server, kafka_settings, tiny_lm_dir, tmp_path_factory.mktemp("policy"), **LIMITS) as stack:
+    with policy_stack(
+        triton_server, kafka_settings, tiny_lm_dir, tmp_path_factory.mktemp("policy"), **LIMITS
+    ) as stack:
         yield stack
 
 
 @pytest.fixture(scope="session")
 def channel(policy):
-    channel = grpc.insecure_channel(policy.address, options=[("grpc.max_send_message_length", 256 << 20)])
+    channel = grpc.insecure_channel(
+        policy.address, options=[("grpc.max_send_message_length", 256 << 20)]
+    )
     yield channel
     channel.close()
 
@@ -35,4 +39,6 @@ def stub(channel):
 @pytest.fixture(scope="session")
 def reference(tiny_lm_dir):
     """The served model's initial weights, in process (float32 on CPU)."""
-    return load_causal_lm(tiny_lm_dir, torch.device("cpu"), torch.float32), load_tokenizer(tiny_lm_dir)
+    return load_causal_lm(tiny_lm_dir, torch.device("cpu"), torch.float32), load_tokenizer(
+        tiny_lm_dir
+    )

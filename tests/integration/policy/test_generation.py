@@ -18,7 +18,9 @@ from services.genproto.rlhf.v1 import common_pb2, events_pb2, policy_pb2
 PROMPTS = ["The cat sat on", "A much longer prompt, with more tokens in it than the first one"]
 
 
-def reference_logprobs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+def reference_logprobs(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float
+) -> torch.Tensor:
     """Log-probs (V,) of the distribution sampled from, written the plain way for one position."""
     if temperature == 0:
         return torch.log_softmax(logits, -1)
@@ -39,7 +41,12 @@ def sampling(**kw) -> policy_pb2.SamplingParams:
 
 
 def generate(stub, prompts, **kw) -> policy_pb2.GenerateResponse:
-    return stub.Generate(policy_pb2.GenerateRequest(prompts=[common_pb2.Prompt(text=p) for p in prompts], sampling=sampling(**kw)), timeout=60)
+    return stub.Generate(
+        policy_pb2.GenerateRequest(
+            prompts=[common_pb2.Prompt(text=p) for p in prompts], sampling=sampling(**kw)
+        ),
+        timeout=60,
+    )
 
 
 def test_greedy_equals_in_process_generate(stub, reference):
@@ -47,20 +54,25 @@ def test_greedy_equals_in_process_generate(stub, reference):
     response = generate(stub, PROMPTS, temperature=0.0, max_new_tokens=12)
     for prompt, completion in zip(PROMPTS, response.completions):
         ids = torch.tensor([tok(prompt)["input_ids"]])
-        expected = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12)
+        expected = model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12
+        )
         sample = completion.samples[0]
         assert list(completion.prompt_token_ids) == ids[0].tolist()
-        assert list(sample.token_ids) == expected[0, ids.shape[1]:].tolist()
+        assert list(sample.token_ids) == expected[0, ids.shape[1] :].tolist()
         assert sample.finish_reason == common_pb2.FINISH_REASON_LENGTH
         assert sample.text == tok.decode(list(sample.token_ids), skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("params", [
-    dict(temperature=0.0),
-    dict(temperature=0.8, top_k=20),
-    dict(temperature=1.3, top_p=0.9),
-    dict(temperature=0.6, top_k=50, top_p=0.7),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(temperature=0.0),
+        dict(temperature=0.8, top_k=20),
+        dict(temperature=1.3, top_p=0.9),
+        dict(temperature=0.6, top_k=50, top_p=0.7),
+    ],
+)
 def test_logprobs_equal_in_process(stub, reference, params):
     model, tok = reference
     response = generate(stub, PROMPTS, n=2, seed=11, has_seed=True, **params)
@@ -72,7 +84,10 @@ def test_logprobs_equal_in_process(stub, reference, params):
             start = len(completion.prompt_token_ids)
             for t, (token, served) in enumerate(zip(sample.token_ids, sample.logprobs)):
                 expected = reference_logprobs(
-                    logits[start + t - 1], params["temperature"], params.get("top_k", 0), params.get("top_p", 1.0)
+                    logits[start + t - 1],
+                    params["temperature"],
+                    params.get("top_k", 0),
+                    params.get("top_p", 1.0),
                 )[token].item()
                 assert abs(served - expected) < 1e-4, (t, served, expected)
 
@@ -85,7 +100,12 @@ def test_same_seed_same_output_and_stream_equals_unary(stub):
     assert list(a[0].token_ids) != list(a[1].token_ids)
     streamed = {0: [], 1: []}
     finished = {}
-    for chunk in stub.GenerateStream(policy_pb2.GenerateStreamRequest(prompt=common_pb2.Prompt(text=PROMPTS[0]), sampling=sampling(**kw)), timeout=60):
+    for chunk in stub.GenerateStream(
+        policy_pb2.GenerateStreamRequest(
+            prompt=common_pb2.Prompt(text=PROMPTS[0]), sampling=sampling(**kw)
+        ),
+        timeout=60,
+    ):
         streamed[chunk.sample_index] += list(chunk.token_ids)
         if chunk.finish_reason:
             finished[chunk.sample_index] = chunk.finish_reason
@@ -97,9 +117,17 @@ def test_chat_prompt_goes_through_the_chat_template(stub, reference):
     _, tok = reference
     messages = [common_pb2.ChatMessage(role="user", content="Hi there")]
     prompt = common_pb2.Prompt(messages=common_pb2.ChatMessages(messages=messages))
-    response = stub.Generate(policy_pb2.GenerateRequest(prompts=[prompt], sampling=sampling(max_new_tokens=3)), timeout=60)
-    text = tok.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=False, add_generation_prompt=True)
-    assert list(response.completions[0].prompt_token_ids) == tok(text, add_special_tokens=False)["input_ids"]
+    response = stub.Generate(
+        policy_pb2.GenerateRequest(prompts=[prompt], sampling=sampling(max_new_tokens=3)),
+        timeout=60,
+    )
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi there"}], tokenize=False, add_generation_prompt=True
+    )
+    assert (
+        list(response.completions[0].prompt_token_ids)
+        == tok(text, add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_stop_string_ends_the_sample(stub):
@@ -116,15 +144,22 @@ def test_stop_string_ends_the_sample(stub):
 def triton_tokens(triton_server, model: str) -> float:
     text = urllib.request.urlopen(triton_server.metrics_url, timeout=10).read().decode()
     for line in text.splitlines():
-        if line.startswith("rlhf_policy_model_generated_tokens_total") and f'model="{model}"' in line:
+        if (
+            line.startswith("rlhf_policy_model_generated_tokens_total")
+            and f'model="{model}"' in line
+        ):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
 
 def test_cancelled_stream_stops_generating_in_triton(stub, policy, triton_server):
     before = triton_tokens(triton_server, policy.settings.triton_model)
-    call = stub.GenerateStream(policy_pb2.GenerateStreamRequest(
-        prompt=common_pb2.Prompt(text="Hello"), sampling=sampling(max_new_tokens=480)), timeout=120)
+    call = stub.GenerateStream(
+        policy_pb2.GenerateStreamRequest(
+            prompt=common_pb2.Prompt(text="Hello"), sampling=sampling(max_new_tokens=480)
+        ),
+        timeout=120,
+    )
     received = 0
     for chunk in call:
         received += len(chunk.token_ids)
@@ -139,18 +174,21 @@ def test_cancelled_stream_stops_generating_in_triton(stub, policy, triton_server
     assert 3 <= after_cancel - before < 480
 
 
-@pytest.mark.parametrize("request_kw,field", [
-    (dict(prompts=[common_pb2.Prompt(text="   ")]), "prompts[0]"),
-    (dict(prompts=[]), "prompts"),
-    (dict(prompts=[common_pb2.Prompt(text="hi " * 700)]), "prompts[0]: too many tokens"),
-    (dict(sampling=sampling(max_new_tokens=600)), "sampling.max_new_tokens"),
-    (dict(sampling=sampling(temperature=-0.1)), "sampling.temperature"),
-    (dict(sampling=sampling(top_p=1.5)), "sampling.top_p"),
-    (dict(sampling=sampling(top_p=-0.2)), "sampling.top_p"),
-    (dict(sampling=sampling(n=0)), "sampling.n"),
-    (dict(sampling=sampling(n=5)), "sampling.n"),
-    (dict(model="no-such-model"), "model"),
-])
+@pytest.mark.parametrize(
+    "request_kw,field",
+    [
+        (dict(prompts=[common_pb2.Prompt(text="   ")]), "prompts[0]"),
+        (dict(prompts=[]), "prompts"),
+        (dict(prompts=[common_pb2.Prompt(text="hi " * 700)]), "prompts[0]: too many tokens"),
+        (dict(sampling=sampling(max_new_tokens=600)), "sampling.max_new_tokens"),
+        (dict(sampling=sampling(temperature=-0.1)), "sampling.temperature"),
+        (dict(sampling=sampling(top_p=1.5)), "sampling.top_p"),
+        (dict(sampling=sampling(top_p=-0.2)), "sampling.top_p"),
+        (dict(sampling=sampling(n=0)), "sampling.n"),
+        (dict(sampling=sampling(n=5)), "sampling.n"),
+        (dict(model="no-such-model"), "model"),
+    ],
+)
 def test_bad_input_is_invalid_argument_naming_the_field(stub, request_kw, field):
     request = dict(prompts=[common_pb2.Prompt(text="hello")], sampling=sampling())
     request.update(request_kw)
@@ -162,7 +200,15 @@ def test_bad_input_is_invalid_argument_naming_the_field(stub, request_kw, field)
 
 def test_overload_is_resource_exhausted(stub):
     long = dict(n=4, max_new_tokens=400)
-    calls = [stub.GenerateStream(policy_pb2.GenerateStreamRequest(prompt=common_pb2.Prompt(text="Hi"), sampling=sampling(**long)), timeout=120) for _ in range(2)]
+    calls = [
+        stub.GenerateStream(
+            policy_pb2.GenerateStreamRequest(
+                prompt=common_pb2.Prompt(text="Hi"), sampling=sampling(**long)
+            ),
+            timeout=120,
+        )
+        for _ in range(2)
+    ]
     try:
         for call in calls:
             next(call)  # both admitted: 8 of 10 queue slots taken
@@ -179,16 +225,25 @@ def test_overload_is_resource_exhausted(stub):
 def test_deadline_is_honoured(stub):
     start = time.monotonic()
     with pytest.raises(grpc.RpcError) as err:
-        stub.Generate(policy_pb2.GenerateRequest(prompts=[common_pb2.Prompt(text="Hi")], sampling=sampling(max_new_tokens=480)), timeout=0.3)
+        stub.Generate(
+            policy_pb2.GenerateRequest(
+                prompts=[common_pb2.Prompt(text="Hi")], sampling=sampling(max_new_tokens=480)
+            ),
+            timeout=0.3,
+        )
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - start < 5
 
 
 def test_generation_record_arrives_in_kafka(stub, kafka_settings, policy):
-    response = generate(stub, PROMPTS, n=2, temperature=0.9, seed=5, has_seed=True, max_new_tokens=5)
+    response = generate(
+        stub, PROMPTS, n=2, temperature=0.9, seed=5, has_seed=True, max_new_tokens=5
+    )
     samples = {s.response_id: s for c in response.completions for s in c.samples}
     assert len(samples) == 4
-    consumer = make_consumer(kafka_settings, group_id=f"policy-test-{time.time_ns()}", topics=[GENERATIONS])
+    consumer = make_consumer(
+        kafka_settings, group_id=f"policy-test-{time.time_ns()}", topics=[GENERATIONS]
+    )
     found = {}
     deadline = time.monotonic() + 30
     try:

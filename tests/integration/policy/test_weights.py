@@ -40,7 +40,8 @@ def restore(channel, policy, tiny_lm_dir):
 
 def greedy(stub) -> policy_pb2.Sample:
     request = policy_pb2.GenerateRequest(
-        prompts=[common_pb2.Prompt(text=PROMPT)], sampling=policy_pb2.SamplingParams(n=1, max_new_tokens=8)
+        prompts=[common_pb2.Prompt(text=PROMPT)],
+        sampling=policy_pb2.SamplingParams(n=1, max_new_tokens=8),
     )
     return stub.Generate(request, timeout=60).completions[0].samples[0]
 
@@ -48,7 +49,9 @@ def greedy(stub) -> policy_pb2.Sample:
 def in_process_greedy(folder) -> list[int]:
     model, tok = load_causal_lm(folder, torch.device("cpu"), torch.float32), load_tokenizer(folder)
     ids = torch.tensor([tok(PROMPT)["input_ids"]])
-    return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8)[0, ids.shape[1]:].tolist()
+    return model.generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8
+    )[0, ids.shape[1] :].tolist()
 
 
 def test_valid_push_swaps_the_served_model(stub, channel, policy, other_weights, restore):
@@ -72,8 +75,11 @@ def test_a_push_of_ordinary_protobuf_messages_is_accepted(stub, policy, other_we
     data = (other_weights / "model.safetensors").read_bytes()
     step = 100_000
     requests = [policy_pb2.UpdateWeightsRequest(manifest=manifest)] + [
-        policy_pb2.UpdateWeightsRequest(chunk=policy_pb2.WeightsChunk(
-            file_name="model.safetensors", offset=o, data=data[o:o + step]))
+        policy_pb2.UpdateWeightsRequest(
+            chunk=policy_pb2.WeightsChunk(
+                file_name="model.safetensors", offset=o, data=data[o : o + step]
+            )
+        )
         for o in range(0, len(data), step)
     ]
     response = stub.UpdateWeights(iter(requests), timeout=120)
@@ -85,8 +91,10 @@ def test_a_push_of_ordinary_protobuf_messages_is_accepted(stub, policy, other_we
 def test_a_malformed_chunk_message_is_refused(stub, channel, policy, other_weights, restore):
     before = policy.weights_version
     manifest = build_manifest(other_weights, before + 1)
-    requests = [policy_pb2.UpdateWeightsRequest(manifest=manifest).SerializeToString(),
-                b"\x12\x09\x0a\x05model"]  # a chunk whose length says 9 bytes, with 7
+    requests = [
+        policy_pb2.UpdateWeightsRequest(manifest=manifest).SerializeToString(),
+        b"\x12\x09\x0a\x05model",
+    ]  # a chunk whose length says 9 bytes, with 7
     response = update_weights_call(channel)(iter(requests), timeout=60)
     assert not response.accepted
     assert "malformed chunk message" in response.reason
@@ -111,7 +119,9 @@ def refused(stub, channel, policy, folder, version, manifest, expect_reason: str
     assert list(sample.token_ids) == before
 
 
-def test_wrong_checksum_is_refused_and_old_version_serves(stub, channel, policy, other_weights, restore):
+def test_wrong_checksum_is_refused_and_old_version_serves(
+    stub, channel, policy, other_weights, restore
+):
     manifest = build_manifest(other_weights, policy.weights_version + 1)
     manifest.file_sha256["model.safetensors"] = "0" * 64
     refused(stub, channel, policy, other_weights, policy.weights_version + 1, manifest, "sha256")
@@ -123,7 +133,9 @@ def test_wrong_shape_is_refused_and_old_version_serves(stub, channel, policy, tm
     refused(stub, channel, policy, wider, policy.weights_version + 1, manifest, "shape")
 
 
-def test_manifest_that_lies_about_the_file_is_refused(stub, channel, policy, tmp_path, other_weights, restore):
+def test_manifest_that_lies_about_the_file_is_refused(
+    stub, channel, policy, tmp_path, other_weights, restore
+):
     wider = tiny_causal_lm(tmp_path / "wider", hidden=96)
     honest = build_manifest(other_weights, policy.weights_version + 1)
     lying = build_manifest(wider, policy.weights_version + 1)
@@ -137,7 +149,9 @@ def test_stale_version_is_refused(stub, channel, policy, other_weights, restore)
     refused(stub, channel, policy, other_weights, policy.weights_version, manifest, "not newer")
 
 
-def test_clients_see_no_error_during_several_pushes(stub, channel, policy, other_weights, tiny_lm_dir, restore):
+def test_clients_see_no_error_during_several_pushes(
+    stub, channel, policy, other_weights, tiny_lm_dir, restore
+):
     served = {policy.weights_version}
     errors, seen = [], []
     stop = threading.Event()
@@ -145,7 +159,9 @@ def test_clients_see_no_error_during_several_pushes(stub, channel, policy, other
     def client(i: int) -> None:
         request = policy_pb2.GenerateRequest(
             prompts=[common_pb2.Prompt(text=f"{PROMPT} {i}")],
-            sampling=policy_pb2.SamplingParams(n=1, max_new_tokens=6, temperature=0.7, seed=i, has_seed=True),
+            sampling=policy_pb2.SamplingParams(
+                n=1, max_new_tokens=6, temperature=0.7, seed=i, has_seed=True
+            ),
         )
         while not stop.is_set():
             try:
@@ -175,7 +191,9 @@ def test_clients_see_no_error_during_several_pushes(stub, channel, policy, other
     assert max(seen) == policy.weights_version
 
 
-def test_replica_catches_up_from_the_weights_topic(stub, policy, kafka_settings, other_weights, tmp_path, restore):
+def test_replica_catches_up_from_the_weights_topic(
+    stub, policy, kafka_settings, other_weights, tmp_path, restore
+):
     version = policy.weights_version + 1
     location = tmp_path / "announced"
     shutil.copytree(other_weights, location)
@@ -183,8 +201,11 @@ def test_replica_catches_up_from_the_weights_topic(stub, policy, kafka_settings,
     created = Timestamp()
     created.GetCurrentTime()
     event = events_pb2.WeightsVersionEvent(
-        model=policy.model_name, weights_version=version, file_sha256=dict(manifest.file_sha256),
-        location=str(location), created_at=created,
+        model=policy.model_name,
+        weights_version=version,
+        file_sha256=dict(manifest.file_sha256),
+        location=str(location),
+        created_at=created,
     )
     producer = make_producer(kafka_settings)
     producer.send(WEIGHTS, key=policy.model_name, value=event).get(timeout=30)

@@ -179,8 +179,13 @@ def test_refresh_publishes_a_better_version_the_reward_service_serves(
     assert first.accuracy_after >= first.accuracy_before and first.accuracy_after >= 0.9
     assert first.held_out_pairs == len(held_out) and first.replay_pairs == 0  # nothing older yet
     folder = tmp_path / "versions" / "v00000002"
-    assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == ["CURRENT", "v00000002"]  # no temp left
-    published = read_published(tmp_path / "versions")  # what a replica that missed the reload serves
+    assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == [
+        "CURRENT",
+        "v00000002",
+    ]  # no temp left
+    published = read_published(
+        tmp_path / "versions"
+    )  # what a replica that missed the reload serves
     assert (published.version, published.path.resolve()) == (2, folder.resolve())
     assert published.file_sha256 == manifest(folder)
     files = manifest(folder)
@@ -252,7 +257,9 @@ def test_pairs_the_base_version_was_trained_on_are_replay_and_held_out_never_new
     try:
         for _ in range(20):
             assert worker.step() is None  # 60 - held_out >= 25 training pairs, none of them new
-            if worker.store.count(held_out=False) + worker.store.count(held_out=True) == len(before):
+            if worker.store.count(held_out=False) + worker.store.count(held_out=True) == len(
+                before
+            ):
                 break
         assert worker.store.count(held_out=False, trained=True) == len(before) - held_out
         assert worker.store.count(held_out=False, trained=False) == 0

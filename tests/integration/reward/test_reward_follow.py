@@ -23,13 +23,24 @@ def _score(stub):
     return reply.reward_model_version, np.array(reply.scores)
 
 
-def test_a_started_service_serves_the_published_version_and_follows_current(triton_server, tiny_rm_dir, tmp_path):
+def test_a_started_service_serves_the_published_version_and_follows_current(
+    triton_server, tiny_rm_dir, tmp_path
+):
     root = tmp_path / "versions"
     v2 = tiny_reward_model(root / "v00000002", seed=1)
     write_published(root, 2, v2, manifest(v2))  # published while this replica was down
 
-    with reward_stack(triton_server, tiny_rm_dir, model_version=1, max_length=MAX_LENGTH, versions_root=root,
-                      follow_interval_s=0.3) as stack, grpc.insecure_channel(stack.address) as channel:
+    with (
+        reward_stack(
+            triton_server,
+            tiny_rm_dir,
+            model_version=1,
+            max_length=MAX_LENGTH,
+            versions_root=root,
+            follow_interval_s=0.3,
+        ) as stack,
+        grpc.insecure_channel(stack.address) as channel,
+    ):
         stub = reward_pb2_grpc.RewardServiceStub(channel)
         version, scores = _score(stub)  # the very first request already gets version 2
         assert version == 2

@@ -42,9 +42,16 @@ def expected(versions, tiny_rm_dir):
 
 @pytest.fixture(scope="module")
 def stub(triton_server, tiny_rm_dir):
-    with reward_stack(
-        triton_server, tiny_rm_dir, model_version=1, max_length=MAX_LENGTH, triton_max_batch_size=4
-    ) as stack, grpc.insecure_channel(stack.address) as channel:
+    with (
+        reward_stack(
+            triton_server,
+            tiny_rm_dir,
+            model_version=1,
+            max_length=MAX_LENGTH,
+            triton_max_batch_size=4,
+        ) as stack,
+        grpc.insecure_channel(stack.address) as channel,
+    ):
         yield reward_pb2_grpc.RewardServiceStub(channel)
 
 

@@ -34,7 +34,9 @@ def stacks(triton_server, kafka_settings, tiny_lm_dir, tiny_rm_dir, tmp_path_fac
     # the tiny model's default name, and a replica rightly catches up to those.
     name = f"loop-{uuid.uuid4().hex[:8]}"
     with (
-        policy_stack(triton_server, kafka_settings, tiny_lm_dir, work / "policy", model_name=name) as policy,
+        policy_stack(
+            triton_server, kafka_settings, tiny_lm_dir, work / "policy", model_name=name
+        ) as policy,
         reward_stack(triton_server, tiny_rm_dir) as reward,
         reference_stack(triton_server, tiny_lm_dir) as reference,
     ):
@@ -48,7 +50,8 @@ def _stub(address: str) -> policy_pb2_grpc.PolicyServiceStub:
 def _generate_versions(stub) -> list[int]:
     reply = stub.Generate(
         policy_pb2.GenerateRequest(
-            prompts=[common_pb2.Prompt(text="Hello")], sampling=policy_pb2.SamplingParams(n=2, max_new_tokens=4)
+            prompts=[common_pb2.Prompt(text="Hello")],
+            sampling=policy_pb2.SamplingParams(n=2, max_new_tokens=4),
         ),
         timeout=60,
     )
@@ -66,7 +69,11 @@ def _read_rollouts(kafka_settings, topic: str, count: int) -> list[events_pb2.Ro
     consumer.subscribe([topic])
     rollouts: list[events_pb2.Rollout] = []
     for _ in range(60):
-        rollouts += [decode(events_pb2.Rollout, r.value) for rs in consumer.poll(timeout_ms=500).values() for r in rs]
+        rollouts += [
+            decode(events_pb2.Rollout, r.value)
+            for rs in consumer.poll(timeout_ms=500).values()
+            for r in rs
+        ]
         if len(rollouts) >= count:
             break
     consumer.close()
@@ -100,7 +107,9 @@ def test_bad_checksum_or_shape_is_refused_and_old_version_serves(stacks, tiny_lm
     key = next(k for k, v in wrong.items() if v.dim() == 2)
     wrong[key] = torch.zeros(wrong[key].shape[0], wrong[key].shape[1] + 1)  # one column too many
     folder = write_version(tmp_path / "shape", before + 1, wrong)
-    refused = push(policy.address, folder, build_manifest(folder, before + 1), chunk_bytes=64 * 1024)
+    refused = push(
+        policy.address, folder, build_manifest(folder, before + 1), chunk_bytes=64 * 1024
+    )
     assert not refused.accepted and "shape" in refused.reason and key in refused.reason
     assert refused.serving_version == before
 
@@ -108,7 +117,9 @@ def test_bad_checksum_or_shape_is_refused_and_old_version_serves(stacks, tiny_lm
     assert set(_generate_versions(stub)) == {before}  # still serving, still the old version
 
 
-def test_rollouts_through_kafka_train_and_the_policy_serves_version_2(stacks, kafka_settings, tiny_lm_dir, tmp_path):
+def test_rollouts_through_kafka_train_and_the_policy_serves_version_2(
+    stacks, kafka_settings, tiny_lm_dir, tmp_path
+):
     policy, _, _ = stacks
     stub = _stub(policy.address)
     assert policy.weights_version == 1
@@ -118,8 +129,16 @@ def test_rollouts_through_kafka_train_and_the_policy_serves_version_2(stacks, ka
     dataset.write_text("\n".join(json.dumps({"prompt": p}) for p in ["Say hi.", "Count to three."]))
 
     # 1. The worker: 2 prompts x 4 samples = 8 rollouts (one group per prompt).
-    worker = _worker(stacks, kafka_settings, dataset, topic, samples_per_prompt=4, prompts_per_call=2,
-                     max_new_tokens=6, max_rollouts=8)
+    worker = _worker(
+        stacks,
+        kafka_settings,
+        dataset,
+        topic,
+        samples_per_prompt=4,
+        prompts_per_call=2,
+        max_new_tokens=6,
+        max_rollouts=8,
+    )
     try:
         assert worker.run() == 8
     finally:
@@ -158,7 +177,11 @@ def test_rollouts_through_kafka_train_and_the_policy_serves_version_2(stacks, ka
     served = policy.settings.weights_root / "v00000002" / "model.safetensors"
     assert sha256_file(served) == sha256_file(pushed)
     assert set(_generate_versions(stub)) == {2}
-    publish = [json.loads(line) for line in settings.metrics_log.read_text().splitlines() if '"publish"' in line]
+    publish = [
+        json.loads(line)
+        for line in settings.metrics_log.read_text().splitlines()
+        if '"publish"' in line
+    ]
     assert publish[-1]["replicas"] == [{"address": policy.address, "accepted": True, "reason": ""}]
 
 
@@ -169,19 +192,32 @@ def test_live_prompts_from_the_generations_topic_become_rollouts(stacks, kafka_s
     topic = private_topic(kafka_settings)
     dataset = tmp_path / "prompts.jsonl"
     dataset.write_text(json.dumps({"prompt": "Say hi."}) + "\n")
-    worker = _worker(stacks, kafka_settings, dataset, topic, live_prompt_fraction=1.0, samples_per_prompt=2,
-                     prompts_per_call=2, max_new_tokens=4, max_rollouts=4)
+    worker = _worker(
+        stacks,
+        kafka_settings,
+        dataset,
+        topic,
+        live_prompt_fraction=1.0,
+        samples_per_prompt=2,
+        prompts_per_call=2,
+        max_new_tokens=4,
+        max_rollouts=4,
+    )
     live_text = f"What is the capital of {uuid.uuid4().hex[:6]}?"
     try:
         stub = _stub(policy.address)
-        request = policy_pb2.GenerateRequest(prompts=[common_pb2.Prompt(text=live_text)],
-                                             sampling=policy_pb2.SamplingParams(n=1, max_new_tokens=2))
+        request = policy_pb2.GenerateRequest(
+            prompts=[common_pb2.Prompt(text=live_text)],
+            sampling=policy_pb2.SamplingParams(n=1, max_new_tokens=2),
+        )
         for _ in range(30):  # the worker tails from the latest offset: ask until it has seen one
             live_ids = list(stub.Generate(request, timeout=60).completions[0].prompt_token_ids)
             if any(p.text == live_text for p in worker.live):
                 break
             time.sleep(1)
-        assert any(p.text == live_text for p in worker.live), "the live prompt never reached the worker"
+        assert any(p.text == live_text for p in worker.live), (
+            "the live prompt never reached the worker"
+        )
         assert worker.run() == 4
     finally:
         worker.close()
@@ -190,7 +226,9 @@ def test_live_prompts_from_the_generations_topic_become_rollouts(stacks, kafka_s
     for r in rollouts:
         groups.setdefault(r.group_id, set()).add(tuple(r.prompt_token_ids))
     assert len(rollouts) == 4 and len(groups) == 2
-    assert {ids for g in groups.values() for ids in g} >= {tuple(live_ids)}  # one group is the live prompt
+    assert {ids for g in groups.values() for ids in g} >= {
+        tuple(live_ids)
+    }  # one group is the live prompt
 
 
 def test_the_worker_waits_while_the_trainer_is_behind(stacks, kafka_settings, tmp_path):
@@ -201,8 +239,18 @@ def test_the_worker_waits_while_the_trainer_is_behind(stacks, kafka_settings, tm
     produce_groups(kafka_settings, topic, [synthetic_group(f"backlog-{i}", 4) for i in range(2)])
     dataset = tmp_path / "prompts.jsonl"
     dataset.write_text(json.dumps({"prompt": "Say hi."}) + "\n")
-    worker = _worker(stacks, kafka_settings, dataset, topic, samples_per_prompt=2, prompts_per_call=1,
-                     max_new_tokens=4, max_rollouts=2, max_staleness=2, rollouts_per_version=2)
+    worker = _worker(
+        stacks,
+        kafka_settings,
+        dataset,
+        topic,
+        samples_per_prompt=2,
+        prompts_per_call=1,
+        max_new_tokens=4,
+        max_rollouts=2,
+        max_staleness=2,
+        rollouts_per_version=2,
+    )
     runner = threading.Thread(target=worker.run)
     runner.start()
     try:

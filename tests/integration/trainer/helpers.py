@@ -28,7 +28,9 @@ def private_topic(kafka_settings, partitions: int = 4) -> str:
     return name
 
 
-def synthetic_group(group_id: str, size: int, version: int = 1, vocab: int = 1000) -> list[events_pb2.Rollout]:
+def synthetic_group(
+    group_id: str, size: int, version: int = 1, vocab: int = 1000
+) -> list[events_pb2.Rollout]:
     seed = zlib.crc32(group_id.encode())
     prompt = [(seed + k) % vocab + 1 for k in range(4)]
     return [
@@ -47,12 +49,19 @@ def synthetic_group(group_id: str, size: int, version: int = 1, vocab: int = 100
     ]
 
 
-def produce_groups(kafka_settings, topic: str, groups: list[list[events_pb2.Rollout]], partitions: int = 4) -> None:
+def produce_groups(
+    kafka_settings, topic: str, groups: list[list[events_pb2.Rollout]], partitions: int = 4
+) -> None:
     """Every member of a group goes to the group's partition (keyed by rollout id, as in prod)."""
     producer = make_producer(kafka_settings)
     try:
         futures = [
-            producer.send(topic, key=r.rollout_id, value=r, partition=zlib.crc32(r.group_id.encode()) % partitions)
+            producer.send(
+                topic,
+                key=r.rollout_id,
+                value=r,
+                partition=zlib.crc32(r.group_id.encode()) % partitions,
+            )
             for group in groups
             for r in group
         ]
@@ -62,7 +71,9 @@ def produce_groups(kafka_settings, topic: str, groups: list[list[events_pb2.Roll
         producer.close()
 
 
-def trainer_env(kafka_settings, model_dir: Path, state_dir: Path, topic: str, **extra: str) -> dict[str, str]:
+def trainer_env(
+    kafka_settings, model_dir: Path, state_dir: Path, topic: str, **extra: str
+) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",

@@ -21,7 +21,9 @@ GROUP_SIZE = 4
 
 
 def _updates(log_path):
-    return [r for r in read_log(log_path) if r.get("event") == "update"] if log_path.exists() else []
+    return (
+        [r for r in read_log(log_path) if r.get("event") == "update"] if log_path.exists() else []
+    )
 
 
 def _wait(predicate, timeout_s: float, daemon=None, what: str = ""):
@@ -30,7 +32,9 @@ def _wait(predicate, timeout_s: float, daemon=None, what: str = ""):
         if predicate():
             return
         time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}; trainer log:\n{daemon.tail_log() if daemon else ''}")
+    raise AssertionError(
+        f"timed out waiting for {what}; trainer log:\n{daemon.tail_log() if daemon else ''}"
+    )
 
 
 def test_kill_9_then_every_rollout_used_exactly_once(kafka_settings, tiny_lm_dir, tmp_path):
@@ -71,7 +75,9 @@ def test_kill_9_then_every_rollout_used_exactly_once(kafka_settings, tiny_lm_dir
     try:
         tps = [TopicPartition(topic, p) for p in range(4)]
         ends = consumer.end_offsets(tps)
-        assert {tp.partition: consumer.committed(tp) or 0 for tp in tps} == {tp.partition: ends[tp] for tp in tps}
+        assert {tp.partition: consumer.committed(tp) or 0 for tp in tps} == {
+            tp.partition: ends[tp] for tp in tps
+        }
         assert final.positions[0].offsets == {tp.partition: ends[tp] for tp in tps if ends[tp]}
     finally:
         consumer.close()

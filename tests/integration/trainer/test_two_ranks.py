@@ -32,7 +32,9 @@ def _groups_on(partition: int, count: int) -> list:
     return out
 
 
-def test_two_gloo_ranks_hold_identical_weights_after_every_step(kafka_settings, tiny_lm_dir, tmp_path):
+def test_two_gloo_ranks_hold_identical_weights_after_every_step(
+    kafka_settings, tiny_lm_dir, tmp_path
+):
     topic = private_topic(kafka_settings)
     # Rank 0 owns partitions 0 and 2, rank 1 owns 1 and 3: 3 groups on each partition.
     groups = [g for p in range(4) for g in _groups_on(p, 3)]
@@ -71,7 +73,9 @@ def test_two_gloo_ranks_hold_identical_weights_after_every_step(kafka_settings, 
     # Rank 0's checkpoint holds those same weights and both ranks' positions.
     final = checkpoint.latest(state / "checkpoints")
     assert final.step == STEPS and set(final.positions) == {0, 1}
-    policy = {k.removeprefix("policy."): v for k, v in final.tensors.items() if k.startswith("policy.")}
+    policy = {
+        k.removeprefix("policy."): v for k, v in final.tensors.items() if k.startswith("policy.")
+    }
     from services.trainer.learner import Learner, LearnerConfig
 
     learner = Learner(LearnerConfig(algorithm="grpo"), tiny_lm_dir)

@@ -33,7 +33,9 @@ class RecordingConsumer:
 
 
 def _worker(tmp_path: Path, consumer: RecordingConsumer) -> SimpleNamespace:
-    return SimpleNamespace(store=DurableStore(tmp_path, "state.sqlite", SCHEMA), consumer=consumer, stored_offsets={})
+    return SimpleNamespace(
+        store=DurableStore(tmp_path, "state.sqlite", SCHEMA), consumer=consumer, stored_offsets={}
+    )
 
 
 def _batch() -> dict[TopicPartition, list[SimpleNamespace]]:
@@ -73,7 +75,10 @@ def test_failure_rolls_back_and_rewinds_every_partition_to_the_batch_start(tmp_p
 
     assert _items(worker.store) == [] and worker.store.offsets() == {}
     assert worker.stored_offsets == {(TOPIC, 0): 10, (TOPIC, 1): 3}
-    assert sorted(worker.consumer.seeks) == [(TopicPartition(TOPIC, 0), 10), (TopicPartition(TOPIC, 1), 3)]
+    assert sorted(worker.consumer.seeks) == [
+        (TopicPartition(TOPIC, 0), 10),
+        (TopicPartition(TOPIC, 1), 3),
+    ]
     assert worker.consumer.commits == []
 
 

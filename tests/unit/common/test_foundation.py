@@ -43,7 +43,10 @@ def test_model_config_has_batching_decoupling_and_parameters(tmp_path: Path):
     assert "dynamic_batching { max_queue_delay_microseconds: 500 }" in text
     assert "decoupled: True" in text and "KIND_CPU" in text
     assert 'key: "model_dir" value: { string_value: "/models/x" }' in text
-    assert 'name: "IDS"\n    data_type: TYPE_INT64\n    dims: [ -1 ]\n    allow_ragged_batch: true' in text
+    assert (
+        'name: "IDS"\n    data_type: TYPE_INT64\n    dims: [ -1 ]\n    allow_ragged_batch: true'
+        in text
+    )
     folder = write_model(tmp_path, spec, python_path=["/opt/app"])
     model_py = (folder / "1" / "model.py").read_text()
     assert "from pkg.mod import Cls as TritonPythonModel" in model_py and "/opt/app" in model_py
@@ -52,7 +55,13 @@ def test_model_config_has_batching_decoupling_and_parameters(tmp_path: Path):
 def test_daemon_stop_leaves_no_process(tmp_path: Path):
     daemon = Daemon("sleeper", tmp_path)
     # A parent with a child in the same session: stopping must take both.
-    pid = daemon.start([sys.executable, "-c", "import subprocess,time; subprocess.Popen(['sleep','60']); time.sleep(60)"])
+    pid = daemon.start(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess,time; subprocess.Popen(['sleep','60']); time.sleep(60)",
+        ]
+    )
     assert daemon.pid == pid and (tmp_path / "sleeper.pid").exists()
     assert daemon.stop(timeout_s=10)
     assert not _group_alive(pid) and daemon.pid is None and not (tmp_path / "sleeper.pid").exists()

@@ -30,9 +30,13 @@ def _sleep_handler(gate: threading.Event):
 @pytest.fixture
 def server():
     gate = threading.Event()
-    settings = GrpcSettings(host="127.0.0.1", port=0, metrics_port=0, max_concurrent_rpcs=2, max_workers=4)
+    settings = GrpcSettings(
+        host="127.0.0.1", port=0, metrics_port=0, max_concurrent_rpcs=2, max_workers=4
+    )
     srv = ModelServer("testsvc", settings, CollectorRegistry())
-    srv.add(lambda servicer, s: s.add_generic_rpc_handlers((servicer,)), _sleep_handler(gate), SERVICE)
+    srv.add(
+        lambda servicer, s: s.add_generic_rpc_handlers((servicer,)), _sleep_handler(gate), SERVICE
+    )
     srv.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
     yield srv, channel, gate
@@ -48,10 +52,14 @@ def _call(channel, payload: bytes, timeout: float = 10):
 def test_health_and_reflection(server):
     srv, channel, gate = server
     gate.set()
-    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE))
+    status = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service=SERVICE)
+    )
     assert status.status == health_pb2.HealthCheckResponse.SERVING
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    answer = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    answer = next(
+        stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    )
     names = {s.name for s in answer.list_services_response.service}
     assert {SERVICE, "grpc.health.v1.Health"} <= names
 
@@ -77,9 +85,16 @@ def test_over_capacity_is_resource_exhausted_and_counted(server):
     with pytest.raises(grpc.RpcError) as bad:
         _call(channel, b"bad")
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert srv.registry.get_sample_value("rlhf_testsvc_requests_total", {"method": "Sleep", "code": "OK"}) == 2
     assert (
-        srv.registry.get_sample_value("rlhf_testsvc_requests_total", {"method": "Sleep", "code": "INVALID_ARGUMENT"})
+        srv.registry.get_sample_value(
+            "rlhf_testsvc_requests_total", {"method": "Sleep", "code": "OK"}
+        )
+        == 2
+    )
+    assert (
+        srv.registry.get_sample_value(
+            "rlhf_testsvc_requests_total", {"method": "Sleep", "code": "INVALID_ARGUMENT"}
+        )
         == 1
     )
 

@@ -16,7 +16,10 @@ def test_round_trip_relative_inside_the_root(tmp_path):
     root.rename(moved)
     published = read_published(moved)
     assert (published.version, published.path, published.file_sha256) == (
-        7, moved / "v00000007", {"model.safetensors": "ab" * 32})
+        7,
+        moved / "v00000007",
+        {"model.safetensors": "ab" * 32},
+    )
     assert [p.name for p in moved.iterdir() if p.name.startswith(".")] == []  # no temp file left
 
 
@@ -27,4 +30,8 @@ def test_a_folder_outside_the_root_keeps_its_full_path(tmp_path):
     write_published(root, 2, other, {})
     write_published(root, 3, other, {"a": "b"})  # replaced, not appended
     published = read_published(root)
-    assert (published.version, published.path, published.file_sha256) == (3, other.resolve(), {"a": "b"})
+    assert (published.version, published.path, published.file_sha256) == (
+        3,
+        other.resolve(),
+        {"a": "b"},
+    )

@@ -44,7 +44,11 @@ def test_specs_match_what_safetensors_itself_reads(weights):
             name: (tuple(f.get_slice(name).get_shape()), DTYPE_NAMES[f.get_tensor(name).dtype])
             for name in names
         }
-    assert reference == {"emb": ((10, 4), "BF16"), "head.weight": ((1, 4), "F32"), "step": ((), "I64")}
+    assert reference == {
+        "emb": ((10, 4), "BF16"),
+        "head.weight": ((1, 4), "F32"),
+        "step": ((), "I64"),
+    }
     assert file_specs(weights) == reference
     assert bytes_specs(weights.read_bytes(), weights.name) == reference
 
@@ -61,7 +65,10 @@ def _with_header(header: bytes, length: int | None = None) -> bytes:
         (_with_header(b'{"a": 1}', length=64), "runs past the file end"),
         (_with_header(b"not json"), "unreadable safetensors header"),
         (_with_header(b'["a"]'), "unreadable safetensors header"),
-        (_with_header(json.dumps({"a": {"dtype": "F32"}}).encode()), "unreadable safetensors header"),
+        (
+            _with_header(json.dumps({"a": {"dtype": "F32"}}).encode()),
+            "unreadable safetensors header",
+        ),
     ],
 )
 def test_a_broken_header_names_the_file_and_why(tmp_path, data, reason):

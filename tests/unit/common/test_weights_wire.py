@@ -9,7 +9,13 @@ import random
 import pytest
 
 from services.genproto.rlhf.v1 import policy_pb2
-from services.common.weights_wire import ChunkView, WireError, decode_request, encode_chunk, encode_manifest
+from services.common.weights_wire import (
+    ChunkView,
+    WireError,
+    decode_request,
+    encode_chunk,
+    encode_manifest,
+)
 
 
 def protobuf_chunk(name: str, offset: int, data: bytes) -> bytes:
@@ -46,7 +52,9 @@ def test_chunk_data_is_a_view_of_the_received_bytes():
 
 def test_manifest_round_trips():
     manifest = policy_pb2.WeightsManifest(
-        weights_version=7, file_sha256={"m.safetensors": "ab" * 32}, file_size={"m.safetensors": 99},
+        weights_version=7,
+        file_sha256={"m.safetensors": "ab" * 32},
+        file_size={"m.safetensors": 99},
         tensors=[policy_pb2.TensorSpec(name="w", shape=[2, 3], dtype="F32")],
     )
     assert decode_request(encode_manifest(manifest)) == manifest
@@ -63,8 +71,13 @@ def test_random_messages_decode_as_protobuf_parses_them():
                 m = policy_pb2.WeightsManifest(weights_version=rng.randint(1, 2**63))
                 parts.append(policy_pb2.UpdateWeightsRequest(manifest=m).SerializeToString())
             else:
-                parts.append(protobuf_chunk(rng.choice(["a.safetensors", "b.safetensors", ""]),
-                                            rng.randint(0, 2**64 - 1), rng.randbytes(rng.randint(0, 300))))
+                parts.append(
+                    protobuf_chunk(
+                        rng.choice(["a.safetensors", "b.safetensors", ""]),
+                        rng.randint(0, 2**64 - 1),
+                        rng.randbytes(rng.randint(0, 300)),
+                    )
+                )
             if rng.random() < 0.5:
                 parts.append(_unknown_field(rng))
         raw = b"".join(parts)
@@ -104,17 +117,20 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-@pytest.mark.parametrize("raw", [
-    b"\x12\x05\x0a\x03ab",            # chunk longer than the message
-    b"\x12\x03\x0a\x05abc",           # name longer than its chunk
-    b"\x12\x02\x10\xff",              # truncated varint
-    b"\x12\x03\x0a\x01\xff",          # file name not UTF-8
-    b"\x12\x02\x1d\x00",              # data with a fixed32 wire type: truncated
-    b"\x12\x01\x1b",                  # group wire type
-    b"\x00\x01",                      # field number 0
-    b"\x0a\x01\x08",                  # manifest that protobuf cannot read
-    b"\xff" * 11,                     # overlong varint
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x12\x05\x0a\x03ab",  # chunk longer than the message
+        b"\x12\x03\x0a\x05abc",  # name longer than its chunk
+        b"\x12\x02\x10\xff",  # truncated varint
+        b"\x12\x03\x0a\x01\xff",  # file name not UTF-8
+        b"\x12\x02\x1d\x00",  # data with a fixed32 wire type: truncated
+        b"\x12\x01\x1b",  # group wire type
+        b"\x00\x01",  # field number 0
+        b"\x0a\x01\x08",  # manifest that protobuf cannot read
+        b"\xff" * 11,  # overlong varint
+    ],
+)
 def test_malformed_input_is_refused(raw):
     with pytest.raises(WireError):
         decode_request(raw)

@@ -17,8 +17,12 @@ LIMITS = JoinLimits(max_pending_per_partition=3, max_pending_age_s=60.0, max_pai
 
 
 def gen(rid: str, prompt: str, response: str) -> events_pb2.GenerationRecord:
-    return events_pb2.GenerationRecord(response_id=rid, prompt=common_pb2.Prompt(text=prompt),
-                                       prompt_text=prompt, response_text=response)
+    return events_pb2.GenerationRecord(
+        response_id=rid,
+        prompt=common_pb2.Prompt(text=prompt),
+        prompt_text=prompt,
+        response_text=response,
+    )
 
 
 def fb(fid: str, rid: str, thumb: int = 0, rating: int = 0) -> events_pb2.FeedbackEvent:

@@ -316,9 +316,16 @@ def test_the_answers_cache_judges_one_candidate_against_two_baselines_generating
     def config(baseline: Path, output: str, **extra) -> EvalConfig:
         fields = {"answers_cache": cache, **extra}
         return EvalConfig(
-            candidate=str(candidate), baseline=str(baseline), reference=str(tiny_lm_dir),
-            data=data, output=tmp_path / output, max_new_tokens=6, batch_size=2, device="cpu",
-            examples=5, **fields,
+            candidate=str(candidate),
+            baseline=str(baseline),
+            reference=str(tiny_lm_dir),
+            data=data,
+            output=tmp_path / output,
+            max_new_tokens=6,
+            batch_size=2,
+            device="cpu",
+            examples=5,
+            **fields,
         )
 
     first = run_eval(config(tiny_lm_dir, "vs-base"))
@@ -328,12 +335,16 @@ def test_the_answers_cache_judges_one_candidate_against_two_baselines_generating
     loaded = []
     real_model = FolderPolicy.model
     monkeypatch.setattr(
-        FolderPolicy, "model", property(lambda self: loaded.append(self.spec) or real_model.fget(self))
+        FolderPolicy,
+        "model",
+        property(lambda self: loaded.append(self.spec) or real_model.fget(self)),
     )
     second = run_eval(config(other, "vs-other"))
     assert str(candidate) not in loaded and str(tiny_lm_dir) not in loaded and str(other) in loaded
     assert second["metrics"]["kl_to_reference"] == first["metrics"]["kl_to_reference"]
-    assert [e["candidate"] for e in second["examples"]] == [e["candidate"] for e in first["examples"]]
+    assert [e["candidate"] for e in second["examples"]] == [
+        e["candidate"] for e in first["examples"]
+    ]
     uncached = run_eval(config(other, "vs-other-uncached", answers_cache=None))
     assert uncached["metrics"] == second["metrics"]
 

@@ -29,8 +29,9 @@ def test_token_bucket_refills_at_its_rate():
 
 
 def test_http_no_key_wrong_key_and_rate_limit():
-    settings = GatewaySettings(api_key_sha256=[sha256_hex("good")], rate_limit_per_s=0.01,
-                               rate_limit_burst=2)
+    settings = GatewaySettings(
+        api_key_sha256=[sha256_hex("good")], rate_limit_per_s=0.01, rate_limit_burst=2
+    )
     client = TestClient(create_app(settings))
     assert client.post("/v1/feedback", json=BAD_BODY).status_code == 401
     wrong = client.post("/v1/feedback", json=BAD_BODY, headers={"Authorization": "Bearer bad"})
@@ -38,8 +39,9 @@ def test_http_no_key_wrong_key_and_rate_limit():
     basic = client.post("/v1/feedback", json=BAD_BODY, headers={"Authorization": "Basic good"})
     assert basic.status_code == 401
     good = {"Authorization": "Bearer good"}
-    assert [client.post("/v1/feedback", json=BAD_BODY, headers=good).status_code
-            for _ in range(2)] == [422, 422]
+    assert [
+        client.post("/v1/feedback", json=BAD_BODY, headers=good).status_code for _ in range(2)
+    ] == [422, 422]
     limited = client.post("/v1/feedback", json=BAD_BODY, headers=good)
     assert limited.status_code == 429
     assert int(limited.headers["retry-after"]) >= 1

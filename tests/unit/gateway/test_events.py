@@ -19,29 +19,42 @@ CALLER = ApiKey("abc123")
 
 
 def test_feedback_event_is_keyed_by_response_id_with_a_stable_id():
-    request = FeedbackRequest(response_id="resp-1", thumb="down", comment="wrong", categories=["facts"],
-                              idempotency_key="k-1")
+    request = FeedbackRequest(
+        response_id="resp-1",
+        thumb="down",
+        comment="wrong",
+        categories=["facts"],
+        idempotency_key="k-1",
+    )
     event = feedback_event(request, CALLER)
     (record,) = event.records
     assert record.topic == topics.FEEDBACK and record.key == "resp-1"
     assert record.value.thumb == events_pb2.THUMB_DOWN and record.value.rating == 0
     assert record.value.feedback_id == event.event_id == feedback_event(request, CALLER).event_id
-    assert feedback_event(request, ApiKey("other")).event_id != event.event_id  # keys are per caller
+    assert (
+        feedback_event(request, ApiKey("other")).event_id != event.event_id
+    )  # keys are per caller
     no_key = FeedbackRequest(response_id="resp-1", rating=4)
     assert feedback_event(no_key, CALLER).event_id != feedback_event(no_key, CALLER).event_id
 
 
 def test_ranking_of_k_gives_all_ordered_pairs():
     responses = ["best", "good", "fair", "worst"]
-    event = ranking_event(RankingRequest(prompt="Q?", responses=responses, idempotency_key="r"), CALLER)
+    event = ranking_event(
+        RankingRequest(prompt="Q?", responses=responses, idempotency_key="r"), CALLER
+    )
     pairs = [(r.value.pair.chosen, r.value.pair.rejected) for r in event.records]
     assert pairs == list(itertools.combinations(responses, 2))
     assert len(pairs) == 6
     assert {r.topic for r in event.records} == {topics.PREFERENCES}
     assert {r.key for r in event.records} == {prompt_hash("Q?")}
     assert len({r.value.preference_id for r in event.records}) == 6
-    again = ranking_event(RankingRequest(prompt="Q?", responses=responses, idempotency_key="r"), CALLER)
-    assert [r.value.preference_id for r in again.records] == [r.value.preference_id for r in event.records]
+    again = ranking_event(
+        RankingRequest(prompt="Q?", responses=responses, idempotency_key="r"), CALLER
+    )
+    assert [r.value.preference_id for r in again.records] == [
+        r.value.preference_id for r in event.records
+    ]
 
 
 def test_preference_event_is_one_pair():
@@ -62,8 +75,9 @@ def test_recent_events_write_once_and_share_in_flight_writes():
             await asyncio.sleep(0.01)
             return event_id
 
-        together = await asyncio.gather(recent.once("k1", lambda: write("e1")),
-                                        recent.once("k1", lambda: write("e1-again")))
+        together = await asyncio.gather(
+            recent.once("k1", lambda: write("e1")), recent.once("k1", lambda: write("e1-again"))
+        )
         assert together == [("e1", False), ("e1", True)]
         assert await recent.once("k1", lambda: write("e1-later")) == ("e1", True)
         await recent.once("k2", lambda: write("e2"))

@@ -39,10 +39,17 @@ def _fields(response) -> set[str]:
         ("/v1/feedback", {"response_id": "a b", "thumb": "up"}, "response_id"),
         ("/v1/feedback", {"response_id": "r1", "thumb": "up", "mood": "happy"}, "mood"),
         ("/v1/feedback", {"response_id": "r1", "thumb": "up", "comment": "x" * 4001}, "comment"),
-        ("/v1/feedback", {"response_id": "r1", "thumb": "up", "categories": ["a"] * 17}, "categories"),
+        (
+            "/v1/feedback",
+            {"response_id": "r1", "thumb": "up", "categories": ["a"] * 17},
+            "categories",
+        ),
         ("/v1/feedback", {"response_id": "r1", "thumb": "up", "categories": [""]}, "categories.0"),
-        ("/v1/feedback", {"response_id": "r1", "thumb": "up", "idempotency_key": "k" * 129},
-         "idempotency_key"),
+        (
+            "/v1/feedback",
+            {"response_id": "r1", "thumb": "up", "idempotency_key": "k" * 129},
+            "idempotency_key",
+        ),
         ("/v1/preferences", {"prompt": "p", "chosen": "a", "rejected": "a"}, "rejected"),
         ("/v1/preferences", {"prompt": "", "chosen": "a", "rejected": "b"}, "prompt"),
         ("/v1/rankings", {"prompt": "p", "responses": ["only one"]}, "responses"),
@@ -50,15 +57,31 @@ def _fields(response) -> set[str]:
         ("/v1/rankings", {"prompt": "p", "responses": ["a", ""]}, "responses.1"),
         ("/v1/rankings", {"prompt": "p", "responses": [str(i) for i in range(17)]}, "responses"),
         ("/v1/chat/completions", {"messages": []}, "messages"),
-        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": 3},
-         "temperature"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2,
-                                  "stream": True}, "stream"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                                  "stop": ["a", "b", "c", "d", "e"]}, "stop.list[constrained-str]"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {}},
-         "logit_bias"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "robot", "content": "hi"}]},
+            "messages.0.role",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "temperature": 3},
+            "temperature",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "n": 2, "stream": True},
+            "stream",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]},
+            "stop.list[constrained-str]",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {}},
+            "logit_bias",
+        ),
     ],
 )
 def test_bad_input_is_422_naming_the_field(client, path, body, field):
@@ -67,15 +90,26 @@ def test_bad_input_is_422_naming_the_field(client, path, body, field):
 
 def test_max_tokens_above_the_gateway_limit_is_422(client):
     client.app.state.settings.max_new_tokens_limit = 16
-    response = _post(client, "/v1/chat/completions",
-                     {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 17})
+    response = _post(
+        client,
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 17},
+    )
     assert "max_tokens" in _fields(response)
 
 
 def test_openapi_documents_the_api(client):
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/v1/chat/completions", "/v1/models", "/v1/feedback", "/v1/preferences", "/v1/rankings",
-            "/healthz", "/readyz", "/metrics"} <= set(paths)
+    assert {
+        "/v1/chat/completions",
+        "/v1/models",
+        "/v1/feedback",
+        "/v1/preferences",
+        "/v1/rankings",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    } <= set(paths)
     assert "/v1/bench/noop" not in paths  # the benchmark baseline is off unless configured
     assert set(paths["/v1/feedback"]["post"]["responses"]) >= {"202", "401", "422", "429", "503"}
 

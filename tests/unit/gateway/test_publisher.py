@@ -15,7 +15,9 @@ from services.gateway.events import ranking_event
 from services.gateway.protocol import RankingRequest
 from services.gateway.publisher import EventPublisher, PublishUnavailable
 
-EVENT = ranking_event(RankingRequest(prompt="Q?", responses=["a", "b", "c"]), ApiKey("k"))  # 3 records
+EVENT = ranking_event(
+    RankingRequest(prompt="Q?", responses=["a", "b", "c"]), ApiKey("k")
+)  # 3 records
 
 
 class StandInProducer:
@@ -35,7 +37,9 @@ class StandInProducer:
 
     def poll(self, timeout):
         with self.lock:
-            callbacks, self.pending = (self.pending, []) if not isinstance(self.outcome, str) else ([], self.pending)
+            callbacks, self.pending = (
+                (self.pending, []) if not isinstance(self.outcome, str) else ([], self.pending)
+            )
         for callback in callbacks:
             callback(self.outcome, None)
         threading.Event().wait(min(timeout, 0.01))
@@ -58,8 +62,12 @@ def test_acknowledged_only_after_every_record_is_delivered():
     publisher = publisher_with(producer)
     asyncio.run(publisher.publish(EVENT))
     publisher.close(1)
-    assert [(t, k) for t, k, _ in producer.produced] == [(r.topic, r.key.encode()) for r in EVENT.records]
-    assert [v for _, _, v in producer.produced] == [r.value.SerializeToString() for r in EVENT.records]
+    assert [(t, k) for t, k, _ in producer.produced] == [
+        (r.topic, r.key.encode()) for r in EVENT.records
+    ]
+    assert [v for _, _, v in producer.produced] == [
+        r.value.SerializeToString() for r in EVENT.records
+    ]
 
 
 @pytest.mark.parametrize("outcome", ["silent", KafkaError(KafkaError._MSG_TIMED_OUT)])
@@ -73,7 +81,10 @@ def test_no_report_or_an_error_is_unavailable_and_keeps_the_producer(outcome):
 
 
 def test_a_fatal_error_replaces_the_producer():
-    broken, fresh = StandInProducer(KafkaError(KafkaError._FATAL, "fenced", fatal=True)), StandInProducer(None)
+    broken, fresh = (
+        StandInProducer(KafkaError(KafkaError._FATAL, "fenced", fatal=True)),
+        StandInProducer(None),
+    )
     publisher = publisher_with(broken, fresh)
     with pytest.raises(PublishUnavailable):
         asyncio.run(publisher.publish(EVENT))

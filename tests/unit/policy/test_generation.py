@@ -14,7 +14,9 @@ from services.policy.sampling import RowSampling
 @pytest.fixture(scope="module")
 def lm(tiny_lm_dir):
     torch.set_num_threads(1)
-    return load_causal_lm(tiny_lm_dir, torch.device("cpu"), torch.float32), load_tokenizer(tiny_lm_dir)
+    return load_causal_lm(tiny_lm_dir, torch.device("cpu"), torch.float32), load_tokenizer(
+        tiny_lm_dir
+    )
 
 
 GREEDY = RowSampling(temperature=0.0, top_p=1.0, top_k=0, seed=0)
@@ -27,8 +29,14 @@ def test_batched_greedy_equals_generate_per_prompt(lm):
     generate_rows(model, rows, tok.pad_token_id, {-1}, lambda t: tok.decode(t))
     for p, row in zip(prompts, rows):
         ids = torch.tensor([tok(p)["input_ids"]])
-        expected = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
-                                  eos_token_id=None, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+        expected = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=12,
+            eos_token_id=None,
+            pad_token_id=tok.pad_token_id,
+        )[0, ids.shape[1] :]
         assert row.tokens == expected.tolist()
         assert row.finish == Finish.LENGTH
 
@@ -54,7 +62,13 @@ def test_cancelled_row_stops_and_others_continue(lm):
     model, tok = lm
     ids = tok("Hello")["input_ids"]
     rows = [Row(ids, 10, GREEDY), Row(ids, 10, GREEDY)]
-    generate_rows(model, rows, tok.pad_token_id, set(), lambda t: tok.decode(t),
-                  cancelled=lambda i: i == 1 and len(rows[1].tokens) >= 3)
+    generate_rows(
+        model,
+        rows,
+        tok.pad_token_id,
+        set(),
+        lambda t: tok.decode(t),
+        cancelled=lambda i: i == 1 and len(rows[1].tokens) >= 3,
+    )
     assert rows[1].finish == Finish.CANCELLED and len(rows[1].tokens) == 3
     assert rows[0].finish == Finish.LENGTH and len(rows[0].tokens) == 10

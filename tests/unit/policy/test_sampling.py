@@ -7,17 +7,25 @@ import math
 import pytest
 import torch
 
-from services.policy.sampling import RowSampling, filtered_logits, first_stop_string, row_generators, sample_step
+from services.policy.sampling import (
+    RowSampling,
+    filtered_logits,
+    first_stop_string,
+    row_generators,
+    sample_step,
+)
 
 
-def reference_logprobs(logits: list[float], temperature: float, top_k: int, top_p: float) -> list[float]:
+def reference_logprobs(
+    logits: list[float], temperature: float, top_k: int, top_p: float
+) -> list[float]:
     """One row by hand: scale, keep the k best, keep the smallest prefix whose mass reaches p."""
     if temperature == 0:
         z = math.log(sum(math.exp(x) for x in logits))
         return [x - z for x in logits]
     scaled = [x / temperature for x in logits]
     order = sorted(range(len(scaled)), key=lambda i: -scaled[i])
-    keep = order[: top_k] if top_k > 0 else order
+    keep = order[:top_k] if top_k > 0 else order
     z = sum(math.exp(scaled[i]) for i in keep)
     kept, mass = [], 0.0
     for i in keep:
@@ -30,13 +38,19 @@ def reference_logprobs(logits: list[float], temperature: float, top_k: int, top_
     return [scaled[i] - z if i in kept else -math.inf for i in range(len(scaled))]
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.5, 7, 0.6), (2.0, 1, 1.0)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p",
+    [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.5, 7, 0.6), (2.0, 1, 1.0)],
+)
 def test_filtered_distribution_equals_reference(temperature, top_k, top_p):
     logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(0))
     B = logits.shape[0]
-    got = torch.log_softmax(filtered_logits(
-        logits, torch.full((B,), temperature), torch.full((B,), top_k), torch.full((B,), top_p)
-    ), dim=-1)
+    got = torch.log_softmax(
+        filtered_logits(
+            logits, torch.full((B,), temperature), torch.full((B,), top_k), torch.full((B,), top_p)
+        ),
+        dim=-1,
+    )
     for b in range(B):
         expected = torch.tensor(reference_logprobs(logits[b].tolist(), temperature, top_k, top_p))
         finite = torch.isfinite(expected)
@@ -55,7 +69,9 @@ def test_mixed_rows_get_their_own_parameters():
     ref1 = reference_logprobs(logits[1].tolist(), 0.8, 4, 0.9)
     assert math.isfinite(ref1[tokens[1]])
     assert logprobs[1].item() == pytest.approx(ref1[tokens[1]], abs=1e-5)
-    assert logprobs[0].item() == pytest.approx(reference_logprobs(logits[0].tolist(), 0, 0, 1)[tokens[0]], abs=1e-5)
+    assert logprobs[0].item() == pytest.approx(
+        reference_logprobs(logits[0].tolist(), 0, 0, 1)[tokens[0]], abs=1e-5
+    )
 
 
 def test_same_seed_same_draws_whatever_the_batch():
@@ -68,12 +84,18 @@ def test_same_seed_same_draws_whatever_the_batch():
         B = len(rows)
         out = []
         for _ in range(20):
-            tokens, _ = sample_step(batch_logits, ones.expand(B), torch.zeros(B, dtype=torch.long), ones.expand(B), gens)
+            tokens, _ = sample_step(
+                batch_logits, ones.expand(B), torch.zeros(B, dtype=torch.long), ones.expand(B), gens
+            )
             out.append(int(tokens[index]))
         return out
 
     alone = draws(logits[:1], 0, [row])
-    in_batch = draws(torch.stack([logits[1], logits[0], logits[2]]), 1, [RowSampling(1.0, 1.0, 0, 9), row, RowSampling(1.0, 1.0, 0, 7)])
+    in_batch = draws(
+        torch.stack([logits[1], logits[0], logits[2]]),
+        1,
+        [RowSampling(1.0, 1.0, 0, 9), row, RowSampling(1.0, 1.0, 0, 7)],
+    )
     assert alone == in_batch
     assert alone != draws(logits[:1], 0, [RowSampling(1.0, 1.0, 0, 1235)])
 

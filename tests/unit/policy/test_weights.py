@@ -9,12 +9,21 @@ import torch
 from safetensors.torch import save_file
 
 from services.policy.weights import (
-    ChunkWriter, IncomingFile, WeightsRejected, WeightsStore, compare_specs, files_specs, read_marker,
+    ChunkWriter,
+    IncomingFile,
+    WeightsRejected,
+    WeightsStore,
+    compare_specs,
+    files_specs,
+    read_marker,
 )
 
 
 def write_set(path, hidden: int = 4):
-    save_file({"a.weight": torch.ones(hidden, 3), "b.bias": torch.zeros(3, dtype=torch.bfloat16)}, str(path))
+    save_file(
+        {"a.weight": torch.ones(hidden, 3), "b.bias": torch.zeros(3, dtype=torch.bfloat16)},
+        str(path),
+    )
     return path.read_bytes()
 
 
@@ -23,7 +32,9 @@ def test_specs_from_header_and_comparison(tmp_path):
     specs = files_specs([tmp_path / "m.safetensors"])
     assert specs == {"a.weight": ((4, 3), "F32"), "b.bias": ((3,), "BF16")}
     compare_specs(specs, dict(specs), "same")
-    with pytest.raises(WeightsRejected, match="tensor a.weight has shape \\[5, 3\\], expected \\[4, 3\\]"):
+    with pytest.raises(
+        WeightsRejected, match="tensor a.weight has shape \\[5, 3\\], expected \\[4, 3\\]"
+    ):
         compare_specs(specs, {**specs, "a.weight": ((5, 3), "F32")}, "x")
     with pytest.raises(WeightsRejected, match="dtype F32, expected BF16"):
         compare_specs(specs, {**specs, "b.bias": ((3,), "F32")}, "x")
@@ -51,7 +62,9 @@ def test_incoming_file_checks_size_and_sha256(tmp_path, order):
         bad.write(offset, chunk)
     with pytest.raises(WeightsRejected, match="sha256"):
         bad.finish()
-    short = IncomingFile(tmp_path / "short.safetensors", len(data), hashlib.sha256(data).hexdigest())
+    short = IncomingFile(
+        tmp_path / "short.safetensors", len(data), hashlib.sha256(data).hexdigest()
+    )
     short.write(0, data[:10])
     with pytest.raises(WeightsRejected, match="received 10 bytes"):
         short.finish()

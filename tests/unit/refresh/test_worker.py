@@ -106,7 +106,9 @@ def test_current_version_defaults_to_the_base_then_persists(tmp_path: Path):
     assert PairStore(tmp_path).current(base) == published
 
 
-def test_an_unreachable_replica_is_tried_reload_attempts_times_with_pauses_only_between(monkeypatch):
+def test_an_unreachable_replica_is_tried_reload_attempts_times_with_pauses_only_between(
+    monkeypatch,
+):
     with socket.socket() as closed:  # a port nothing listens on
         closed.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{closed.getsockname()[1]}"
@@ -116,7 +118,9 @@ def test_an_unreachable_replica_is_tried_reload_attempts_times_with_pauses_only_
         settings=SimpleNamespace(reload_attempts=3, reload_timeout_s=5.0),
         metrics=refresh.RefreshMetrics(CollectorRegistry()),
     )
-    answer = refresh.RefreshWorker._reload_one(worker, address, reward_pb2.ReloadModelRequest(reward_model_version=2))
+    answer = refresh.RefreshWorker._reload_one(
+        worker, address, reward_pb2.ReloadModelRequest(reward_model_version=2)
+    )
     assert answer is None
     assert pauses == [1.0, 2.0]  # after the 1st and 2nd tries, not after the last
     assert worker.metrics.reloads.labels("unreachable")._value.get() == 1

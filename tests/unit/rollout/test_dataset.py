@@ -15,12 +15,20 @@ def test_jsonl_with_text_and_chat_prompts(tmp_path):
     path = tmp_path / "p.jsonl"
     rows = [
         {"prompt": "What is 2+2?"},
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+            ]
+        },
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     prompts = load_prompts(path)
     assert prompts[0].text == "What is 2+2?"
-    assert [(m.role, m.content) for m in prompts[1].messages.messages] == [("system", "Be brief."), ("user", "Hi")]
+    assert [(m.role, m.content) for m in prompts[1].messages.messages] == [
+        ("system", "Be brief."),
+        ("user", "Hi"),
+    ]
 
 
 def test_parquet_prompt_and_messages_columns(tmp_path):

@@ -15,8 +15,11 @@ def _completion(index: int, n: int) -> policy_pb2.Completion:
         prompt_token_ids=[1, 2, 3 + index],
         samples=[
             policy_pb2.Sample(
-                response_id=f"resp-{index}-{k}", token_ids=[10 + k, 11], logprobs=[-0.5, -1.0 - k],
-                weights_version=3, finish_reason=common_pb2.FINISH_REASON_LENGTH,
+                response_id=f"resp-{index}-{k}",
+                token_ids=[10 + k, 11],
+                logprobs=[-0.5, -1.0 - k],
+                weights_version=3,
+                finish_reason=common_pb2.FINISH_REASON_LENGTH,
             )  # fmt: skip
             for k in range(n)
         ],
@@ -29,7 +32,9 @@ def test_one_rollout_per_sample_with_everything_the_trainer_needs():
     reference = [[-0.6, -1.1], [-0.7, -1.2], [-0.8, -1.3], [-0.9, -1.4]]
     rollouts = build_rollouts(completions, scores, reference)
     assert [r.rollout_id for r in rollouts] == ["resp-0-0", "resp-0-1", "resp-1-0", "resp-1-1"]
-    assert rollouts[0].group_id == rollouts[1].group_id != rollouts[2].group_id == rollouts[3].group_id
+    assert (
+        rollouts[0].group_id == rollouts[1].group_id != rollouts[2].group_id == rollouts[3].group_id
+    )
     assert all(r.group_size == 2 and r.weights_version == 3 for r in rollouts)
     r = rollouts[3]
     assert list(r.prompt_token_ids) == [1, 2, 4] and list(r.response_token_ids) == [11, 11]
@@ -44,7 +49,9 @@ def test_rollouts_carry_prompt_text_and_reward_model_version():
     for completion, text in zip(completions, ("second answer", "first answer")):
         completion.samples[0].text = text
     prompts = [common_pb2.Prompt(text="first?"), common_pb2.Prompt(text="second?")]
-    rollouts = build_rollouts(completions, [0.1, 0.2], [[-0.6, -1.1]] * 2, prompts, reward_model_version=7)
+    rollouts = build_rollouts(
+        completions, [0.1, 0.2], [[-0.6, -1.1]] * 2, prompts, reward_model_version=7
+    )
     assert [(r.prompt.text, r.response_text) for r in rollouts] == [
         ("second?", "second answer"),
         ("first?", "first answer"),

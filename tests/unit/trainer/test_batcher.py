@@ -8,7 +8,9 @@ from services.trainer.consumer import Received, RolloutBatcher, partitions_of_ra
 
 
 def _r(rid: str, group: str, size: int = 2, version: int = 1) -> events_pb2.Rollout:
-    return events_pb2.Rollout(rollout_id=rid, group_id=group, group_size=size, weights_version=version)
+    return events_pb2.Rollout(
+        rollout_id=rid, group_id=group, group_size=size, weights_version=version
+    )
 
 
 def _feed(batcher, items):
@@ -55,7 +57,14 @@ def test_an_incomplete_group_holds_the_resume_offset_only_until_it_is_stale():
     """A group whose other members never arrive (a worker died mid-publish) keeps its partition's
     resume offset at its first member, until the trainer is max_staleness versions past it."""
     b = RolloutBatcher(batch_size=2, max_staleness=2)
-    _feed(b, [(0, 0, _r("lone1", "L", version=1)), (0, 1, _r("w1", "W", version=3)), (0, 2, _r("w2", "W", version=3))])
+    _feed(
+        b,
+        [
+            (0, 0, _r("lone1", "L", version=1)),
+            (0, 1, _r("w1", "W", version=3)),
+            (0, 2, _r("w2", "W", version=3)),
+        ],
+    )
     b.take(b.peek())
     assert b.position().offsets == {0: 0}
     assert b.drop_stale(trainer_version=3) == []  # staleness 2: it might still be completed
@@ -65,7 +74,15 @@ def test_an_incomplete_group_holds_the_resume_offset_only_until_it_is_stale():
 
 def test_position_resumes_at_first_unused_and_skips_used_after_it():
     b = RolloutBatcher(batch_size=2, max_staleness=9)
-    _feed(b, [(0, 10, _r("x1", "X")), (0, 11, _r("y1", "Y")), (0, 12, _r("y2", "Y")), (1, 5, _r("z1", "Z", size=1))])
+    _feed(
+        b,
+        [
+            (0, 10, _r("x1", "X")),
+            (0, 11, _r("y1", "Y")),
+            (0, 12, _r("y2", "Y")),
+            (1, 5, _r("z1", "Z", size=1)),
+        ],
+    )
     b.take([b.groups["Y"]])
     pos = b.position()
     assert pos.offsets == {0: 10, 1: 5}  # x1 (offset 10) and z1 pending

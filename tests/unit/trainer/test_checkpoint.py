@@ -17,8 +17,14 @@ def _ckpt(step: int) -> Checkpoint:
         step=step,
         weights_version=step + 1,
         tensors={"policy.w": torch.randn(3, 4), "value_head.b": torch.randn(2)},
-        trainer_state={"optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}, "lr": 0.1}, "rng": torch.get_rng_state()},
-        positions={0: ConsumerPosition({0: 5, 3: 9}, ["a", "b"], ["x", "a", "b"]), 1: ConsumerPosition({1: 2})},
+        trainer_state={
+            "optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}, "lr": 0.1},
+            "rng": torch.get_rng_state(),
+        },
+        positions={
+            0: ConsumerPosition({0: 5, 3: 9}, ["a", "b"], ["x", "a", "b"]),
+            1: ConsumerPosition({1: 2}),
+        },
     )
 
 
@@ -74,14 +80,19 @@ def test_torn_or_rotten_checkpoint_falls_back_to_the_previous(tmp_path, damage):
 def test_prune_keeps_the_newest(tmp_path):
     for step in range(1, 6):
         checkpoint.write(tmp_path, _ckpt(step), keep=2)
-    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step-00000005", "step-00000004"]
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == [
+        "step-00000005",
+        "step-00000004",
+    ]
 
 
 def test_trainer_state_with_arbitrary_objects_is_refused_on_load(tmp_path):
     import datetime
 
     bad = _ckpt(1)
-    bad.trainer_state = {"obj": datetime.date(2024, 1, 1)}  # any non-tensor class: unpickling refused
+    bad.trainer_state = {
+        "obj": datetime.date(2024, 1, 1)
+    }  # any non-tensor class: unpickling refused
     folder = checkpoint.write(tmp_path, bad)
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
         checkpoint.load(folder)

@@ -17,14 +17,21 @@ def test_rollout_becomes_a_learner_sample():
         behaviour_logprobs=[-0.5], reference_logprobs=[-0.25], reward=1.5, weights_version=4,
     )  # fmt: skip
     s = to_sample(r)
-    assert (s.prompt_token_ids, s.response_token_ids, s.behaviour_logprobs, s.reference_logprobs) == ([1, 2], [3], [-0.5], [-0.25])
+    assert (
+        s.prompt_token_ids,
+        s.response_token_ids,
+        s.behaviour_logprobs,
+        s.reference_logprobs,
+    ) == ([1, 2], [3], [-0.5], [-0.25])
     assert (s.reward, s.group_id, s.weights_version, s.rollout_id) == (1.5, "g1", 4, "r1")
     assert to_sample(events_pb2.Rollout(rollout_id="solo", prompt_token_ids=[1], response_token_ids=[2],
                                         behaviour_logprobs=[-1], reference_logprobs=[-1])).group_id == "solo"  # fmt: skip
 
 
 def test_malformed_rollout_is_refused_with_a_reason():
-    r = events_pb2.Rollout(rollout_id="bad", prompt_token_ids=[1], response_token_ids=[3, 4], behaviour_logprobs=[-0.5])
+    r = events_pb2.Rollout(
+        rollout_id="bad", prompt_token_ids=[1], response_token_ids=[3, 4], behaviour_logprobs=[-0.5]
+    )
     with pytest.raises(ValueError, match="bad: 2 response tokens"):
         to_sample(r)
 

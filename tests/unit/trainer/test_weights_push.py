@@ -12,13 +12,22 @@ from safetensors.torch import load_file
 
 from services.trainer.metrics import effective_updates
 from services.genproto.rlhf.v1 import policy_pb2
-from services.trainer.weights_push import MANIFEST_FILE, WEIGHTS_FILE, build_manifest, iter_requests, write_version
+from services.trainer.weights_push import (
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    build_manifest,
+    iter_requests,
+    write_version,
+)
 
 
 @pytest.fixture
 def tensors():
     torch.manual_seed(0)
-    return {"model.embed.weight": torch.randn(50, 16), "model.norm.weight": torch.ones(16, dtype=torch.bfloat16)}
+    return {
+        "model.embed.weight": torch.randn(50, 16),
+        "model.norm.weight": torch.ones(16, dtype=torch.bfloat16),
+    }
 
 
 def test_manifest_has_file_sha256_sizes_and_tensor_specs(tmp_path, tensors):
@@ -43,7 +52,10 @@ def test_chunks_reassemble_to_the_file(tmp_path, tensors, chunk):
     folder = write_version(tmp_path, 2, tensors)
     manifest = build_manifest(folder, 2)
     # What goes on the wire, read by protobuf itself: the stream is plain UpdateWeightsRequests.
-    requests = [policy_pb2.UpdateWeightsRequest.FromString(r) for r in iter_requests(folder, manifest, chunk)]
+    requests = [
+        policy_pb2.UpdateWeightsRequest.FromString(r)
+        for r in iter_requests(folder, manifest, chunk)
+    ]
     assert requests[0].WhichOneof("part") == "manifest" and requests[0].manifest == manifest
     chunks = [r.chunk for r in requests[1:]]
     assert all(r.WhichOneof("part") == "chunk" for r in requests[1:])

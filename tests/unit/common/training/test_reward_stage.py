@@ -36,7 +36,8 @@ def test_reward_model_reaches_90_percent_held_out_pairwise_accuracy(tmp_path, ti
     # The folder loads as the service loads it, and scores the held-out pairs the same way.
     on_disk = json.loads((output / SUMMARY_FILE).read_text())
     assert (
-        on_disk["data"]["eval"]["sha256"] == hashlib.sha256(held_out.read_bytes()).hexdigest() and on_disk["metrics"] == metrics
+        on_disk["data"]["eval"]["sha256"] == hashlib.sha256(held_out.read_bytes()).hexdigest()
+        and on_disk["metrics"] == metrics
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "eval.parquet",
