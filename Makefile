@@ -91,11 +91,21 @@ proto: services/genproto/.stamp ## Generate Python code and .pyi stubs from prot
 proto-lint: $(VENV)/.installed ## Lint the protos with buf (local config, STANDARD rules)
 	cd protos && buf lint
 
+.PHONY: py-lint
+py-lint: $(VENV)/.installed ## Lint the Python with ruff: `ruff check` and `ruff format --check` (config: pyproject.toml)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 .PHONY: lint
-lint: proto-lint ## All static checks
+lint: py-lint proto-lint ## All static checks: ruff (check, format) and buf; `make test` runs them first
+
+.PHONY: format
+format: $(VENV)/.installed ## Rewrite the Python in the project's one style (ruff format, then the safe ruff fixes)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 .PHONY: test
-test: setup models proto-lint ## Run every test: unit, integration on a real Kafka broker and Triton server, and the quick demo
+test: setup models lint ## Run every test (after `make lint`): unit, integration on a real Kafka broker and Triton server, and the quick demo
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: test-unit

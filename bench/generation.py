@@ -32,7 +32,7 @@ from services.common.grpc_server import GrpcSettings
 from services.common.models import convert_smollm2, load_causal_lm, load_tokenizer
 from services.common.settings import KafkaSettings, TritonSettings
 from services.genproto.rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
-from services.policy.server import build
+from services.policy.server import PolicyService
 from services.policy.settings import PolicySettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def in_process(model, tok, prompts: list[str], new_tokens: int, eos: set[int]) -
 def request(prompts: list[str], new_tokens: int) -> policy_pb2.GenerateRequest:
     messages = lambda p: common_pb2.ChatMessages(
         messages=[common_pb2.ChatMessage(role="user", content=p)]
-    )  # noqa: E731
+    )
     return policy_pb2.GenerateRequest(
         prompts=[common_pb2.Prompt(messages=messages(p)) for p in prompts],
         sampling=policy_pb2.SamplingParams(n=1, max_new_tokens=new_tokens, temperature=0.0),
@@ -129,7 +129,7 @@ def clients(
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def main() -> None:
@@ -168,7 +168,7 @@ def main() -> None:
             log_generations=broker is not None,
             follow_weights_topic=False,
         )
-        service = build(settings)
+        service = PolicyService.launch(settings)
         stub = policy_pb2_grpc.PolicyServiceStub(grpc.insecure_channel(service.address))
         model = load_causal_lm(opts.model_dir, torch.device("cpu"), torch.float32)
         tok = load_tokenizer(opts.model_dir)

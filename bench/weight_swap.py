@@ -47,11 +47,11 @@ from deploy.local.triton import TritonServer
 from services.common.grpc_server import GrpcSettings
 from services.common.models import convert_smollm2
 from services.common.settings import TritonSettings
-from tests.support.push import build_manifest, push_folder
 from services.policy.server import PolicyService
 from services.policy.settings import PolicySettings
 from services.policy.weights import KEEP_VERSIONS
 from services.trainer.weights_push import iter_requests
+from tests.support.push import build_manifest, push_folder
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -245,9 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     stage: Stage = options._stage
     module = importlib.import_module(stage.module)
-    from services.eval.run import EvalError
-    from services.common.training.stage import ConfigError
     from services.common.training.data import DataError
+    from services.common.training.stage import ConfigError
+    from services.eval.run import EvalError
 
     try:
         config = build_config(

@@ -127,7 +127,7 @@ class KafkaBroker:
             "-c",
             str(self.config_file),
         )
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
         if out.returncode != 0:
             raise RuntimeError(f"kafka storage format failed:\n{out.stdout}\n{out.stderr}")
 

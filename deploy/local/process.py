@@ -73,7 +73,7 @@ class Daemon:
             try:
                 if ready():
                     return
-            except Exception:  # noqa: BLE001 - any failure to answer means "not yet"
+            except Exception:  # noqa: BLE001, S110 - any failure to answer means "not yet"
                 pass
             time.sleep(0.3)
         raise TimeoutError(f"{self.name} not ready after {timeout_s:.0f}s; log:\n{self.tail_log()}")

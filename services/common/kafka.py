@@ -28,20 +28,20 @@ M = TypeVar("M", bound=Message)
 
 def make_producer(settings: KafkaSettings, **overrides) -> KafkaProducer:
     """An idempotent producer that waits for all in-sync replicas (acks=all)."""
-    config = dict(
-        bootstrap_servers=settings.servers,
-        client_id=settings.client_id,
-        acks="all",
-        enable_idempotence=True,
+    config = {
+        "bootstrap_servers": settings.servers,
+        "client_id": settings.client_id,
+        "acks": "all",
+        "enable_idempotence": True,
         # Idempotence keeps order and uniqueness with up to 5 requests in flight.
-        max_in_flight_requests_per_connection=5,
+        "max_in_flight_requests_per_connection": 5,
         # The client insists on delivery_timeout >= linger + request timeout.
-        request_timeout_ms=min(settings.request_timeout_ms, settings.delivery_timeout_ms - 10),
-        delivery_timeout_ms=settings.delivery_timeout_ms,
-        linger_ms=2,
-        key_serializer=KeySerializer(),
-        value_serializer=ProtobufSerializer(),
-    )
+        "request_timeout_ms": min(settings.request_timeout_ms, settings.delivery_timeout_ms - 10),
+        "delivery_timeout_ms": settings.delivery_timeout_ms,
+        "linger_ms": 2,
+        "key_serializer": KeySerializer(),
+        "value_serializer": ProtobufSerializer(),
+    }
     config.update(overrides)
     return KafkaProducer(**config)
 
@@ -50,16 +50,16 @@ def make_consumer(
     settings: KafkaSettings, group_id: str, topics: Iterable[str] = (), **overrides
 ) -> KafkaConsumer:
     """A group consumer with manual commits, starting from the earliest unread offset."""
-    config = dict(
-        bootstrap_servers=settings.servers,
-        client_id=settings.client_id,
-        group_id=group_id,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        request_timeout_ms=max(settings.request_timeout_ms, 40_000),
+    config = {
+        "bootstrap_servers": settings.servers,
+        "client_id": settings.client_id,
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "request_timeout_ms": max(settings.request_timeout_ms, 40_000),
         # Only records of committed transactions (and all non-transactional ones).
-        isolation_level="read_committed",
-    )
+        "isolation_level": "read_committed",
+    }
     config.update(overrides)
     consumer = KafkaConsumer(**config)
     topics = list(topics)

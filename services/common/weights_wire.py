@@ -41,7 +41,7 @@ class ChunkView:
 
     file_name: str = ""
     offset: int = 0
-    data: memoryview = memoryview(b"")
+    data: memoryview = memoryview(b"")  # noqa: RUF009 - an empty view, never written to
 
 
 def _varint(value: int) -> bytes:

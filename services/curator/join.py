@@ -18,7 +18,6 @@ import logging
 from dataclasses import dataclass
 
 from services.common.kafka import decode
-from services.common.prompts import render_prompt
 from services.common.preferences import (
     Source,
     derived_id,
@@ -27,6 +26,7 @@ from services.common.preferences import (
     prompt_hash,
     thumb_desirable,
 )
+from services.common.prompts import render_prompt
 from services.curator.store import JoinStore
 from services.genproto.rlhf.v1 import events_pb2
 

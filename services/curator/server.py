@@ -29,9 +29,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from services.common import topics
 from services.common.durable import SeekToStoredOffsets, durable_cycle
 from services.common.kafka import decode, make_consumer, make_producer
+from services.common.preferences import prompt_hash
 from services.common.worker import run_cycles, serve
 from services.curator.join import JoinCounts, JoinLimits, expire_waiting, on_feedback, on_generation
-from services.common.preferences import prompt_hash
 from services.curator.settings import CuratorSettings
 from services.curator.store import JoinStore
 from services.genproto.rlhf.v1 import events_pb2

@@ -81,7 +81,7 @@ class WeightsFollower:
                             log.warning("undecodable record at offset %s", record.offset)
                             continue
                         self.handle(event)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("weights follower stopped")
         finally:
             consumer.close()

@@ -21,6 +21,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.topics import GENERATIONS
+from services.common.weights_wire import ChunkView, WireError, decode_request
 from services.genproto.rlhf.v1 import common_pb2, events_pb2, policy_pb2, policy_pb2_grpc
 from services.policy.engine import GenerationCancelled, GenerationTimeout, ModelError, PolicyEngine
 from services.policy.metrics import PolicyMetrics
@@ -28,7 +29,6 @@ from services.policy.sampling import first_stop_string
 from services.policy.updates import WeightsUpdater
 from services.policy.validation import GenerationPlan, InvalidArgument, Limits, plan_generation
 from services.policy.weights import WeightsRejected
-from services.common.weights_wire import ChunkView, WireError, decode_request
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 tokens[j] += event.token_ids
                 logprobs[j] += event.logprobs
                 text = self._decode(tokens[j])
-                delta, texts[j] = text[len(texts[j]) :] if text.startswith(texts[j]) else text, text
+                delta, texts[j] = text.removeprefix(texts[j]), text
                 chunk = policy_pb2.GenerateStreamResponse(
                     sample_index=j,
                     response_id=ids[j],

@@ -140,7 +140,7 @@ class PolicyTritonModel:
                 rows.append(row)
                 live.append((request, stream))
         if not rows:
-            return None
+            return
         batch = len(rows)
         sent = [0] * batch
 
@@ -168,17 +168,17 @@ class PolicyTritonModel:
                     pb.InferenceResponse(error=pb.TritonError(f"generation failed: {exc}")),
                     flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
                 )
-            return None
+            return
         for (request, stream), row in zip(live, rows):
             if stream:
                 self._send(request, [], [], row.finish, batch, final=True)
             else:
                 self._send(request, row.tokens, row.logprobs, row.finish, batch, final=True)
-        return None
+        return
 
     def _row(self, request) -> tuple[Row, bool]:
-        get = lambda name: self.pb.get_input_tensor_by_name(request, name)  # noqa: E731
-        scalar = lambda name: get(name).as_numpy().reshape(-1)[0]  # noqa: E731
+        get = lambda name: self.pb.get_input_tensor_by_name(request, name)
+        scalar = lambda name: get(name).as_numpy().reshape(-1)[0]
         stop_tensor = get("STOP")
         stop = (
             []
@@ -236,5 +236,5 @@ def load_into(model, files: list[Path]) -> None:
     state = model.state_dict()
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                 state[name].copy_(f.get_tensor(name))

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.digest import sha256_file
-from services.common.versions import MARKER, VersionedFolders
 from services.common.safetensors_header import (
     HeaderError,
     TensorSpecs,
@@ -32,6 +31,7 @@ from services.common.safetensors_header import (
     merged_specs,
     summary,
 )
+from services.common.versions import MARKER, VersionedFolders
 
 KEEP_VERSIONS = 3
 
@@ -153,7 +153,7 @@ class IncomingFile:
     size: int
     sha256: str
     received: int = 0
-    _hash: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    _hash: hashlib._Hash = field(default_factory=hashlib.sha256)
     _in_order: bool = True
     _handle: object = None
 

@@ -10,10 +10,10 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.metrics import BATCH_BUCKETS
+from services.common.rpc import FieldError, abort_for, remaining_s
 from services.genproto.rlhf.v1 import reference_pb2, reference_pb2_grpc
 from services.reference.scorer import ModelLimits, ReferenceScorer
 from services.reference.settings import ReferenceSettings
-from services.common.rpc import FieldError, abort_for, remaining_s
 
 
 class ReferenceMetrics:

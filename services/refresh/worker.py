@@ -46,19 +46,19 @@ from google.protobuf.message import DecodeError
 from kafka import TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.common.durable import SeekToStoredOffsets, durable_cycle
 from services.common.kafka import decode, make_consumer
-from services.common.replicas import replica_addresses
-from services.common.worker import run_cycles, serve
 from services.common.preferences import prompt_hash
+from services.common.replicas import replica_addresses
+from services.common.training.data import PreferencePair
+from services.common.training.reward import RewardConfig, fit_reward
+from services.common.training.stage import make_runtime
+from services.common.versions import manifest, write_published
+from services.common.worker import run_cycles, serve
+from services.genproto.rlhf.v1 import events_pb2, reward_pb2, reward_pb2_grpc
 from services.refresh.settings import RefreshSettings
 from services.refresh.store import CurrentVersion, PairStore
 from services.refresh.training import prune_versions, publish_folder, version_dir
-from services.common.durable import SeekToStoredOffsets, durable_cycle
-from services.genproto.rlhf.v1 import events_pb2, reward_pb2, reward_pb2_grpc
-from services.common.versions import manifest, write_published
-from services.common.training.stage import make_runtime
-from services.common.training.data import PreferencePair
-from services.common.training.reward import RewardConfig, fit_reward
 
 log = logging.getLogger(__name__)
 

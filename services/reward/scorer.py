@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from services.common.triton_client import connect, infer, make_inputs
 from services.common.rpc import Aborted
+from services.common.triton_client import connect, infer, make_inputs
 from services.reward.settings import RewardSettings
 
 VERSION_RETRIES = 3

@@ -13,9 +13,9 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.metrics import BATCH_BUCKETS
+from services.common.rpc import FieldError, abort_for, remaining_s
 from services.genproto.rlhf.v1 import reward_pb2, reward_pb2_grpc
 from services.reward.encoding import render_prompt
-from services.common.rpc import FieldError, abort_for, remaining_s
 from services.reward.scorer import RewardScorer
 from services.reward.settings import RewardSettings
 

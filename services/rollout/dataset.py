@@ -55,7 +55,7 @@ def _jsonl_rows(path: Path) -> Iterable[tuple[str, dict]]:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path.name}:{n}: not JSON ({exc.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path.name}:{n}: expected a JSON object")
+                raise ValueError(f"{path.name}:{n}: expected a JSON object")  # noqa: TRY004 - bad data
             yield f"{path.name}:{n}", row
 
 

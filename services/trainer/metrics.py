@@ -101,7 +101,7 @@ class MetricsLog:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "ab")
+        self._file = open(self.path, "ab")  # noqa: SIM115 - appended to until close()
         # A line torn by a crash must not glue onto the next one.
         if self._file.tell() > 0:
             with open(self.path, "rb") as f:

@@ -36,8 +36,8 @@ from services.common.grpc_server import message_size_options
 from services.common.replicas import replica_addresses
 from services.common.safetensors_header import file_specs
 from services.common.versions import VersionedFolders, write_durable
-from services.genproto.rlhf.v1 import events_pb2, policy_pb2, policy_pb2_grpc
 from services.common.weights_wire import UPDATE_WEIGHTS_METHOD, encode_chunk, encode_manifest
+from services.genproto.rlhf.v1 import events_pb2, policy_pb2, policy_pb2_grpc
 
 log = logging.getLogger(__name__)
 

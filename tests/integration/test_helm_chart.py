@@ -18,11 +18,11 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from services.refresh.settings import RefreshSettings
 from services.curator.settings import CuratorSettings
 from services.gateway.settings import GatewaySettings
 from services.policy.settings import PolicySettings
 from services.reference.settings import ReferenceSettings
+from services.refresh.settings import RefreshSettings
 from services.reward.settings import RewardSettings
 from services.rollout.settings import RolloutSettings
 from services.trainer.settings import TrainerSettings

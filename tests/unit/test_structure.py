@@ -46,9 +46,9 @@ def _crossings(package: str) -> list[str]:
         module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         for line, name in _imported(ast.parse(path.read_text(), str(path)), module):
             target = name.split(".")
-            if len(target) >= 2 and target[0] == "services" and target[1] != package:
-                if target[1] not in SHARED and target[1] in _packages():
-                    found.append(f"{path.relative_to(ROOT.parent)}:{line} imports {name}")
+            crosses = len(target) >= 2 and target[0] == "services" and target[1] != package
+            if crosses and target[1] not in SHARED and target[1] in _packages():
+                found.append(f"{path.relative_to(ROOT.parent)}:{line} imports {name}")
     return found
 
 
@@ -93,6 +93,7 @@ def _main(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
         env={k: v for k, v in os.environ.items() if not k.startswith("RLHF_")} | (env or {}),
     )
 

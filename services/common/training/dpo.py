@@ -24,6 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from services.common.models import load_causal_lm, load_tokenizer
+from services.common.training.data import DataError, DataKind
+from services.common.training.encoding import encode_completion
+from services.common.training.losses import LossName, get_loss
 from services.common.training.stage import (
     ConfigError,
     Runtime,
@@ -40,9 +43,6 @@ from services.common.training.stage import (
     sequence_logps,
     shuffled_batches,
 )
-from services.common.training.data import DataError, DataKind
-from services.common.training.encoding import encode_completion
-from services.common.training.losses import LossName, get_loss
 
 PREFERENCE_LOSSES = (LossName.DPO.value, LossName.IPO.value)
 

@@ -28,6 +28,9 @@ from dataclasses import dataclass
 import torch
 
 from services.common.models import load_causal_lm, load_tokenizer
+from services.common.training.data import DataError, DataKind, LabelledCompletion
+from services.common.training.encoding import encode_completion
+from services.common.training.losses import LossName, get_loss
 from services.common.training.stage import (
     ConfigError,
     Runtime,
@@ -44,9 +47,6 @@ from services.common.training.stage import (
     sequence_logps,
     shuffled_batches,
 )
-from services.common.training.data import DataError, DataKind, LabelledCompletion
-from services.common.training.encoding import encode_completion
-from services.common.training.losses import LossName, get_loss
 
 
 @dataclass(kw_only=True)

@@ -23,6 +23,9 @@ from typing import Any
 import torch
 
 from services.common.models import load_tokenizer, minilm_dir
+from services.common.training.data import DataKind, PreferencePair
+from services.common.training.encoding import reward_batch
+from services.common.training.losses import LossName, get_loss
 from services.common.training.stage import (
     Runtime,
     StageConfig,
@@ -36,9 +39,6 @@ from services.common.training.stage import (
     save_model_folder,
     shuffled_batches,
 )
-from services.common.training.data import DataKind, PreferencePair
-from services.common.training.encoding import reward_batch
-from services.common.training.losses import LossName, get_loss
 
 
 @dataclass(kw_only=True)

@@ -18,6 +18,13 @@ from dataclasses import dataclass
 import torch
 
 from services.common.models import load_causal_lm, load_tokenizer
+from services.common.training.data import DataError, DataKind
+from services.common.training.encoding import (
+    EncodedCompletion,
+    collate_completions,
+    encode_completion,
+)
+from services.common.training.losses import LossName, get_loss, token_logprobs
 from services.common.training.stage import (
     Runtime,
     StageConfig,
@@ -31,13 +38,6 @@ from services.common.training.stage import (
     save_model_folder,
     shuffled_batches,
 )
-from services.common.training.data import DataError, DataKind
-from services.common.training.encoding import (
-    EncodedCompletion,
-    collate_completions,
-    encode_completion,
-)
-from services.common.training.losses import LossName, get_loss, token_logprobs
 
 
 @dataclass(kw_only=True)

@@ -8,13 +8,13 @@ import pytest
 from tests.integration.gateway.gateway_process import running_gateway
 from tests.support.policy_stack import policy_stack
 
-POLICY_LIMITS = dict(
-    max_n=4,
-    max_sequences_per_request=8,
-    max_queued_sequences=16,
-    max_total_tokens=512,
-    default_max_new_tokens=8,
-)
+POLICY_LIMITS = {
+    "max_n": 4,
+    "max_sequences_per_request": 8,
+    "max_queued_sequences": 16,
+    "max_total_tokens": 512,
+    "default_max_new_tokens": 8,
+}
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,12 @@ from services.common.models import load_causal_lm, load_tokenizer
 from services.genproto.rlhf.v1 import policy_pb2_grpc
 from tests.support.policy_stack import policy_stack
 
-LIMITS = dict(max_n=4, max_sequences_per_request=8, max_queued_sequences=10, max_total_tokens=512)
+LIMITS = {
+    "max_n": 4,
+    "max_sequences_per_request": 8,
+    "max_queued_sequences": 10,
+    "max_total_tokens": 512,
+}
 
 
 @pytest.fixture(scope="session")

@@ -67,14 +67,14 @@ def test_greedy_equals_in_process_generate(stub, reference):
 @pytest.mark.parametrize(
     "params",
     [
-        dict(temperature=0.0),
-        dict(temperature=0.8, top_k=20),
-        dict(temperature=1.3, top_p=0.9),
-        dict(temperature=0.6, top_k=50, top_p=0.7),
+        {"temperature": 0.0},
+        {"temperature": 0.8, "top_k": 20},
+        {"temperature": 1.3, "top_p": 0.9},
+        {"temperature": 0.6, "top_k": 50, "top_p": 0.7},
     ],
 )
 def test_logprobs_equal_in_process(stub, reference, params):
-    model, tok = reference
+    model, _ = reference
     response = generate(stub, PROMPTS, n=2, seed=11, has_seed=True, **params)
     for completion in response.completions:
         for sample in completion.samples:
@@ -93,7 +93,14 @@ def test_logprobs_equal_in_process(stub, reference, params):
 
 
 def test_same_seed_same_output_and_stream_equals_unary(stub):
-    kw = dict(n=2, temperature=1.0, top_p=0.95, seed=42, has_seed=True, max_new_tokens=8)
+    kw = {
+        "n": 2,
+        "temperature": 1.0,
+        "top_p": 0.95,
+        "seed": 42,
+        "has_seed": True,
+        "max_new_tokens": 8,
+    }
     a = generate(stub, PROMPTS[:1], **kw).completions[0].samples
     b = generate(stub, PROMPTS[:1], **kw).completions[0].samples
     assert [list(s.token_ids) for s in a] == [list(s.token_ids) for s in b]
@@ -177,20 +184,20 @@ def test_cancelled_stream_stops_generating_in_triton(stub, policy, triton_server
 @pytest.mark.parametrize(
     "request_kw,field",
     [
-        (dict(prompts=[common_pb2.Prompt(text="   ")]), "prompts[0]"),
-        (dict(prompts=[]), "prompts"),
-        (dict(prompts=[common_pb2.Prompt(text="hi " * 700)]), "prompts[0]: too many tokens"),
-        (dict(sampling=sampling(max_new_tokens=600)), "sampling.max_new_tokens"),
-        (dict(sampling=sampling(temperature=-0.1)), "sampling.temperature"),
-        (dict(sampling=sampling(top_p=1.5)), "sampling.top_p"),
-        (dict(sampling=sampling(top_p=-0.2)), "sampling.top_p"),
-        (dict(sampling=sampling(n=0)), "sampling.n"),
-        (dict(sampling=sampling(n=5)), "sampling.n"),
-        (dict(model="no-such-model"), "model"),
+        ({"prompts": [common_pb2.Prompt(text="   ")]}, "prompts[0]"),
+        ({"prompts": []}, "prompts"),
+        ({"prompts": [common_pb2.Prompt(text="hi " * 700)]}, "prompts[0]: too many tokens"),
+        ({"sampling": sampling(max_new_tokens=600)}, "sampling.max_new_tokens"),
+        ({"sampling": sampling(temperature=-0.1)}, "sampling.temperature"),
+        ({"sampling": sampling(top_p=1.5)}, "sampling.top_p"),
+        ({"sampling": sampling(top_p=-0.2)}, "sampling.top_p"),
+        ({"sampling": sampling(n=0)}, "sampling.n"),
+        ({"sampling": sampling(n=5)}, "sampling.n"),
+        ({"model": "no-such-model"}, "model"),
     ],
 )
 def test_bad_input_is_invalid_argument_naming_the_field(stub, request_kw, field):
-    request = dict(prompts=[common_pb2.Prompt(text="hello")], sampling=sampling())
+    request = {"prompts": [common_pb2.Prompt(text="hello")], "sampling": sampling()}
     request.update(request_kw)
     with pytest.raises(grpc.RpcError) as err:
         stub.Generate(policy_pb2.GenerateRequest(**request), timeout=30)
@@ -199,7 +206,7 @@ def test_bad_input_is_invalid_argument_naming_the_field(stub, request_kw, field)
 
 
 def test_overload_is_resource_exhausted(stub):
-    long = dict(n=4, max_new_tokens=400)
+    long = {"n": 4, "max_new_tokens": 400}
     calls = [
         stub.GenerateStream(
             policy_pb2.GenerateStreamRequest(

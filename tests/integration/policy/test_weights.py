@@ -17,8 +17,8 @@ from services.common.kafka import make_producer
 from services.common.models import load_causal_lm, load_tokenizer
 from services.common.topics import WEIGHTS
 from services.genproto.rlhf.v1 import common_pb2, events_pb2, policy_pb2
-from tests.support.push import build_manifest, push_folder
 from services.trainer.weights_push import update_weights_call
+from tests.support.push import build_manifest, push_folder
 from tests.support.tiny_models import tiny_causal_lm
 
 PROMPT = "The weather today is"

@@ -21,10 +21,10 @@ from prometheus_client import CollectorRegistry
 from services.common import topics
 from services.common.kafka import ensure_topics, make_producer
 from services.common.preferences import derived_id, label_record, pair_record, prompt_hash
-from services.refresh.worker import RefreshResult, RefreshWorker
-from services.refresh.settings import RefreshSettings
-from services.genproto.rlhf.v1 import common_pb2, events_pb2, reward_pb2, reward_pb2_grpc
 from services.common.versions import manifest, read_published
+from services.genproto.rlhf.v1 import common_pb2, events_pb2, reward_pb2, reward_pb2_grpc
+from services.refresh.settings import RefreshSettings
+from services.refresh.worker import RefreshResult, RefreshWorker
 from tests.support.scoring_stacks import reward_stack
 
 MAX_LENGTH = 64

@@ -9,8 +9,8 @@ import time
 import grpc
 import numpy as np
 
-from services.genproto.rlhf.v1 import reward_pb2_grpc
 from services.common.versions import manifest, write_published
+from services.genproto.rlhf.v1 import reward_pb2_grpc
 from tests.integration.reward.test_reward_service import PAIRS, in_process_scores, score_request
 from tests.support.scoring_stacks import reward_stack
 from tests.support.tiny_models import tiny_reward_model

@@ -8,8 +8,7 @@ from types import SimpleNamespace
 import pytest
 from kafka import TopicPartition
 
-from services.common.durable import durable_cycle
-from services.common.durable import DurableStore
+from services.common.durable import DurableStore, durable_cycle
 
 TOPIC = "rlhf.preferences.v1"
 SCHEMA = "CREATE TABLE IF NOT EXISTS items (name TEXT);"

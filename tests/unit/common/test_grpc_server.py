@@ -50,7 +50,7 @@ def _call(channel, payload: bytes, timeout: float = 10):
 
 
 def test_health_and_reflection(server):
-    srv, channel, gate = server
+    _, channel, gate = server
     gate.set()
     status = health_pb2_grpc.HealthStub(channel).Check(
         health_pb2.HealthCheckRequest(service=SERVICE)

@@ -3,7 +3,8 @@ named relative to it (readers may mount the volume elsewhere), one outside by it
 
 from __future__ import annotations
 
-from services.common.versions import MARKER as PUBLISHED_MARKER, read_published, write_published
+from services.common.versions import MARKER as PUBLISHED_MARKER
+from services.common.versions import read_published, write_published
 
 
 def test_round_trip_relative_inside_the_root(tmp_path):

@@ -7,8 +7,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from google.protobuf.message import DecodeError
 
-from services.genproto.rlhf.v1 import policy_pb2
 from services.common.weights_wire import (
     ChunkView,
     WireError,
@@ -16,6 +16,7 @@ from services.common.weights_wire import (
     encode_chunk,
     encode_manifest,
 )
+from services.genproto.rlhf.v1 import policy_pb2
 
 
 def protobuf_chunk(name: str, offset: int, data: bytes) -> bytes:
@@ -134,5 +135,5 @@ def _varint(n: int) -> bytes:
 def test_malformed_input_is_refused(raw):
     with pytest.raises(WireError):
         decode_request(raw)
-    with pytest.raises(Exception):
+    with pytest.raises(DecodeError):
         policy_pb2.UpdateWeightsRequest.FromString(raw)

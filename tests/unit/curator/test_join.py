@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from services.curator.join import JoinCounts, JoinLimits, expire_waiting, on_feedback, on_generation
 from services.common.preferences import thumb_desirable
+from services.curator.join import JoinCounts, JoinLimits, expire_waiting, on_feedback, on_generation
 from services.curator.store import JoinStore
 from services.genproto.rlhf.v1 import common_pb2, events_pb2
 

@@ -43,7 +43,7 @@ def test_batched_greedy_equals_generate_per_prompt(lm):
 
 def test_stop_conditions_per_row(lm):
     model, tok = lm
-    decode = lambda t: tok.decode(t)  # noqa: E731
+    decode = lambda t: tok.decode(t)
     ids = tok("The cat sat on")["input_ids"]
     free = generate_rows(model, [Row(ids, 6, GREEDY)], tok.pad_token_id, set(), decode)[0]
     # End of sequence: the first token plays it; the row stops right after emitting it.

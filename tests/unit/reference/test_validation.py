@@ -6,11 +6,11 @@ import json
 
 import pytest
 
+from services.common.rpc import FieldError
 from services.genproto.rlhf.v1 import reference_pb2
 from services.reference.scorer import ModelLimits, chunk_arrays, model_limits
 from services.reference.servicer import checked_sequences
 from services.reference.settings import ReferenceSettings
-from services.common.rpc import FieldError
 
 LIMITS = ModelLimits(vocab_size=100, max_positions=16)
 

@@ -12,6 +12,8 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import CollectorRegistry
 
+from services.common.training.data import PreferencePair
+from services.genproto.rlhf.v1 import reward_pb2
 from services.refresh import worker as refresh
 from services.refresh.worker import (
     CurrentVersion,
@@ -20,8 +22,6 @@ from services.refresh.worker import (
     publish_decision,
     replay_sample,
 )
-from services.genproto.rlhf.v1 import reward_pb2
-from services.common.training.data import PreferencePair
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from services.common.versions import manifest
 from services.reward.checkpoint import (
     CheckpointRefused,
     compare_specs,
@@ -15,7 +16,6 @@ from services.reward.checkpoint import (
     read_verified,
     served_specs,
 )
-from services.common.versions import manifest
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ import grpc
 import pytest
 from tritonclient.utils import InferenceServerException
 
+from services.common.rpc import FieldError, status_of
 from services.genproto.rlhf.v1 import common_pb2, reward_pb2
 from services.reward.encoding import render_prompt
-from services.common.rpc import FieldError, status_of
 from services.reward.servicer import checked_pairs, checked_reload
 from services.reward.settings import RewardSettings
 

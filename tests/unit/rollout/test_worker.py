@@ -20,7 +20,7 @@ def _completion(index: int, n: int) -> policy_pb2.Completion:
                 logprobs=[-0.5, -1.0 - k],
                 weights_version=3,
                 finish_reason=common_pb2.FINISH_REASON_LENGTH,
-            )  # fmt: skip
+            )
             for k in range(n)
         ],
     )

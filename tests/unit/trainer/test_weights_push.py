@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from services.trainer.metrics import effective_updates
 from services.genproto.rlhf.v1 import policy_pb2
+from services.trainer.metrics import effective_updates
 from services.trainer.weights_push import (
     MANIFEST_FILE,
     WEIGHTS_FILE,

@@ -9,10 +9,10 @@ import json
 import torch
 
 from services.common.models import load_reward_model, load_tokenizer
-from services.common.training.stage import SUMMARY_FILE
 from services.common.training.data import DataKind, load_records
 from services.common.training.encoding import reward_batch
 from services.common.training.reward import RewardConfig, run_train_reward
+from services.common.training.stage import SUMMARY_FILE
 from tests.unit.common.training.synthetic import reward_rows, write_jsonl, write_parquet
 
 

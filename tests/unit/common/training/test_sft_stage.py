@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from services.common.models import load_causal_lm, load_tokenizer
-from services.common.training.stage import make_runtime
 from services.common.training.data import DataKind, load_records
 from services.common.training.sft import SFTConfig, encode_records, held_out_loss, run_sft
+from services.common.training.stage import make_runtime
 from tests.unit.common.training.synthetic import counting_demonstrations, write_jsonl
 
 
