@@ -5,7 +5,7 @@ Pure functions of tensors, shared by the Triton model and by the tests' in-proce
 Legend: `B` rows of the batch, `V` vocabulary.
 
 The distribution of a row is
-    greedy (temperature 0): softmax(logits)            -> argmax, log-prob under it
+    greedy (temperature < GREEDY_BELOW): softmax(logits)  -> argmax, log-prob under it
     otherwise:              softmax(filter(logits / T)) with filter = top-k then top-p
 so the log-prob returned is log_softmax of the filtered, renormalised logits at the drawn token.
 """
@@ -16,13 +16,18 @@ from dataclasses import dataclass
 
 import torch
 
+GREEDY_BELOW = 1e-5
+"""Temperatures below this decode greedily. Dividing logits by a smaller one (1.4e-45, which an
+API client may send) overflows float32 to inf and the softmax to NaN; at 1e-5 the distribution
+is already a point mass on the argmax, so greedy is what such a temperature means."""
+
 
 @dataclass(frozen=True)
 class RowSampling:
     """The sampling parameters of one row (one sample of one prompt)."""
 
     temperature: float
-    """0 is greedy."""
+    """0 (or anything below GREEDY_BELOW) is greedy."""
     top_p: float
     """Nucleus mass in (0, 1]; 1 disables."""
     top_k: int
@@ -45,10 +50,10 @@ def filtered_logits(
 ) -> torch.Tensor:
     """Logits of the distribution each row samples from, -inf where filtered out.
 
-    logits (B, V) float32; temperature (B,) with 0 meaning greedy (left unscaled and unfiltered);
+    logits (B, V) float32; temperature (B,), below GREEDY_BELOW greedy (unscaled and unfiltered);
     top_k (B,) int with 0 = off; top_p (B,) in (0, 1].
     """
-    greedy = temperature <= 0
+    greedy = temperature < GREEDY_BELOW
     scale = torch.where(greedy, torch.ones_like(temperature), temperature)
     scaled = logits / scale[:, None]  # (B, V)
     vocab = logits.shape[-1]
@@ -77,7 +82,7 @@ def sample_step(
     logits = logits.float()
     filtered = filtered_logits(logits, temperature, top_k, top_p)  # (B, V)
     logprobs = torch.log_softmax(filtered, dim=-1)  # (B, V)
-    greedy = temperature <= 0
+    greedy = temperature < GREEDY_BELOW
     tokens = logprobs.argmax(dim=-1)  # (B,)
     if not bool(greedy.all()):
         probs = logprobs.exp()

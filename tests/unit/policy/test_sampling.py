@@ -104,3 +104,18 @@ def test_first_stop_string():
     assert first_stop_string("hello world. bye", ["bye", "."]) == 11
     assert first_stop_string("hello", ["x"]) == -1
     assert first_stop_string("hello", []) == -1
+
+
+@pytest.mark.parametrize("temperature", [1.401298464324817e-45, 1e-30, 9.9e-6])
+def test_a_vanishing_temperature_decodes_greedily_not_nan(temperature):
+    """Schemathesis sent temperature 1.4e-45 with top_p 7e-103: logits / T overflowed float32
+    and the softmax gave NaN, a 503 from the gateway. Below GREEDY_BELOW a row is greedy."""
+    logits = torch.tensor([[3.0, 1.0, -2.0, 2.5], [0.5, 4.0, 1.0, 3.9]])
+    rows = [RowSampling(temperature, top_p=7.116007021809443e-103, top_k=0, seed=s) for s in (1, 2)]
+    t = torch.tensor([r.temperature for r in rows], dtype=torch.float32)
+    k = torch.tensor([r.top_k for r in rows])
+    p = torch.tensor([r.top_p for r in rows], dtype=torch.float32)
+    tokens, logprobs = sample_step(logits, t, k, p, row_generators(rows, torch.device("cpu")))
+    assert tokens.tolist() == [0, 1]
+    expected = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    assert torch.allclose(logprobs, expected) and bool(torch.isfinite(logprobs).all())
