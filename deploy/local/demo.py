@@ -85,6 +85,8 @@ class Preset:
     users: int = 1
     """Simulated users chatting while RL runs (each asks for 4 answers)."""
     user_pause_s: float = 6.0
+    refresh_wait_s: float = 180.0
+    """After the last RL step, how long users go on chatting for a refresh to be published."""
     refresh: dict = field(
         default_factory=lambda: {
             "refresh_every": 32,
@@ -672,14 +674,24 @@ def run(
             raise RuntimeError(
                 f"the trainer stopped after {len(steps)} of {preset.rl_steps} steps; see {trainer.log_file}"
             )
-        # The refresh publishes on its own schedule: users go on until one is published.
+        # The refresh publishes on its own schedule: users go on until one is published, for at
+        # most refresh_wait_s after the last step. A rule whose thumbs make too few pairs, or a
+        # refresh that lowers held-out accuracy, publishes nothing: the report says so, and the
+        # run is still evaluated (waiting 600 s and failing threw away a 17-minute run).
         refresh_log = state / "refresh.log"
-        wait_for(
-            lambda: any(r["published"] for r in refreshes(refresh_log, started_unix)),
-            600,
-            2.0,
-            "a published reward-model refresh",
-        )
+        try:
+            wait_for(
+                lambda: any(r["published"] for r in refreshes(refresh_log, started_unix)),
+                preset.refresh_wait_s,
+                2.0,
+                "a published reward-model refresh",
+            )
+        except TimeoutError:
+            made = refreshes(refresh_log, started_unix)
+            console.line(
+                f"no reward-model refresh published within {preset.refresh_wait_s:.0f}s of the last "
+                f"step ({len(made)} ran, none kept): every rollout was scored by version 1"
+            )
         for u in users:
             u.stopping.set()
         for u in users:
