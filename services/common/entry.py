@@ -18,10 +18,7 @@ def run(
         return 0
     if len(args) == 1 and args[0] in commands:
         return int(commands[args[0]]() or 0)
-    usage = " | ".join(["", *commands]) if commands else ""
-    print(
-        f"usage: python -m services.{name}{' [' + usage.strip(' |') + ']' if usage else ''}",
-        file=sys.stderr,
-    )
+    choices = f" [{' | '.join(commands)}]" if commands else ""
+    print(f"usage: python -m services.{name}{choices}", file=sys.stderr)
     print("settings are read from the environment (RLHF_*), not from arguments", file=sys.stderr)
     return 2

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2] / "services"
 SHARED = {"common", "genproto"}
 
 
-def _packages() -> list[str]:
+def _find_packages() -> list[str]:
     return sorted(
         p.name
         for p in ROOT.iterdir()
@@ -39,6 +39,9 @@ def _imported(tree: ast.AST, module: str) -> list[tuple[int, str]]:
     return out
 
 
+PACKAGES = _find_packages()
+
+
 def _crossings(package: str) -> list[str]:
     found = []
     for path in sorted((ROOT / package).rglob("*.py")):
@@ -47,7 +50,7 @@ def _crossings(package: str) -> list[str]:
         for line, name in _imported(ast.parse(path.read_text(), str(path)), module):
             target = name.split(".")
             crosses = len(target) >= 2 and target[0] == "services" and target[1] != package
-            if crosses and target[1] not in SHARED and target[1] in _packages():
+            if crosses and target[1] not in SHARED and target[1] in PACKAGES:
                 found.append(f"{path.relative_to(ROOT.parent)}:{line} imports {name}")
     return found
 
@@ -60,7 +63,7 @@ def test_the_walk_finds_a_crossing(tmp_path):
 
 
 def test_services_import_only_common_and_genproto():
-    packages = _packages()
+    packages = PACKAGES
     assert {"policy", "reward", "reference", "trainer", "curator", "gateway"} <= set(packages)
     crossings = [c for package in packages for c in _crossings(package)]
     assert crossings == [], "\n".join(crossings)
@@ -72,7 +75,7 @@ def test_services_common_imports_no_service():
         module = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts)
         for line, name in _imported(ast.parse(path.read_text()), module):
             target = name.split(".")
-            if len(target) >= 2 and target[0] == "services" and target[1] in _packages():
+            if len(target) >= 2 and target[0] == "services" and target[1] in PACKAGES:
                 found.append(f"{path.relative_to(ROOT.parent)}:{line} imports {name}")
     assert found == [], "\n".join(found)
 
