@@ -1,4 +1,5 @@
-"""Generates the Python code (messages, gRPC stubs and .pyi stubs) for protos/rlhf/v1.
+"""Generates the Python code (messages, gRPC stubs and .pyi stubs) for protos/rlhf/v1, and
+their FileDescriptorSet (`rlhf-v1.binpb`).
 
 Run by `make proto`. The output goes to the one package `services.genproto`, which is not
 committed. protoc writes absolute imports (`from rlhf.v1 import common_pb2`); they are rewritten to
@@ -26,6 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 PACKAGE = "services.genproto"
 OUT = ROOT / "services" / "genproto"
+DESCRIPTOR_SET = "rlhf-v1.binpb"
+"""The serialized FileDescriptorSet of every proto (imports and comments included), shipped in
+the package so that any Kafka consumer can decode the platform's records (`rlhf schema`)."""
 
 
 def generate(out: Path) -> None:
@@ -39,6 +43,9 @@ def generate(out: Path) -> None:
         f"--python_out={out}",
         f"--pyi_out={out}",
         f"--grpc_python_out={out}",
+        f"--descriptor_set_out={out / DESCRIPTOR_SET}",
+        "--include_imports",
+        "--include_source_info",
         *sources,
     ]
     if protoc.main(args) != 0:

@@ -7,6 +7,9 @@
     python -m services.cli dpo --config dpo.yaml --set beta=0.2 --set epochs=3
     python -m services.cli eval         --candidate runs/dpo-1 --baseline runs/sft-1 \
                                         --data prompts.jsonl --output runs/eval-1
+    python -m services.cli export       --output runs/export-1 --format parquet
+    python -m services.cli topics ensure          (or `topics check`)
+    python -m services.cli schema                 (prints the protobuf descriptor set's path)
 
 A stage's settings are its config dataclass (services/common/training/<stage>.py; for eval,
 services/eval/run.py): defaults, then the YAML file (keys are the field names), then the flags,
@@ -79,7 +82,75 @@ STAGES: dict[str, Stage] = {
         "win-rate of a candidate policy over a baseline, judged pairwise",
         flags=("candidate", "baseline", "reference", "data", "output", "annotator"),
     ),
+    "export": Stage(
+        "services.export.run",
+        "ExportConfig",
+        "run_export",
+        "collected preferences and thumbs out to JSONL/Parquet in TRL's columns",
+        flags=("output", "bootstrap_servers", "format", "since", "until"),
+    ),
 }
+
+
+def topics_command(options: argparse.Namespace) -> int:
+    """`rlhf topics ensure|check`: the topics of services/common/topics.py on the cluster of
+    RLHF_KAFKA_BOOTSTRAP_SERVERS (or --bootstrap-servers); exit 1 when any differs."""
+    from services.common.kafka import check_topics, ensure_topics
+    from services.common.settings import KafkaSettings
+    from services.common.topics import TOPICS
+
+    kafka = (
+        KafkaSettings(bootstrap_servers=options.bootstrap_servers)
+        if options.bootstrap_servers
+        else KafkaSettings()
+    )
+    created = []
+    if options.action == "ensure":
+        created = ensure_topics(kafka, TOPICS, options.replication_factor)
+    problems = check_topics(kafka, TOPICS)
+    print(
+        json.dumps(
+            {
+                "bootstrap_servers": kafka.bootstrap_servers,
+                "created": created,
+                "topics": [t.name for t in TOPICS],
+                "problems": problems,
+            },
+            indent=2,
+        )
+    )
+    for line in problems:
+        print(f"rlhf topics: {line}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def schema_command(options: argparse.Namespace) -> int:
+    """`rlhf schema`: the path of the FileDescriptorSet that decodes every topic's records."""
+    from services.common.schema import descriptor_set_path
+
+    print(descriptor_set_path())
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """The operations commands beside the stages."""
+    sub = commands.add_parser(
+        "topics",
+        help="create the platform's Kafka topics and check the existing ones",
+        description=topics_command.__doc__,
+    )
+    sub.add_argument("action", choices=("ensure", "check"), help="ensure: create what is missing")
+    sub.add_argument("--bootstrap-servers", default="", help="host:port[,host:port]")
+    sub.add_argument(
+        "--replication-factor", type=int, default=None, help="default: min(3, brokers)"
+    )
+    sub.set_defaults(_command=topics_command)
+    sub = commands.add_parser(
+        "schema",
+        help="print the path of the protobuf descriptor set of the Kafka records",
+        description=schema_command.__doc__,
+    )
+    sub.set_defaults(_command=schema_command)
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -197,9 +268,10 @@ def build_config(cls: type, yaml_file: Path | None, flags: dict[str, Any], overr
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="rlhf", description="Offline RLHF training stages and evaluation."
+        prog="rlhf",
+        description="Offline RLHF training stages, evaluation, data export and operations.",
     )
-    stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="COMMAND")
     for name, stage in STAGES.items():
         sub = stages.add_parser(
             name,
@@ -214,6 +286,7 @@ def make_parser() -> argparse.ArgumentParser:
             "--set", action="append", default=[], metavar="FIELD=VALUE", help="set any config field"
         )
         sub.set_defaults(_stage=stage)
+    add_commands(stages)
     return parser
 
 
@@ -243,11 +316,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     _with_field_help(parser, argv)
     options = parser.parse_args(argv)
+    if hasattr(options, "_command"):
+        return options._command(options)
     stage: Stage = options._stage
     module = importlib.import_module(stage.module)
     from services.common.training.data import DataError
     from services.common.training.stage import ConfigError
     from services.eval.run import EvalError
+    from services.export.run import ExportError
 
     try:
         config = build_config(
@@ -257,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             options.set,
         )
         summary = getattr(module, stage.run)(config)
-    except (ConfigError, DataError, EvalError) as err:
+    except (ConfigError, DataError, EvalError, ExportError) as err:
         print(f"rlhf {options.stage}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(

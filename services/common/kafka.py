@@ -2,7 +2,9 @@
 
 Producers are idempotent with acks=all: a record is acknowledged only once every in-sync replica
 has it, and retries never duplicate it. Consumers never auto-commit: the caller commits offsets
-after the work those records feed is durable (see `commit`). Values are protobuf messages.
+after the work those records feed is durable (see `commit`). Values are protobuf messages, and
+every record says which one in its headers (`record_headers`): with the FileDescriptorSet that
+ships in the package (`rlhf schema`), a consumer outside the platform can decode any topic.
 """
 
 from __future__ import annotations
@@ -14,16 +16,27 @@ from typing import TypeVar
 
 from google.protobuf.message import Message
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
-from kafka.admin import NewTopic
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.serializer import Serializer
 
+from services.common.consumer_lag import LAG
+from services.common.schema import record_headers
 from services.common.settings import KafkaSettings
 from services.common.topics import TOPICS, TopicSpec
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
+
+
+class ProtobufProducer(KafkaProducer):
+    """A KafkaProducer that adds `record_headers` to every record whose value is a message."""
+
+    def send(self, topic, value=None, key=None, headers=None, **kwargs):
+        if isinstance(value, Message):
+            headers = [*record_headers(value), *(headers or [])]
+        return super().send(topic, value=value, key=key, headers=headers, **kwargs)
 
 
 def make_producer(settings: KafkaSettings, **overrides) -> KafkaProducer:
@@ -43,7 +56,7 @@ def make_producer(settings: KafkaSettings, **overrides) -> KafkaProducer:
         "value_serializer": ProtobufSerializer(),
     }
     config.update(overrides)
-    return KafkaProducer(**config)
+    return ProtobufProducer(**config)
 
 
 def make_consumer(
@@ -75,6 +88,7 @@ def commit(consumer: KafkaConsumer, next_offsets: dict[TopicPartition, int]) -> 
     """
     if next_offsets:
         consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in next_offsets.items()})
+        LAG.observe(consumer, next_offsets)  # rlhf_kafka_consumer_lag of what was committed
 
 
 def decode(message_type: type[M], value: bytes) -> M:
@@ -84,14 +98,24 @@ def decode(message_type: type[M], value: bytes) -> M:
     return msg
 
 
-def ensure_topics(settings: KafkaSettings, specs: Iterable[TopicSpec] = TOPICS) -> list[str]:
-    """Creates the missing topics; returns the names it created. Existing topics are kept."""
+def ensure_topics(
+    settings: KafkaSettings,
+    specs: Iterable[TopicSpec] = TOPICS,
+    replication_factor: int | None = None,
+) -> list[str]:
+    """Creates the missing topics; returns the names it created. Existing topics are kept (see
+    `check_topics`). Replicas default to min(3, brokers in the cluster)."""
     admin = connect_admin(settings)
     try:
         existing = set(admin.list_topics())
+        if replication_factor is None:
+            replication_factor = min(3, len(admin.describe_cluster()["brokers"]))
         new = [
             NewTopic(
-                s.name, num_partitions=s.partitions, replication_factor=1, topic_configs=s.configs
+                s.name,
+                num_partitions=s.partitions,
+                replication_factor=replication_factor,
+                topic_configs=s.configs,
             )
             for s in specs
             if s.name not in existing
@@ -104,6 +128,42 @@ def ensure_topics(settings: KafkaSettings, specs: Iterable[TopicSpec] = TOPICS) 
         return [t.name for t in new]
     finally:
         admin.close()
+
+
+def check_topics(settings: KafkaSettings, specs: Iterable[TopicSpec] = TOPICS) -> list[str]:
+    """One line per way the cluster's topics differ from `specs`: missing, another partition
+    count, a config not set to the table's value. Empty when all are right. Nothing is changed:
+    a keyed topic's partition count is its data's layout, so fixing it is a person's decision."""
+    specs = list(specs)
+    admin = connect_admin(settings)
+    try:
+        described = {t["name"]: t for t in admin.describe_topics([s.name for s in specs])}
+        present = [s for s in specs if described[s.name]["error_code"] == 0]
+        configs = (
+            admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, s.name) for s in present]
+            )["topic"]
+            if present
+            else {}
+        )
+    finally:
+        admin.close()
+    problems = []
+    for spec in specs:
+        if spec not in present:
+            problems.append(f"{spec.name}: missing")
+            continue
+        partitions = len(described[spec.name]["partitions"])
+        if partitions != spec.partitions:
+            problems.append(
+                f"{spec.name}: {partitions} partitions, the table says {spec.partitions}"
+            )
+        have = configs.get(spec.name, {})
+        for key, want in spec.configs.items():
+            value = have.get(key, {}).get("value")
+            if value != want:
+                problems.append(f"{spec.name}: {key}={value}, the table says {want}")
+    return problems
 
 
 def connect_admin(settings: KafkaSettings, timeout_s: float = 60.0) -> KafkaAdminClient:

@@ -15,7 +15,7 @@ import time
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.genproto.rlhf.v1 import events_pb2
+from services.genproto.rlhf.v1 import common_pb2, events_pb2
 
 Source = events_pb2.PreferenceSource
 
@@ -37,6 +37,26 @@ def _now() -> Timestamp:
     return ts
 
 
+def _record(
+    prompt: str,
+    conversation: common_pb2.Prompt | None,
+    source: int,
+    derived_from: list[str],
+    preference_id: str,
+    **kind,
+) -> events_pb2.PreferenceRecord:
+    """`conversation` is the prompt as asked; a prompt posted as text is its own conversation."""
+    return events_pb2.PreferenceRecord(
+        preference_id=preference_id,
+        prompt=prompt,
+        conversation=conversation or common_pb2.Prompt(text=prompt),
+        source=source,
+        derived_from=derived_from,
+        created_at=_now(),
+        **kind,
+    )
+
+
 def pair_record(
     prompt: str,
     chosen: str,
@@ -44,15 +64,10 @@ def pair_record(
     source: int,
     derived_from: list[str],
     preference_id: str,
+    conversation: common_pb2.Prompt | None = None,
 ) -> events_pb2.PreferenceRecord:
-    return events_pb2.PreferenceRecord(
-        preference_id=preference_id,
-        prompt=prompt,
-        pair=events_pb2.PairwisePreference(chosen=chosen, rejected=rejected),
-        source=source,
-        derived_from=derived_from,
-        created_at=_now(),
-    )
+    pair = events_pb2.PairwisePreference(chosen=chosen, rejected=rejected)
+    return _record(prompt, conversation, source, derived_from, preference_id, pair=pair)
 
 
 def label_record(
@@ -62,19 +77,18 @@ def label_record(
     source: int,
     derived_from: list[str],
     preference_id: str,
+    conversation: common_pb2.Prompt | None = None,
 ) -> events_pb2.PreferenceRecord:
-    return events_pb2.PreferenceRecord(
-        preference_id=preference_id,
-        prompt=prompt,
-        label=events_pb2.BinaryLabel(completion=completion, desirable=desirable),
-        source=source,
-        derived_from=derived_from,
-        created_at=_now(),
-    )
+    label = events_pb2.BinaryLabel(completion=completion, desirable=desirable)
+    return _record(prompt, conversation, source, derived_from, preference_id, label=label)
 
 
 def ranking_pairs(
-    prompt: str, ranked: list[str], event_id: str, source: int = Source.PREFERENCE_SOURCE_ANNOTATION
+    prompt: str,
+    ranked: list[str],
+    event_id: str,
+    source: int = Source.PREFERENCE_SOURCE_ANNOTATION,
+    conversation: common_pb2.Prompt | None = None,
 ) -> list[events_pb2.PreferenceRecord]:
     """All K(K-1)/2 (better, worse) pairs of a ranking given best first."""
     if len(ranked) < 2:
@@ -87,6 +101,7 @@ def ranking_pairs(
             source,
             [event_id],
             derived_id("pair", event_id, str(i), str(j)),
+            conversation,
         )
         for i, j in itertools.combinations(range(len(ranked)), 2)
     ]

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
+from services.common.consumer_lag import LAG
 from services.common.logging import configure_logging
 from services.common.metrics import serve_metrics
 
@@ -40,6 +41,8 @@ def run_cycles(worker: Worker, name: str, pause_s: float = 1.0) -> None:
         except Exception:
             log.exception("%s cycle failed; retrying from the stored offsets", name)
             time.sleep(pause_s)
+        # A worker that commits nothing (failing cycles) still shows its lag growing.
+        LAG.refresh(getattr(worker, "consumer", None))
 
 
 def serve(

@@ -28,7 +28,7 @@ from services.common.preferences import (
 )
 from services.common.prompts import render_prompt
 from services.curator.store import JoinStore
-from services.genproto.rlhf.v1 import events_pb2
+from services.genproto.rlhf.v1 import common_pb2, events_pb2
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,14 @@ def prompt_of(generation: events_pb2.GenerationRecord) -> str:
     return generation.prompt_text
 
 
+def conversation_of(generation: events_pb2.GenerationRecord) -> common_pb2.Prompt:
+    """The prompt as it was asked (chat messages or text); for records without a wire prompt,
+    the rendered text as one plain-text prompt."""
+    if generation.prompt.WhichOneof("kind"):
+        return generation.prompt
+    return common_pb2.Prompt(text=generation.prompt_text)
+
+
 def on_generation(
     store: JoinStore,
     partition: int,
@@ -83,6 +91,7 @@ def on_generation(
         prompt_hash(prompt),
         generation.response_text,
         now,
+        conversation_of(generation).SerializeToString(),
     )
     out: list[events_pb2.PreferenceRecord] = []
     for raw in store.take_pending(generation.response_id):
@@ -118,7 +127,8 @@ def on_feedback(
     desirable = thumb_desirable(feedback.thumb, feedback.rating)
     if desirable is None:
         return []
-    prompt, key, response = generation
+    prompt, key, response, asked = generation
+    conversation = common_pb2.Prompt.FromString(asked) if asked else None
     rid = feedback.response_id
     out = [
         label_record(
@@ -128,6 +138,7 @@ def on_feedback(
             LIVE,
             [feedback.feedback_id, rid],
             derived_id("label", feedback.feedback_id),
+            conversation,
         )
     ]
     store.add_judged(key, rid, desirable, response, now)
@@ -138,7 +149,15 @@ def on_feedback(
         pair_id = derived_id("pair-live", chosen[0], rejected[0])
         if store.mark_emitted(pair_id, now):
             out.append(
-                pair_record(prompt, chosen[1], rejected[1], LIVE, [chosen[0], rejected[0]], pair_id)
+                pair_record(
+                    prompt,
+                    chosen[1],
+                    rejected[1],
+                    LIVE,
+                    [chosen[0], rejected[0]],
+                    pair_id,
+                    conversation,
+                )
             )
     return out
 

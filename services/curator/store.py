@@ -17,7 +17,7 @@ from services.common.durable import DurableStore
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS generations (
   response_id TEXT PRIMARY KEY, partition INTEGER, prompt TEXT, prompt_key TEXT,
-  response TEXT, seen_at REAL);
+  response TEXT, seen_at REAL, conversation BLOB);
 CREATE INDEX IF NOT EXISTS generations_seen ON generations(seen_at);
 CREATE TABLE IF NOT EXISTS pending (
   feedback_id TEXT PRIMARY KEY, response_id TEXT, partition INTEGER, event BLOB, arrived_at REAL);
@@ -36,6 +36,10 @@ class JoinStore(DurableStore):
 
     def __init__(self, state_dir: Path):
         super().__init__(state_dir, "curator.sqlite", SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(generations)")}
+        if "conversation" not in columns:  # a store written before records carried it
+            self.db.execute("ALTER TABLE generations ADD COLUMN conversation BLOB")
+            self.db.commit()
 
     # ----- generations -----
     def add_generation(
@@ -46,19 +50,24 @@ class JoinStore(DurableStore):
         prompt_key: str,
         response: str,
         now: float,
+        conversation: bytes = b"",
     ) -> None:
+        """`conversation` is the serialized wire `Prompt` the generation answered."""
         self.db.execute(
-            "INSERT OR IGNORE INTO generations VALUES (?,?,?,?,?,?)",
-            (response_id, partition, prompt, prompt_key, response, now),
+            "INSERT OR IGNORE INTO generations"
+            " (response_id, partition, prompt, prompt_key, response, seen_at, conversation)"
+            " VALUES (?,?,?,?,?,?,?)",
+            (response_id, partition, prompt, prompt_key, response, now, conversation),
         )
 
-    def generation(self, response_id: str) -> tuple[str, str, str] | None:
-        """(prompt, prompt_key, response) of a served generation, if seen."""
+    def generation(self, response_id: str) -> tuple[str, str, str, bytes] | None:
+        """(prompt, prompt_key, response, serialized conversation) of a served generation."""
         row = self.db.execute(
-            "SELECT prompt, prompt_key, response FROM generations WHERE response_id=?",
+            "SELECT prompt, prompt_key, response, conversation FROM generations"
+            " WHERE response_id=?",
             (response_id,),
         ).fetchone()
-        return tuple(row) if row else None
+        return (row[0], row[1], row[2], row[3] or b"") if row else None
 
     # ----- feedback waiting for its generation -----
     def add_pending(

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from services.common.schema import record_headers
 from services.common.settings import KafkaSettings
 from services.gateway.events import Event
 
@@ -89,6 +90,7 @@ class EventPublisher:
                         record.topic,
                         key=record.key.encode(),
                         value=record.value.SerializeToString(),
+                        headers=record_headers(record.value),
                         on_delivery=functools.partial(self._delivered, loop, ack),
                     )
                     acks.append(ack)

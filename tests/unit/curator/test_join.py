@@ -128,3 +128,49 @@ def test_state_survives_reopening_the_store(tmp_path: Path):
     on_generation(store, 0, gen("r9", "p", "no"), 4.0, LIMITS, c)  # the waiting f2 joins now
     assert store.pending_count() == 0
     store.close()
+
+
+def test_records_carry_the_conversation_as_asked_not_a_template(store):
+    asked = common_pb2.Prompt(
+        messages=common_pb2.ChatMessages(
+            messages=[
+                common_pb2.ChatMessage(role="system", content="Be brief."),
+                common_pb2.ChatMessage(role="user", content="2+2?"),
+            ]
+        )
+    )
+    c = JoinCounts()
+    for rid, answer in (("r1", "4"), ("r2", "5")):
+        record = events_pb2.GenerationRecord(
+            response_id=rid,
+            prompt=asked,
+            prompt_text="<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>assistant\n",
+            response_text=answer,
+        )
+        on_generation(store, 0, record, 0.0, LIMITS, c)
+    on_feedback(store, 0, fb("f1", "r1", UP), 1.0, LIMITS, c)
+    records = on_feedback(store, 0, fb("f2", "r2", DOWN), 2.0, LIMITS, c)
+    assert [r.WhichOneof("kind") for r in records] == ["label", "pair"]
+    for r in records:
+        assert r.conversation == asked
+        assert r.prompt == "system: Be brief.\nuser: 2+2?"
+
+
+def test_a_store_written_before_conversations_existed_still_joins(tmp_path: Path):
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "curator.sqlite")
+    db.execute(
+        "CREATE TABLE generations (response_id TEXT PRIMARY KEY, partition INTEGER,"
+        " prompt TEXT, prompt_key TEXT, response TEXT, seen_at REAL)"
+    )
+    db.execute("INSERT INTO generations VALUES ('r0', 0, 'hi', 'k', 'hello', 0.0)")
+    db.commit()
+    db.close()
+    s = JoinStore(tmp_path)
+    try:
+        assert s.generation("r0") == ("hi", "k", "hello", b"")
+        records = on_feedback(s, 0, fb("f0", "r0", UP), 1.0, LIMITS, JoinCounts())
+        assert records[0].conversation == common_pb2.Prompt(text="hi")
+    finally:
+        s.close()

@@ -30,7 +30,9 @@ class StandInProducer:
         self.purged = False
         self.lock = threading.Lock()
 
-    def produce(self, topic, key, value, on_delivery):
+    def produce(self, topic, key, value, on_delivery, headers=None):
+        # Every record says what it holds (services/common/schema.py).
+        assert dict(headers or [])["content-type"] == b"application/x-protobuf", headers
         with self.lock:
             self.produced.append((topic, key, value))
             self.pending.append(on_delivery)

@@ -1,0 +1,1 @@
+"""`rlhf export`: what the platform collected, out to the files the ecosystem reads."""
