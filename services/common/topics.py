@@ -27,11 +27,26 @@ class TopicSpec:
     """Topic-level configs passed at creation."""
 
 
-TOPICS: tuple[TopicSpec, ...] = (
+DLQ_SUFFIX = ".dlq"
+DLQ_RETENTION_MS = str(30 * 24 * 3600 * 1000)
+
+
+def dlq_topic(topic: str) -> str:
+    """Where the records of `topic` that a consumer cannot use go (services/common/dead_letters)."""
+    return f"{topic}{DLQ_SUFFIX}"
+
+
+_DATA: tuple[TopicSpec, ...] = (
     TopicSpec(GENERATIONS, JOIN_PARTITIONS, {"retention.ms": str(7 * 24 * 3600 * 1000)}),
     TopicSpec(FEEDBACK, JOIN_PARTITIONS, {"retention.ms": str(30 * 24 * 3600 * 1000)}),
     TopicSpec(PREFERENCES, 3, {"retention.ms": "-1"}),
     TopicSpec(ROLLOUTS, 4, {"retention.ms": str(3 * 24 * 3600 * 1000)}),
     # Keyed by model name; compaction keeps the latest version of each model forever.
     TopicSpec(WEIGHTS, 1, {"cleanup.policy": "compact"}),
+)
+
+# Every consumed topic has its dead-letter topic: one partition (dead letters are rare, and a
+# person reads them in order), kept 30 days.
+TOPICS: tuple[TopicSpec, ...] = _DATA + tuple(
+    TopicSpec(dlq_topic(t.name), 1, {"retention.ms": DLQ_RETENTION_MS}) for t in _DATA
 )

@@ -12,6 +12,8 @@ partition p of both topics to the same member, so the join is partition-local. O
   4. store the next offsets and commit the sqlite transaction;
   5. commit the offsets to Kafka (the store's copy wins on restart; Kafka's is for monitoring).
 A failure at 3 rolls the transaction back and rewinds the consumer to the batch's start.
+A record that does not decode, or cannot be joined (no ids), goes to `<topic>.dlq` at 2 and is
+acknowledged there before 4: it never stalls the cycle, and it is never lost.
 The join state in the store covers the partitions this member holds; pairing of answers across
 partitions is complete when one member holds all partitions (the default single replica).
 """
@@ -22,11 +24,13 @@ import logging
 import threading
 import time
 
+from google.protobuf.message import DecodeError
 from kafka import TopicPartition
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from services.common import topics
+from services.common.dead_letters import DeadLetters
 from services.common.durable import SeekToStoredOffsets, durable_cycle
 from services.common.kafka import decode, make_consumer, make_producer
 from services.common.preferences import prompt_hash
@@ -41,6 +45,7 @@ log = logging.getLogger(__name__)
 
 class CuratorMetrics:
     def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
         self.consumed = Counter(
             "rlhf_curator_records_consumed_total",
             "Records read, by topic.",
@@ -70,6 +75,20 @@ class CuratorMetrics:
         )
 
 
+def read_record(topic: str, value: bytes):
+    """A generation or a feedback event, decoded and checked; DecodeError or ValueError (the
+    record goes to the DLQ) when it cannot be joined."""
+    if topic == topics.GENERATIONS:
+        gen = decode(events_pb2.GenerationRecord, value)
+        if not gen.response_id:
+            raise ValueError("generation record without response_id")
+        return gen
+    feedback = decode(events_pb2.FeedbackEvent, value)
+    if not (feedback.feedback_id and feedback.response_id):
+        raise ValueError("feedback event without feedback_id or response_id")
+    return feedback
+
+
 class CuratorWorker:
     """The join loop; `step()` runs one cycle (tests drive it), `run()` loops until stopped."""
 
@@ -84,6 +103,9 @@ class CuratorWorker:
         self.store = JoinStore(settings.state_dir)
         self.stored_offsets: dict[tuple[str, int], int] = self.store.offsets()
         self.producer = make_producer(settings.kafka)
+        self.dead_letters = DeadLetters(
+            settings.kafka, "curator", self.metrics.registry, producer=self.producer
+        )
         self.consumer = make_consumer(
             settings.kafka,
             settings.group_id,
@@ -109,15 +131,20 @@ class CuratorWorker:
             for tp, records in ordered:
                 self.metrics.consumed.labels(tp.topic).inc(len(records))
                 for record in records:
+                    next_offsets[tp] = record.offset + 1
+                    try:
+                        message = read_record(tp.topic, record.value)
+                    except (DecodeError, ValueError) as err:
+                        self.dead_letters.send_record(record, err)  # acked before the commit
+                        continue
                     if tp.topic == topics.GENERATIONS:
-                        gen = decode(events_pb2.GenerationRecord, record.value)
                         out += on_generation(
-                            self.store, tp.partition, gen, now, self.limits, counts
+                            self.store, tp.partition, message, now, self.limits, counts
                         )
                     else:
-                        fb = decode(events_pb2.FeedbackEvent, record.value)
-                        out += on_feedback(self.store, tp.partition, fb, now, self.limits, counts)
-                    next_offsets[tp] = record.offset + 1
+                        out += on_feedback(
+                            self.store, tp.partition, message, now, self.limits, counts
+                        )
             expire_waiting(self.store, now, self.limits, counts)
             if now - self._last_prune > 3600:
                 self.store.prune(now - self.settings.retention_s)
@@ -145,6 +172,7 @@ class CuratorWorker:
     def close(self) -> None:
         self.consumer.close(autocommit=False)
         self.producer.close(timeout=10)
+        self.dead_letters.close()
         self.store.close()
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from google.protobuf.message import DecodeError
 from kafka import TopicPartition
@@ -34,6 +35,17 @@ class Received:
     partition: int
     offset: int
     rollout: events_pb2.Rollout
+
+
+@dataclass
+class Unreadable:
+    """A record that does not decode as a Rollout: it goes to the DLQ as it was."""
+
+    partition: int
+    offset: int
+    record: Any
+    """The kafka-python ConsumerRecord."""
+    error: Exception
 
 
 @dataclass
@@ -218,27 +230,19 @@ class RolloutSource:
             self.consumer.seek(tp, start[p])
         return start
 
-    def poll(
-        self, timeout_ms: int = 200, max_records: int = 500
-    ) -> list[Received | tuple[int, int]]:
-        """Decoded records, or (partition, offset) for records that are not Rollouts."""
-        out: list[Received | tuple[int, int]] = []
+    def poll(self, timeout_ms: int = 200, max_records: int = 500) -> list[Received | Unreadable]:
+        """Decoded records, or `Unreadable` for records that are not Rollouts."""
+        out: list[Received | Unreadable] = []
         for tp, records in self.consumer.poll(
             timeout_ms=timeout_ms, max_records=max_records
         ).items():
             for record in records:
                 try:
-                    out.append(
-                        Received(
-                            tp.partition, record.offset, decode(events_pb2.Rollout, record.value)
-                        )
-                    )
-                except DecodeError:
-                    log.warning(
-                        "undecodable rollout",
-                        extra={"fields": {"partition": tp.partition, "offset": record.offset}},
-                    )
-                    out.append((tp.partition, record.offset))
+                    rollout = decode(events_pb2.Rollout, record.value)
+                except DecodeError as err:
+                    out.append(Unreadable(tp.partition, record.offset, record, err))
+                    continue
+                out.append(Received(tp.partition, record.offset, rollout))
         return out
 
     def commit(self, offsets: dict[int, int]) -> None:

@@ -2,7 +2,8 @@
 checkpoint -> commit -> weights push. `server.py` builds it from settings and runs it.
 
 One turn, in order:
-  1. poll this rank's partitions; invalid or duplicate rollouts are handled (counted) at once;
+  1. poll this rank's partitions; duplicate rollouts are counted, invalid ones dead-lettered
+     (`rlhf.rollouts.v1.dlq`, acknowledged before their offset can be saved), at once;
   2. drop rollouts more than `max_staleness` versions behind the trainer (counted);
   3. the ranks agree that each holds a full batch of whole groups (or that one wants to stop);
   4. `Learner.step` (gradients all-reduced across ranks by the learner);
@@ -24,10 +25,18 @@ from collections import Counter
 
 import torch
 
+from services.common.dead_letters import DeadLetters
 from services.common.kafka import make_producer
+from services.common.schema import record_headers
 from services.trainer import checkpoint, distributed
 from services.trainer.checkpoint import Checkpoint, ConsumerPosition
-from services.trainer.consumer import Received, RolloutBatcher, RolloutSource, partitions_of_rank
+from services.trainer.consumer import (
+    Received,
+    RolloutBatcher,
+    RolloutSource,
+    Unreadable,
+    partitions_of_rank,
+)
 from services.trainer.learner import Learner, LearnerConfig, RolloutSample
 from services.trainer.metrics import MetricsLog, TrainerMetrics
 from services.trainer.settings import TrainerSettings
@@ -87,6 +96,9 @@ class TrainerService:
         )
         self.learner = Learner(config, settings.model_dir)
         self.metrics = TrainerMetrics()
+        self.dead_letters = DeadLetters(
+            settings.kafka, f"trainer-rank-{self.rank.rank}", self.metrics.registry
+        )
         self.batcher = RolloutBatcher(settings.batch_size, settings.max_staleness)
         self.source = RolloutSource(
             settings.kafka,
@@ -175,15 +187,24 @@ class TrainerService:
             if ready:
                 self._update(self.batcher.take(groups))
 
-    def _take_in(self, item: Received | tuple[int, int]) -> None:
-        if isinstance(item, tuple):
-            self.batcher.add_invalid(*item)
+    def _take_in(self, item: Received | Unreadable) -> None:
+        """Invalid records are dead-lettered (acknowledged) before their offset can be saved."""
+        if isinstance(item, Unreadable):
+            self.dead_letters.send_record(item.record, item.error)
+            self.batcher.add_invalid(item.partition, item.offset)
             return
         try:
             to_sample(item.rollout)
         except ValueError as exc:
-            log.warning(
-                "invalid rollout", extra={"fields": {"why": str(exc), "offset": item.offset}}
+            rollout = item.rollout
+            self.dead_letters.send(
+                self.settings.rollouts_topic,
+                item.partition,
+                item.offset,
+                rollout.rollout_id.encode(),
+                rollout.SerializeToString(),
+                f"invalid rollout: {exc}",
+                record_headers(rollout),
             )
             self.batcher.add_invalid(item.partition, item.offset)
             return
@@ -279,6 +300,7 @@ class TrainerService:
 
     def close(self) -> None:
         self.source.close()
+        self.dead_letters.close()
         if self.producer is not None:
             self.producer.close()
         self.log.close()

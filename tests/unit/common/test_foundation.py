@@ -22,8 +22,12 @@ def test_settings_come_from_the_environment(monkeypatch):
 def test_join_topics_are_co_partitioned_and_names_versioned():
     by_name = {t.name: t for t in topics.TOPICS}
     assert by_name[topics.GENERATIONS].partitions == by_name[topics.FEEDBACK].partitions
-    assert all(name.startswith("rlhf.") and name.endswith(".v1") for name in by_name)
+    data = [n for n in by_name if not n.endswith(topics.DLQ_SUFFIX)]
+    assert all(name.startswith("rlhf.") and name.endswith(".v1") for name in data)
     assert by_name[topics.WEIGHTS].configs["cleanup.policy"] == "compact"
+    # Every data topic has its dead-letter topic, and nothing else is in the table.
+    assert sorted(by_name) == sorted([*data, *(topics.dlq_topic(n) for n in data)])
+    assert all(by_name[topics.dlq_topic(n)].partitions == 1 for n in data)
 
 
 def test_model_config_has_batching_decoupling_and_parameters(tmp_path: Path):
