@@ -10,6 +10,7 @@ a killed run left behind.
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -20,6 +21,11 @@ from deploy.local.triton import TritonServer
 from services.common.settings import KafkaSettings, TritonSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# The control plane's token (services/common/control_auth.py) for everything this session starts:
+# in-process services and callers read it, and subprocesses inherit it. Tests that check the
+# refusals set their own.
+os.environ.setdefault("RLHF_CONTROL_TOKEN", secrets.token_urlsafe(24))
 _started: dict[str, str] = {}
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import sys
 import time
 import urllib.request
@@ -94,10 +95,20 @@ class Stack:
         n = str(self.threads)
         return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "RLHF_POLICY_TORCH_THREADS": n}
 
+    def control_token_file(self) -> Path:
+        """The stack's control token (UpdateWeights, ReloadModel): made once, owner-only."""
+        path = self.state / "control-token"
+        if not path.exists():
+            self.state.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_urlsafe(32))
+        return path
+
     def base_env(self) -> dict[str, str]:
         return {
             **os.environ,
             **self.thread_env(),
+            "RLHF_CONTROL_TOKEN_FILE": str(self.control_token_file()),
             "PYTHONPATH": str(REPO_ROOT),
             "RLHF_KAFKA_BOOTSTRAP_SERVERS": self.broker.bootstrap_servers,
             "RLHF_TRITON_URL": self.triton.grpc_url,

@@ -1,7 +1,8 @@
 """The gRPC server every model service runs: health and reflection on, message size limits, a
 bounded number of concurrent RPCs (beyond it, RESOURCE_EXHAUSTED at once instead of an unbounded
-pile-up), per-method metrics, and graceful shutdown on SIGTERM (NOT_SERVING, finish in-flight,
-stop).
+pile-up), per-method metrics, a readiness gate (while `set_serving(False)`: NOT_SERVING, and
+calls fail fast with UNAVAILABLE), and graceful shutdown on SIGTERM (NOT_SERVING, finish
+in-flight, stop).
 
     server = ModelServer("policy", settings, registry)
     server.add(policy_pb2_grpc.add_PolicyServiceServicer_to_server, servicer, "rlhf.v1.PolicyService")
@@ -24,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.control_auth import ControlAuthInterceptor
 from services.common.metrics import RpcMetrics
 
 log = logging.getLogger(__name__)
@@ -124,12 +126,65 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         return handler
 
 
+class ReadinessInterceptor(grpc.ServerInterceptor):
+    """While the server is not ready (its model is down), every call of its own services fails at
+    once with UNAVAILABLE, so that callers try another replica instead of waiting on a dead
+    model; health and reflection always answer."""
+
+    def __init__(self, ready: threading.Event, always: tuple[str, ...]):
+        self.ready = ready
+        self.always = always
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.lstrip("/").startswith(self.always):
+            return handler
+        ready = self.ready
+
+        def gate(behavior, streaming: bool):
+            def refuse(context):
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the model is not ready (Triton down)")
+
+            if streaming:
+
+                def wrapped_stream(request, context):
+                    if not ready.is_set():
+                        refuse(context)
+                    yield from behavior(request, context)
+
+                return wrapped_stream
+
+            def wrapped(request, context):
+                if not ready.is_set():
+                    refuse(context)
+                return behavior(request, context)
+
+            return wrapped
+
+        for kind, streaming in (
+            ("unary_unary", False),
+            ("stream_unary", False),
+            ("unary_stream", True),
+            ("stream_stream", True),
+        ):
+            behavior = getattr(handler, kind)
+            if behavior:
+                return handler._replace(**{kind: gate(behavior, streaming)})
+        return handler
+
+
 class ModelServer:
     """Lifecycle of one gRPC service process: add servicers, start, serve, drain, stop."""
 
     def __init__(
-        self, service: str, settings: GrpcSettings, registry: CollectorRegistry | None = None
+        self,
+        service: str,
+        settings: GrpcSettings,
+        registry: CollectorRegistry | None = None,
+        control_methods: tuple[str, ...] = (),
     ):
+        """`control_methods` (full names) take only callers with the control token
+        (services/common/control_auth.py)."""
         self.service = service
         self.settings = settings
         self.registry = registry or CollectorRegistry()
@@ -137,11 +192,18 @@ class ModelServer:
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._service_names: list[str] = [health.SERVICE_NAME, reflection.SERVICE_NAME]
         self._stopped = threading.Event()
+        self.ready = threading.Event()
+        """Set while the service can answer (`set_serving`); cleared, calls get UNAVAILABLE."""
+        always = ("grpc.health.", "grpc.reflection.")
         self.server = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=settings.max_workers, thread_name_prefix=service
             ),
-            interceptors=[MetricsInterceptor(self.metrics)],
+            interceptors=[
+                MetricsInterceptor(self.metrics),
+                ControlAuthInterceptor(control_methods),
+                ReadinessInterceptor(self.ready, always),
+            ],
             options=message_size_options(settings.max_message_bytes),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
@@ -167,6 +229,11 @@ class ModelServer:
         return self.port
 
     def set_serving(self, serving: bool) -> None:
+        """Health SERVING and calls admitted, or NOT_SERVING and calls refused (UNAVAILABLE)."""
+        if serving:
+            self.ready.set()
+        else:
+            self.ready.clear()
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving

@@ -24,25 +24,32 @@ What `launch` (and so `python -m services.<name>`) does:
 1. with `model_repository` set (local runs, tests), write the Triton model there and have Triton
    load it; in Kubernetes the init container ran `repository` and Triton loaded it at start;
 2. construct the service: the subclass connects to its model and adds its servicer;
-3. serve gRPC (health SERVING) and /metrics.
+3. serve gRPC (health SERVING) and /metrics;
+4. watch Triton (`TritonWatch`, every `triton_health_interval_s`): while Triton does not serve
+   the model, health is NOT_SERVING and calls fail at once with UNAVAILABLE; when Triton is back
+   (and, in local runs, the model reloaded), the service serves again.
 SIGTERM: health goes NOT_SERVING, in-flight calls finish, then `close` releases what step 2 made.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar, Self
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 
 from services.common.entry import run
 from services.common.grpc_server import ModelServer
 from services.common.logging import configure_logging
 from services.common.settings import ModelServiceSettings
-from services.common.triton_client import write_and_load
+from services.common.triton_client import connect, write_and_load
 from services.common.triton_repo import PythonModelSpec, TensorIO, write_model
+
+log = logging.getLogger(__name__)
 
 
 def python_model_spec(
@@ -74,6 +81,72 @@ def python_model_spec(
     )
 
 
+class TritonWatch:
+    """Polls Triton's readiness of one model and sets the server's health and admission by it.
+
+    With a `model_repository` (local runs), a Triton that is live again without the model (a
+    restarted explicit-mode server) is asked to load it; in Kubernetes the restarted Triton
+    container loads its repository by itself."""
+
+    def __init__(self, service: ModelService, registry: CollectorRegistry):
+        self.service = service
+        self.settings = service.settings
+        self.ready_gauge = Gauge(
+            f"rlhf_{service.name}_triton_model_ready",
+            "1 while Triton serves this service's model, else 0 (health and admission follow).",
+            registry=registry,
+        )
+        self.ready_gauge.set(1)
+        self._stop = threading.Event()
+        self._client = None
+        self._thread = threading.Thread(target=self._run, name="triton-watch", daemon=True)
+
+    def start(self) -> None:
+        if self.settings.triton_health_interval_s > 0:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        if self._client is not None:
+            self._client.close()
+
+    def model_ready(self) -> bool:
+        from tritonclient.utils import InferenceServerException
+
+        s = self.settings
+        timeout = max(1.0, min(5.0, s.triton_health_interval_s))
+        try:
+            if self._client is None:
+                self._client = connect(s.triton)
+            if self._client.is_model_ready(s.triton_model, client_timeout=timeout):
+                return True
+            if s.model_repository is not None and self._client.is_server_live(
+                client_timeout=timeout
+            ):
+                log.info("triton is back without the model: loading it")
+                self._client.load_model(s.triton_model, client_timeout=s.triton.timeout_s)
+                return self._client.is_model_ready(s.triton_model, client_timeout=timeout)
+            return False
+        except InferenceServerException:
+            return False
+
+    def _run(self) -> None:
+        ready = True
+        while not self._stop.wait(self.settings.triton_health_interval_s):
+            now = self.model_ready()
+            if now != ready:
+                ready = now
+                self.ready_gauge.set(int(ready))
+                self.service.server.set_serving(ready)
+                log.warning(
+                    "triton model %s",
+                    "ready: serving" if ready else "not ready: NOT_SERVING",
+                    extra={"fields": {"model": self.settings.triton_model}},
+                )
+
+
 class ModelService(ABC):
     """One running model service: its settings, its gRPC server (`server`), and what the
     subclass's constructor opened, released by `close`."""
@@ -81,10 +154,13 @@ class ModelService(ABC):
     name: ClassVar[str]
     """`policy`, `reward`, ...: the metrics' prefix (`rlhf_<name>_*`), the logs, the usage line."""
     settings_type: ClassVar[type[ModelServiceSettings]]
+    control_methods: ClassVar[tuple[str, ...]] = ()
+    """Full method names that change what is served: only callers with the control token."""
 
     def __init__(self, settings: ModelServiceSettings, registry: CollectorRegistry | None = None):
         self.settings = settings
-        self.server = ModelServer(self.name, settings.grpc, registry)
+        self.server = ModelServer(self.name, settings.grpc, registry, self.control_methods)
+        self.triton_watch = TritonWatch(self, self.server.registry)
         self._stopped = False
 
     @classmethod
@@ -101,14 +177,17 @@ class ModelService(ABC):
         return f"127.0.0.1:{self.server.port}"
 
     def start(self) -> int:
-        """Serves gRPC and /metrics; returns the gRPC port."""
-        return self.server.start()
+        """Serves gRPC and /metrics, and starts watching Triton; returns the gRPC port."""
+        port = self.server.start()
+        self.triton_watch.start()
+        return port
 
     def stop(self, grace_s: float | None = None) -> None:
         """Drains and stops the gRPC server, then closes; a second call does nothing."""
         if self._stopped:
             return
         self._stopped = True
+        self.triton_watch.stop()
         self.server.stop(grace_s)
         self.close()
 

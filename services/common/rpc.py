@@ -18,6 +18,10 @@ class FieldError(ValueError):
         self.field = field
 
 
+class Forbidden(Exception):
+    """The caller may not ask for this (PERMISSION_DENIED), e.g. a folder outside the allowed root."""
+
+
 class Aborted(Exception):
     """A conflict the caller may simply retry (ABORTED), e.g. versions changing mid-request."""
 
@@ -53,6 +57,8 @@ def abort_for(context: grpc.ServicerContext, error: Exception, service: str) -> 
         context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the model ran")
     if isinstance(error, Aborted):
         context.abort(grpc.StatusCode.ABORTED, str(error))
+    if isinstance(error, Forbidden):
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
     if isinstance(error, InferenceServerException):
         context.abort(status_of(error), f"{service} model: {error.message()}")
     raise error

@@ -93,6 +93,12 @@ class ModelServiceSettings(BaseSettings):
     triton_queue_delay_us: int = Field(
         2_000, ge=0, description="How long Triton waits to fill a batch."
     )
+    triton_health_interval_s: float = Field(
+        2.0,
+        ge=0,
+        description="How often the service checks that Triton serves its model (health and "
+        "admission follow it); 0 disables the check.",
+    )
     grpc: GrpcSettings = Field(
         description="gRPC server block, from `RLHF_<SVC>_GRPC_<FIELD>` (filled in when not given)."
     )

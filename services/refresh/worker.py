@@ -25,7 +25,8 @@ One cycle (`RefreshWorker.step`):
      A refused reload is logged and counted, never retried; an unreachable replica is tried
      `reload_attempts` times, and catches up from CURRENT on its own (services/reward/follower).
      The next refresh starts from the published version either way.
-KTO binary labels are counted and skipped: the curator already emits a chosen/rejected pair for
+A record that does not decode or is not a usable pair goes to `rlhf.preferences.v1.dlq` (counted,
+acknowledged before step 3's commit). KTO binary labels are counted and skipped: the curator already emits a chosen/rejected pair for
 every up/down combination of one prompt, so pairing labels here would count those twice.
 
 Shapes: `P` preference pairs.
@@ -46,6 +47,8 @@ from google.protobuf.message import DecodeError
 from kafka import TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.common.control_auth import control_metadata
+from services.common.dead_letters import DeadLetters
 from services.common.durable import SeekToStoredOffsets, durable_cycle
 from services.common.kafka import decode, make_consumer
 from services.common.preferences import prompt_hash
@@ -163,6 +166,10 @@ class RefreshResult:
     """The reward service's answer: None when nothing was published or it was unreachable."""
 
 
+class Unusable(ValueError):
+    """A record the refresh cannot take: it goes to the DLQ."""
+
+
 class RefreshWorker:
     """`step()` runs one consume cycle and, when due, a refresh (tests drive it); `run()` loops."""
 
@@ -170,7 +177,9 @@ class RefreshWorker:
         self.settings = settings
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        self.metrics = RefreshMetrics(registry or CollectorRegistry())
+        registry = registry or CollectorRegistry()
+        self.metrics = RefreshMetrics(registry)
+        self.dead_letters = DeadLetters(settings.kafka, "refresh", registry)
         self.store = PairStore(settings.state_dir)
         base_dir = Path(settings.base_model_dir).resolve()
         self.base = CurrentVersion(settings.base_version, base_dir, manifest(base_dir), False)
@@ -216,8 +225,12 @@ class RefreshWorker:
             for tp, records in batches.items():
                 for record in records:
                     seen_by_base = record.offset < self.base_cutoff.get(tp.partition, 0)
-                    kinds.append(self._take(record.value, seen_by_base))
                     next_offsets[tp] = record.offset + 1
+                    try:
+                        kinds.append(self._take(record.value, seen_by_base))
+                    except Unusable as why:  # acknowledged in the DLQ before the commit
+                        self.dead_letters.send_record(record, str(why))
+                        kinds.append("invalid")
         for kind in kinds:
             self.metrics.records.labels(kind.split(":")[0]).inc()
             if kind.startswith("pair:"):
@@ -228,16 +241,11 @@ class RefreshWorker:
         """Stores one record; returns what became of it (`pair:train`, `label`, ...)."""
         try:
             record = decode(events_pb2.PreferenceRecord, value)
-        except DecodeError:
-            log.warning("undecodable preference record skipped")
-            return "invalid"
+        except DecodeError as err:
+            raise Unusable(f"undecodable PreferenceRecord: {err}") from err
         kind = record.WhichOneof("kind")
         if not record.preference_id or kind not in RECORD_HANDLERS:
-            log.warning(
-                "preference record without id or kind skipped",
-                extra={"fields": {"preference_id": record.preference_id}},
-            )
-            return "invalid"
+            raise Unusable("preference record without preference_id or kind")
         if not self.store.mark_seen(record.preference_id):
             return "duplicate"
         return RECORD_HANDLERS[kind](self, record, seen_by_base)
@@ -245,10 +253,7 @@ class RefreshWorker:
     def _store_pair(self, record: events_pb2.PreferenceRecord, seen_by_base: bool) -> str:
         pair = PreferencePair(record.prompt, record.pair.chosen, record.pair.rejected)
         if not (pair.prompt and pair.chosen and pair.rejected) or pair.chosen == pair.rejected:
-            log.warning(
-                "unusable pair skipped", extra={"fields": {"preference_id": record.preference_id}}
-            )
-            return "invalid"
+            raise Unusable("pair without prompt, chosen or rejected, or chosen == rejected")
         held_out = is_held_out(pair.prompt, self.settings.held_out_modulus)
         self.store.add_pair(record.preference_id, pair, held_out, trained=seen_by_base)
         return "pair:held_out" if held_out else "pair:train"
@@ -370,7 +375,9 @@ class RefreshWorker:
             try:
                 with grpc.insecure_channel(address) as channel:
                     reply = reward_pb2_grpc.RewardServiceStub(channel).ReloadModel(
-                        request, timeout=self.settings.reload_timeout_s
+                        request,
+                        timeout=self.settings.reload_timeout_s,
+                        metadata=control_metadata(),
                     )
             except grpc.RpcError as error:
                 log.warning(
@@ -409,6 +416,7 @@ class RefreshWorker:
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)
+        self.dead_letters.close()
         self.store.close()
 
 

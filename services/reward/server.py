@@ -36,6 +36,7 @@ class RewardService(ModelService):
 
     name = "reward"
     settings_type = RewardSettings
+    control_methods = ("/rlhf.v1.RewardService/ReloadModel",)
 
     @classmethod
     def triton_spec(cls, settings: RewardSettings) -> PythonModelSpec:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.metrics import BATCH_BUCKETS
-from services.common.rpc import FieldError, abort_for, remaining_s
+from services.common.rpc import FieldError, Forbidden, abort_for, remaining_s
 from services.genproto.rlhf.v1 import reward_pb2, reward_pb2_grpc
 from services.reward.encoding import render_prompt
 from services.reward.scorer import RewardScorer
@@ -94,7 +95,12 @@ def checked_pairs(
     return prompts, responses
 
 
-def checked_reload(request: reward_pb2.ReloadModelRequest) -> None:
+def reload_root(settings: RewardSettings) -> Path | None:
+    """The folder ReloadModel may load versions from: `reload_root`, else `versions_root`."""
+    return settings.reload_root or settings.versions_root
+
+
+def checked_reload(request: reward_pb2.ReloadModelRequest, root: Path | None) -> None:
     if request.reward_model_version == 0:
         raise FieldError("reward_model_version", "must be a version number >= 1")
     if not request.path.startswith("/"):
@@ -106,6 +112,12 @@ def checked_reload(request: reward_pb2.ReloadModelRequest) -> None:
     for name, digest in request.file_sha256.items():
         if not SHA256_HEX.match(digest):
             raise FieldError(f"file_sha256[{name!r}]", "not a hex sha256 digest")
+    if root is None:
+        raise Forbidden("ReloadModel is off: set versions_root (or reload_root) to allow it")
+    # Resolved, so that neither `..` nor a symlink leads out of the root.
+    folder, base = Path(request.path).resolve(), root.resolve()
+    if folder == base or not folder.is_relative_to(base):
+        raise Forbidden(f"path: only version folders under {base} may be loaded")
 
 
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
@@ -137,7 +149,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         self, request: reward_pb2.ReloadModelRequest, context: grpc.ServicerContext
     ) -> reward_pb2.ReloadModelResponse:
         try:
-            checked_reload(request)
+            checked_reload(request, reload_root(self.settings))
             result = self.scorer.reload(
                 request.reward_model_version,
                 request.path,

@@ -39,6 +39,11 @@ class RewardSettings(ModelServiceSettings):
         description="Folder of published versions (the refresh's, on a shared volume): the service "
         "serves the version its CURRENT file names, at start and whenever it changes.",
     )
+    reload_root: Path | None = Field(
+        None,
+        description="Folder ReloadModel may load version folders from (resolved: no `..` or "
+        "symlink out of it); unset: versions_root; with neither, ReloadModel is refused.",
+    )
     follow_interval_s: float = Field(
         10.0, gt=0, description="How often the service re-reads versions_root/CURRENT."
     )

@@ -31,6 +31,7 @@ import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 from safetensors.torch import save
 
+from services.common.control_auth import control_metadata
 from services.common.digest import sha256_file
 from services.common.grpc_server import message_size_options
 from services.common.replicas import replica_addresses
@@ -155,6 +156,7 @@ def push(
             reply = update_weights_call(channel)(
                 requests if requests is not None else iter_requests(folder, manifest, chunk_bytes),
                 timeout=timeout_s,
+                metadata=control_metadata(),
             )
         except grpc.RpcError as exc:
             return PushResult(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from services.common.control_auth import control_metadata
 from services.genproto.rlhf.v1 import policy_pb2
 from services.trainer.weights_push import (
     DEFAULT_CHUNK_BYTES,
@@ -35,5 +36,7 @@ def push_folder(
     same stream the trainer sends, `services.trainer.weights_push`)."""
     manifest = manifest or build_manifest(folder, weights_version)
     return update_weights_call(channel)(
-        iter_requests(folder, manifest, chunk_bytes), timeout=timeout_s
+        iter_requests(folder, manifest, chunk_bytes),
+        timeout=timeout_s,
+        metadata=control_metadata(),
     )

@@ -45,8 +45,10 @@ Source = events_pb2.PreferenceSource
 
 
 @pytest.fixture(scope="module")
-def reward(triton_server, tiny_rm_dir):
-    with reward_stack(triton_server, tiny_rm_dir, max_length=MAX_LENGTH) as stack:
+def reward(triton_server, tiny_rm_dir, tmp_path_factory):
+    # The refresh publishes under each test's tmp_path: the reward may load from there.
+    root = tmp_path_factory.getbasetemp()
+    with reward_stack(triton_server, tiny_rm_dir, max_length=MAX_LENGTH, reload_root=root) as stack:
         yield stack
 
 

@@ -41,7 +41,7 @@ def expected(versions, tiny_rm_dir):
 
 
 @pytest.fixture(scope="module")
-def stub(triton_server, tiny_rm_dir):
+def stub(triton_server, tiny_rm_dir, tmp_path_factory):
     with (
         reward_stack(
             triton_server,
@@ -49,6 +49,7 @@ def stub(triton_server, tiny_rm_dir):
             model_version=1,
             max_length=MAX_LENGTH,
             triton_max_batch_size=4,
+            reload_root=tmp_path_factory.getbasetemp(),  # the tests' folders, tmp_path included
         ) as stack,
         grpc.insecure_channel(stack.address) as channel,
     ):
@@ -138,3 +139,30 @@ def test_a_valid_version_takes_over_while_requests_keep_flowing(stub, versions, 
         and again.reward_model_version == 2
         and again.reason == "already serving this version"
     )
+
+
+def test_only_folders_under_the_reload_root_are_loaded(
+    triton_server, tiny_rm_dir, versions, tmp_path
+):
+    root = versions["v2"].parent
+    outside = tmp_path / "outside"
+    shutil.copytree(versions["v2"], outside)
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    with (
+        reward_stack(triton_server, tiny_rm_dir, max_length=MAX_LENGTH, reload_root=root) as s1,
+        reward_stack(triton_server, tiny_rm_dir, max_length=MAX_LENGTH) as s2,
+        grpc.insecure_channel(s1.address) as rooted,
+        grpc.insecure_channel(s2.address) as rootless,
+    ):
+        stub = reward_pb2_grpc.RewardServiceStub(rooted)
+        good = manifest(versions["v2"])
+        for path in (outside, root / "link", root / ".." / outside.name, root):
+            with pytest.raises(grpc.RpcError) as denied:
+                reload(stub, 2, path, good)
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED, path
+            assert f"under {root.resolve()}" in denied.value.details()
+        with pytest.raises(grpc.RpcError) as off:
+            reload(reward_pb2_grpc.RewardServiceStub(rootless), 2, versions["v2"], good)
+        assert off.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "ReloadModel is off" in off.value.details()
+        assert reload(stub, 2, versions["v2"], good).accepted  # inside the root: loaded

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from services.common.rpc import FieldError, status_of
+from services.common.rpc import FieldError, Forbidden, status_of
 from services.genproto.rlhf.v1 import common_pb2, reward_pb2
 from services.reward.encoding import render_prompt
 from services.reward.servicer import checked_pairs, checked_reload
@@ -86,13 +88,32 @@ def test_bad_score_requests_name_the_field(pairs, model, overrides, field):
 )
 def test_bad_reload_requests_name_the_field(request_fields, field):
     with pytest.raises(FieldError) as error:
-        checked_reload(reward_pb2.ReloadModelRequest(**request_fields))
+        checked_reload(reward_pb2.ReloadModelRequest(**request_fields), Path("/"))
     assert error.value.field == field
     checked_reload(
         reward_pb2.ReloadModelRequest(
             reward_model_version=2, path="/v", file_sha256={"m": "A" * 64}
-        )
+        ),
+        Path("/"),
     )
+
+
+def test_reloads_only_from_version_folders_under_the_root(tmp_path: Path):
+    root = tmp_path / "versions"
+    (root / "v2").mkdir(parents=True)
+    (root / "escape").symlink_to(tmp_path, target_is_directory=True)
+
+    def request(path) -> reward_pb2.ReloadModelRequest:
+        return reward_pb2.ReloadModelRequest(
+            reward_model_version=2, path=str(path), file_sha256={"m": "A" * 64}
+        )
+
+    checked_reload(request(root / "v2"), root)
+    for path in (root, root / ".." / "other", root / "escape" / "v2", tmp_path):
+        with pytest.raises(Forbidden, match="only version folders under"):
+            checked_reload(request(path), root)
+    with pytest.raises(Forbidden, match="ReloadModel is off"):
+        checked_reload(request(root / "v2"), None)
 
 
 def test_triton_errors_map_to_grpc_codes():
