@@ -119,7 +119,7 @@ def load_causal_lm(
 
     device = device or select_device()
     dtype = dtype or select_dtype(device)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
     return model.to(device).eval()
 
 
@@ -131,7 +131,9 @@ def load_reward_model(
 
     device = device or select_device()
     dtype = dtype or select_dtype(device)
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(path), num_labels=1, dtype=dtype, use_safetensors=True
+    )
     return model.to(device).eval()
 
 

@@ -131,7 +131,7 @@ class FolderPolicy:
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(
-                str(self.folder), dtype=self.dtype, local_files_only=True
+                str(self.folder), dtype=self.dtype, local_files_only=True, use_safetensors=True
             )
             self._model = model.to(self.device).eval()
             eos = model.generation_config.eos_token_id

@@ -33,9 +33,15 @@ class RolloutSettings(BaseSettings):
     live_prompt_buffer: int = Field(
         1024, ge=1, description="Recent live prompts kept to draw from."
     )
-    policy_address: str = Field("127.0.0.1:50051", description="PolicyService host:port.")
-    reward_address: str = Field("127.0.0.1:50052", description="RewardService host:port.")
-    reference_address: str = Field("127.0.0.1:50053", description="ReferenceService host:port.")
+    policy_address: str = Field(
+        "127.0.0.1:50051",
+        description="PolicyService host:port (a headless Service reaches every replica), or a "
+        "comma-separated list of replicas.",
+    )
+    reward_address: str = Field("127.0.0.1:50052", description="RewardService, as policy_address.")
+    reference_address: str = Field(
+        "127.0.0.1:50053", description="ReferenceService, as policy_address."
+    )
     model_name: str = Field(
         "policy", description="Policy model name (the key of its weights events)."
     )
@@ -63,6 +69,12 @@ class RolloutSettings(BaseSettings):
         topics.WEIGHTS, description="Topic the trainer announces versions on."
     )
     generations_topic: str = Field(topics.GENERATIONS, description="Topic of live generations.")
+    gold_annotator: str = Field(
+        "",
+        description="module:function scoring (prompt, answer) independently of the reward model "
+        "(a rule, a judge); when set, each round's mean is exported as rlhf_rollout_gold_mean "
+        "beside rlhf_rollout_reward_mean: reward rising while gold does not is reward hacking.",
+    )
     max_rollouts: int = Field(0, ge=0, description="Stop after this many rollouts; 0 runs forever.")
     epochs: int = Field(0, ge=0, description="Passes over the dataset; 0 loops forever.")
     seed: int = Field(0, description="Seed of prompt order and sampling.")

@@ -30,15 +30,17 @@ import zlib
 from collections import deque
 from collections.abc import Iterator
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from kafka import TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.common.annotator import load_annotator
+from services.common.channels import replica_channel
 from services.common.grpc_server import message_size_options
 from services.common.kafka import decode, make_consumer, make_producer
 from services.common.logging import configure_logging
 from services.common.metrics import LATENCY_BUCKETS, serve_metrics
+from services.common.prompts import render_prompt
 from services.genproto.rlhf.v1 import (
     common_pb2,
     events_pb2,
@@ -142,10 +144,17 @@ class RolloutWorker:
     def __init__(self, settings: RolloutSettings, registry: CollectorRegistry | None = None):
         self.settings = s = settings
         self.prompts = load_prompts(s.dataset)
+        self.gold = load_annotator(s.gold_annotator).score if s.gold_annotator else None
         options = message_size_options(s.max_message_bytes)
+        # Each address may name several replicas (a headless Service, or a list): calls go round
+        # robin, and one that fails on a dead replica is retried on another (common/channels.py).
         self.channels = [
-            grpc.insecure_channel(a, options=options)
-            for a in (s.policy_address, s.reward_address, s.reference_address)
+            replica_channel(address, [service], options)
+            for address, service in (
+                (s.policy_address, "rlhf.v1.PolicyService"),
+                (s.reward_address, "rlhf.v1.RewardService"),
+                (s.reference_address, "rlhf.v1.ReferenceService"),
+            )
         ]
         self.policy = policy_pb2_grpc.PolicyServiceStub(self.channels[0])
         self.reward = reward_pb2_grpc.RewardServiceStub(self.channels[1])
@@ -174,6 +183,14 @@ class RolloutWorker:
         )
         self.m_paused = Counter(
             "rlhf_rollout_backpressure_seconds_total", "Time paused by backpressure.", registry=r
+        )
+        self.m_reward = Gauge(
+            "rlhf_rollout_reward_mean", "Mean reward-model score of the last round.", registry=r
+        )
+        self.m_gold = Gauge(
+            "rlhf_rollout_gold_mean",
+            "Mean score of the last round by the independent gold annotator (when configured).",
+            registry=r,
         )
         self.m_staleness = Gauge(
             "rlhf_rollout_expected_staleness_versions",
@@ -295,6 +312,11 @@ class RolloutWorker:
             f.get(timeout=60)
         self.produced += len(rollouts)
         self.m_rollouts.inc(len(rollouts))
+        if rollouts:
+            self.m_reward.set(sum(r.reward for r in rollouts) / len(rollouts))
+        if self.gold is not None and rollouts:
+            gold = [self.gold(render_prompt(r.prompt), r.response_text) for r in rollouts]
+            self.m_gold.set(sum(gold) / len(gold))
 
     def run(self) -> int:
         s = self.settings

@@ -58,7 +58,7 @@ def load_reward_for_training(path: Path, device: torch.device):
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(path), num_labels=1, dtype=torch.float32
+        str(path), num_labels=1, dtype=torch.float32, use_safetensors=True
     )
     return model.to(device).train()
 

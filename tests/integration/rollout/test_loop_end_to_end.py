@@ -15,7 +15,9 @@ import pytest
 import torch
 from kafka import TopicPartition
 
+from services.common.annotator import load_annotator
 from services.common.kafka import commit, decode, make_consumer
+from services.common.prompts import render_prompt
 from services.genproto.rlhf.v1 import common_pb2, events_pb2, policy_pb2, policy_pb2_grpc
 from services.rollout.settings import RolloutSettings
 from services.rollout.worker import RolloutWorker
@@ -78,6 +80,9 @@ def _read_rollouts(kafka_settings, topic: str, count: int) -> list[events_pb2.Ro
             break
     consumer.close()
     return rollouts
+
+
+GOLD = "services.common.annotator_rules:helpful_concise"
 
 
 def _worker(stacks, kafka_settings, dataset, topic: str, **settings) -> RolloutWorker:
@@ -202,6 +207,7 @@ def test_live_prompts_from_the_generations_topic_become_rollouts(stacks, kafka_s
         prompts_per_call=2,
         max_new_tokens=4,
         max_rollouts=4,
+        gold_annotator=GOLD,
     )
     live_text = f"What is the capital of {uuid.uuid4().hex[:6]}?"
     try:
@@ -229,6 +235,13 @@ def test_live_prompts_from_the_generations_topic_become_rollouts(stacks, kafka_s
     assert {ids for g in groups.values() for ids in g} >= {
         tuple(live_ids)
     }  # one group is the live prompt
+    # One round of 4: the gold gauge is the independent annotator's mean over it, the reward
+    # gauge the reward model's.
+    gold = load_annotator(GOLD)
+    expected = [gold.score(render_prompt(r.prompt), r.response_text) for r in rollouts]
+    value = worker.registry.get_sample_value
+    assert value("rlhf_rollout_gold_mean") == pytest.approx(sum(expected) / 4)
+    assert value("rlhf_rollout_reward_mean") == pytest.approx(sum(r.reward for r in rollouts) / 4)
 
 
 def test_the_worker_waits_while_the_trainer_is_behind(stacks, kafka_settings, tmp_path):
