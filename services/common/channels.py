@@ -13,6 +13,9 @@ call that failed on a dead replica on another one, within the call's deadline.
   `retryPolicy` for UNAVAILABLE: the status of a replica that is gone, draining, or whose model
   is down (services/common/grpc_server.py fails such calls at once). A retry goes through the
   load balancer again, so it lands on the next ready replica; all attempts share the deadline.
+- TLS: with `RLHF_GRPC_CLIENT_TLS_CA_FILE` every channel of the process is TLS (servers turn it
+  on with `RLHF_<SVC>_GRPC_TLS_CERT_FILE`/`_KEY_FILE`); with a client certificate and key too,
+  mutual TLS (servers that set `_GRPC_TLS_CLIENT_CA_FILE` require it).
 """
 
 from __future__ import annotations
@@ -20,10 +23,62 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 RETRYABLE = ("UNAVAILABLE",)
+
+
+class ClientTLS(BaseSettings):
+    """How this process's gRPC calls to the platform's services are secured (one block per
+    process, `RLHF_GRPC_CLIENT_*`): with a CA file, every channel is TLS; with a certificate and
+    key too, the process presents them (mutual TLS)."""
+
+    model_config = SettingsConfigDict(env_prefix="RLHF_GRPC_CLIENT_", extra="ignore")
+
+    tls_ca_file: Path | None = Field(None, description="PEM CA bundle the servers' certs chain to.")
+    tls_cert_file: Path | None = Field(None, description="PEM client certificate (mutual TLS).")
+    tls_key_file: Path | None = Field(None, description="PEM client private key (mutual TLS).")
+    tls_server_name: str = Field(
+        "", description="Name to verify in the server's certificate, when not the address's host."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClientTLS:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_cert_file is not None and self.tls_ca_file is None:
+            raise ValueError("a client certificate needs tls_ca_file (TLS) as well")
+        return self
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if self.tls_ca_file is None:
+            return None
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.tls_ca_file.read_bytes(),
+            private_key=self.tls_key_file.read_bytes() if self.tls_key_file else None,
+            certificate_chain=self.tls_cert_file.read_bytes() if self.tls_cert_file else None,
+        )
+
+    def options(self) -> list[tuple[str, object]]:
+        if self.tls_ca_file is not None and self.tls_server_name:
+            return [("grpc.ssl_target_name_override", self.tls_server_name)]
+        return []
+
+
+def client_channel(
+    address: str, options: Sequence[tuple[str, object]] = (), tls: ClientTLS | None = None
+) -> grpc.Channel:
+    """A channel to one `host:port`, TLS when this process's ClientTLS says so."""
+    tls = tls or ClientTLS()
+    credentials = tls.credentials()
+    options = [*options, *tls.options()]
+    if credentials is None:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, credentials, options=options)
 
 
 def replica_target(address: str) -> str:
@@ -88,11 +143,16 @@ def replica_channel(
     services: Sequence[str],
     options: Sequence[tuple[str, object]] = (),
     max_attempts: int = 3,
+    tls: ClientTLS | None = None,
 ) -> grpc.Channel:
-    """A channel to every replica behind `address` (see the module docstring)."""
-    return grpc.insecure_channel(
-        replica_target(address), options=channel_options(services, options, max_attempts)
-    )
+    """A channel to every replica behind `address` (see the module docstring), TLS when this
+    process's ClientTLS says so."""
+    tls = tls or ClientTLS()
+    target, credentials = replica_target(address), tls.credentials()
+    options = [*channel_options(services, options, max_attempts), *tls.options()]
+    if credentials is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, credentials, options=options)
 
 
 def replica_aio_channel(
@@ -100,8 +160,12 @@ def replica_aio_channel(
     services: Sequence[str],
     options: Sequence[tuple[str, object]] = (),
     max_attempts: int = 3,
+    tls: ClientTLS | None = None,
 ) -> grpc.aio.Channel:
     """`replica_channel` for grpc.aio callers (the gateway)."""
-    return grpc.aio.insecure_channel(
-        replica_target(address), options=channel_options(services, options, max_attempts)
-    )
+    tls = tls or ClientTLS()
+    target, credentials = replica_target(address), tls.credentials()
+    options = [*channel_options(services, options, max_attempts), *tls.options()]
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, credentials, options=options)

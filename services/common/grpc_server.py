@@ -17,12 +17,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.control_auth import ControlAuthInterceptor
@@ -51,6 +52,34 @@ class GrpcSettings(BaseSettings):
         64 * 1024 * 1024, ge=4 * 1024 * 1024, description="Largest request or response message."
     )
     shutdown_grace_s: float = Field(30.0, ge=0, description="Time in-flight RPCs get on SIGTERM.")
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate (chain) of the server: set with the key, TLS is on."
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of the server.")
+    tls_client_ca_file: Path | None = Field(
+        None,
+        description="PEM CA bundle of the clients: set, every client must present a certificate "
+        "it signed (mutual TLS).",
+    )
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> GrpcSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        return self
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        """TLS (or mutual TLS) credentials, or None for a plaintext port."""
+        if self.tls_cert_file is None:
+            return None
+        client_ca = self.tls_client_ca_file.read_bytes() if self.tls_client_ca_file else None
+        return grpc.ssl_server_credentials(
+            [(self.tls_key_file.read_bytes(), self.tls_cert_file.read_bytes())],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
 
     @classmethod
     def read(cls, prefix: str, **defaults: object) -> GrpcSettings:
@@ -217,7 +246,13 @@ class ModelServer:
 
     def start(self) -> int:
         reflection.enable_server_reflection(self._service_names, self.server)
-        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        address = f"{self.settings.host}:{self.settings.port}"
+        credentials = self.settings.server_credentials()
+        self.port = (
+            self.server.add_secure_port(address, credentials)
+            if credentials is not None
+            else self.server.add_insecure_port(address)
+        )
         self.server.start()
         if self.settings.metrics_port:
             from services.common.metrics import serve_metrics

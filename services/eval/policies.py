@@ -186,10 +186,11 @@ class ServicePolicy:
     def __init__(self, spec: str):
         import grpc
 
+        from services.common.channels import client_channel
         from services.genproto.rlhf.v1 import policy_pb2, policy_pb2_grpc
 
         self.spec, self.address = spec, spec.removeprefix(GRPC_SCHEME)
-        self.channel = grpc.insecure_channel(self.address)
+        self.channel = client_channel(self.address)
         self.stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
         try:
             self.info = self.stub.GetModelInfo(policy_pb2.GetModelInfoRequest(), timeout=30)

@@ -47,6 +47,7 @@ from google.protobuf.message import DecodeError
 from kafka import TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.common.channels import client_channel
 from services.common.control_auth import control_metadata
 from services.common.dead_letters import DeadLetters
 from services.common.durable import SeekToStoredOffsets, durable_cycle
@@ -170,6 +171,17 @@ class Unusable(ValueError):
     """A record the refresh cannot take: it goes to the DLQ."""
 
 
+def read_preference(value: bytes) -> events_pb2.PreferenceRecord:
+    """A record the refresh can take (an id and a kind), or Unusable: nothing else is raised."""
+    try:
+        record = decode(events_pb2.PreferenceRecord, value)
+    except DecodeError as err:
+        raise Unusable(f"undecodable PreferenceRecord: {err}") from err
+    if not record.preference_id or record.WhichOneof("kind") not in RECORD_HANDLERS:
+        raise Unusable("preference record without preference_id or kind")
+    return record
+
+
 class RefreshWorker:
     """`step()` runs one consume cycle and, when due, a refresh (tests drive it); `run()` loops."""
 
@@ -239,16 +251,10 @@ class RefreshWorker:
 
     def _take(self, value: bytes, seen_by_base: bool = False) -> str:
         """Stores one record; returns what became of it (`pair:train`, `label`, ...)."""
-        try:
-            record = decode(events_pb2.PreferenceRecord, value)
-        except DecodeError as err:
-            raise Unusable(f"undecodable PreferenceRecord: {err}") from err
-        kind = record.WhichOneof("kind")
-        if not record.preference_id or kind not in RECORD_HANDLERS:
-            raise Unusable("preference record without preference_id or kind")
+        record = read_preference(value)
         if not self.store.mark_seen(record.preference_id):
             return "duplicate"
-        return RECORD_HANDLERS[kind](self, record, seen_by_base)
+        return RECORD_HANDLERS[record.WhichOneof("kind")](self, record, seen_by_base)
 
     def _store_pair(self, record: events_pb2.PreferenceRecord, seen_by_base: bool) -> str:
         pair = PreferencePair(record.prompt, record.pair.chosen, record.pair.rejected)
@@ -373,7 +379,7 @@ class RefreshWorker:
     def _reload_one(self, address: str, request: reward_pb2.ReloadModelRequest) -> bool | None:
         for attempt in range(self.settings.reload_attempts):
             try:
-                with grpc.insecure_channel(address) as channel:
+                with client_channel(address) as channel:
                     reply = reward_pb2_grpc.RewardServiceStub(channel).ReloadModel(
                         request,
                         timeout=self.settings.reload_timeout_s,

@@ -31,6 +31,7 @@ import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 from safetensors.torch import save
 
+from services.common.channels import client_channel
 from services.common.control_auth import control_metadata
 from services.common.digest import sha256_file
 from services.common.grpc_server import message_size_options
@@ -151,7 +152,7 @@ def push(
     limit = max(max_message_bytes, chunk_bytes + (1 << 20))
     started = time.perf_counter()
     sent = sum(manifest.file_size.values())
-    with grpc.insecure_channel(address, options=message_size_options(limit)) as channel:
+    with client_channel(address, options=message_size_options(limit)) as channel:
         try:
             reply = update_weights_call(channel)(
                 requests if requests is not None else iter_requests(folder, manifest, chunk_bytes),
@@ -179,7 +180,7 @@ def push(
 
 def serving_version(address: str, timeout_s: float = 10.0) -> int | None:
     """The version a replica serves now, or None if it does not answer."""
-    with grpc.insecure_channel(address) as channel:
+    with client_channel(address) as channel:
         try:
             return (
                 policy_pb2_grpc.PolicyServiceStub(channel)

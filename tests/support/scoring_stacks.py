@@ -92,7 +92,7 @@ def reward_stack(triton_server, model_dir: Path, **overrides) -> Iterator[Servic
         model_dir=Path(model_dir),
         triton_model=overrides.pop("triton_model", f"reward-{uuid.uuid4().hex[:8]}"),
         model_repository=triton_server.model_repository,
-        grpc=_grpc_settings(),
+        grpc=overrides.pop("grpc", _grpc_settings()),
         triton=TritonSettings(url=triton_server.grpc_url),
         **overrides,
     )
@@ -107,7 +107,7 @@ def reference_stack(triton_server, model_dir: Path, **overrides) -> Iterator[Ser
         model_dir=Path(model_dir),
         triton_model=overrides.pop("triton_model", f"reference-{uuid.uuid4().hex[:8]}"),
         model_repository=triton_server.model_repository,
-        grpc=_grpc_settings(),
+        grpc=overrides.pop("grpc", _grpc_settings()),
         triton=TritonSettings(url=triton_server.grpc_url),
         **overrides,
     )
