@@ -1,5 +1,6 @@
-"""HTTP routes of the gateway: transport only. Schemas are in `protocol`, the conversion to Kafka
-records in `events`, the policy calls in `chat_serving`."""
+"""HTTP routes of the gateway's own API (feedback, preferences, rankings, health, metrics):
+transport only. Schemas are in `protocol`, the conversion to Kafka records in `events`. The
+OpenAI-compatible routes are in `openai_router`."""
 
 from __future__ import annotations
 
@@ -7,18 +8,13 @@ import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
-from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from services.gateway import chat_serving
 from services.gateway.auth import ApiKey, authenticate
 from services.gateway.events import Event, feedback_event, preference_event, ranking_event
 from services.gateway.protocol import (
     Accepted,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
     FeedbackRequest,
-    ModelList,
     PreferenceRequest,
     RankingRequest,
 )
@@ -36,11 +32,6 @@ _EVENT_ERRORS = {
         "description": "Kafka did not acknowledge in time; retry with "
         "the same idempotency key after Retry-After."
     },
-}
-_POLICY_ERRORS = {
-    **_ERRORS,
-    503: {"description": "The policy is unavailable or overloaded."},
-    504: {"description": "The policy did not answer in time."},
 }
 
 api = APIRouter(prefix="/v1")
@@ -83,9 +74,12 @@ async def _accept(
     summary="Thumbs up/down or a 1-5 rating of one response",
 )
 async def post_feedback(body: FeedbackRequest, request: Request, caller: Caller) -> Accepted:
-    return await _accept(
+    accepted = await _accept(
         request, "feedback", feedback_event(body, caller), caller, body.idempotency_key
     )
+    if not accepted.duplicate:
+        request.app.state.metrics.feedback.labels(body.thumb or str(body.rating)).inc()
+    return accepted
 
 
 @api.post(
@@ -112,34 +106,6 @@ async def post_ranking(body: RankingRequest, request: Request, caller: Caller) -
     return await _accept(
         request, "ranking", ranking_event(body, caller), caller, body.idempotency_key
     )
-
-
-@api.post(
-    "/chat/completions",
-    response_model=ChatCompletionResponse,
-    responses={
-        **_POLICY_ERRORS,
-        200: {
-            "content": {"text/event-stream": {}},
-            "description": "A completion, or server-sent chunks when stream is true.",
-        },
-    },
-)
-async def chat_completions(body: ChatCompletionRequest, request: Request, caller: Caller):
-    state = request.app.state
-    limit = state.settings.max_new_tokens_limit
-    chat_serving.sampling_params(body, limit)  # 422 for a max_tokens above the limit, first
-    if body.stream:
-        chunks = await chat_serving.open_stream(state.policy, body, limit)
-        return StreamingResponse(
-            chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
-    return await chat_serving.complete(state.policy, body, limit)
-
-
-@api.get("/models", response_model=ModelList, responses=_POLICY_ERRORS)
-async def models(request: Request, caller: Caller) -> ModelList:
-    return await chat_serving.list_models(request.app.state.policy)
 
 
 @bench.post(

@@ -1,7 +1,8 @@
 """The gateway: the platform's HTTP front door (FastAPI).
 
     POST /v1/chat/completions   OpenAI-compatible, calls PolicyService over gRPC (stream: true -> SSE)
-    GET  /v1/models
+    POST /v1/completions        OpenAI's legacy text completions, the same way
+    GET  /v1/models[/{model}]   the served policy (errors of these routes: OpenAI's error object)
     POST /v1/feedback           thumbs / 1-5 rating of a response id  -> rlhf.feedback.v1
     POST /v1/preferences        prompt, chosen, rejected              -> rlhf.preferences.v1
     POST /v1/rankings           prompt, K responses best first        -> K(K-1)/2 pairs
@@ -29,9 +30,10 @@ from prometheus_client import CollectorRegistry
 from services.common.logging import configure_logging
 from services.gateway.api_router import api, bench, ops
 from services.gateway.auth import ApiKeyVerifier, TokenBucket
-from services.gateway.chat_serving import PolicyClient
 from services.gateway.metrics import GatewayMetrics, MetricsMiddleware
+from services.gateway.openai_router import drop_validation_responses, openai_api
 from services.gateway.publisher import EventPublisher, RecentEvents, make_producer
+from services.gateway.serving import PolicyClient, ServedModels
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             lambda: make_producer(settings.kafka), settings.publish_timeout_s
         )
         state.policy = PolicyClient(settings.policy_url, settings.policy_timeout_s)
+        state.models = ServedModels(state.policy, settings.model_aliases)
         log.info(
             "gateway ready",
             extra={
@@ -70,6 +73,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.rate_limiter = TokenBucket(settings.rate_limit_per_s, settings.rate_limit_burst)
     app.state.recent = RecentEvents(settings.idempotency_cache_size)
 
+    app.include_router(openai_api)
     app.include_router(api)
     app.include_router(ops)
     if settings.bench_noop_endpoint:
@@ -80,6 +84,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def root() -> RedirectResponse:
         return RedirectResponse("/ui/")
 
+    openapi = app.openapi
+    app.openapi = lambda: drop_validation_responses(openapi())
     routes = set(app.openapi()["paths"]) | {"/", "/docs", "/openapi.json"}
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=routes)
     if settings.cors_origins:

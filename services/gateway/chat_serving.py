@@ -1,8 +1,10 @@
-"""Chat completions served by the policy over gRPC (grpc.aio: no thread blocks on a generation).
+"""Chat completions served by the policy over gRPC.
 
-Conversion between OpenAI's schema and the policy's messages happens here and only here:
-`to_generate_request` builds the gRPC request, `to_completion` and `stream_chunks` build the
-HTTP answers. gRPC errors become HTTP errors through `GRPC_TO_HTTP`.
+Conversion between OpenAI's chat schema and the policy's messages happens here and only here:
+`to_generate_request` builds the gRPC request (sampling in `serving.sampling_params`),
+`to_completion` and `stream_chunks` build the HTTP answers. The `id` of a completion is the
+policy's response id of its first choice, and every choice carries its own `response_id`: the
+handle a product posts feedback with.
 """
 
 from __future__ import annotations
@@ -12,112 +14,63 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
-from fastapi import HTTPException
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.gateway.protocol import (
+from services.gateway.openai_errors import OpenAIError
+from services.gateway.openai_protocol import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessageOut,
-    ModelCard,
-    ModelList,
+    ChoiceLogprobs,
+    TokenLogprob,
     Usage,
+    message_text,
 )
-from services.genproto.rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
+from services.gateway.serving import (
+    PolicyClient,
+    chat_logprobs,
+    finish_reason,
+    log_user,
+    policy_error,
+    sampling_params,
+)
+from services.genproto.rlhf.v1 import common_pb2, policy_pb2
 
-FINISH_REASONS = {
-    common_pb2.FINISH_REASON_STOP: "stop",
-    common_pb2.FINISH_REASON_STOP_STRING: "stop",
-    common_pb2.FINISH_REASON_LENGTH: "length",
-    common_pb2.FINISH_REASON_CANCELLED: "abort",
-}
-
-GRPC_TO_HTTP = {
-    grpc.StatusCode.INVALID_ARGUMENT: 422,
-    grpc.StatusCode.OUT_OF_RANGE: 422,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 503,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
-
-
-class PolicyClient:
-    """One grpc.aio channel to PolicyService, with its health service for /readyz."""
-
-    def __init__(self, url: str, timeout_s: float):
-        self.timeout_s = timeout_s
-        self.channel = grpc.aio.insecure_channel(url)
-        self.stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-
-    async def ready(self, timeout_s: float = 2.0) -> bool:
-        try:
-            reply = await self.health.Check(
-                health_pb2.HealthCheckRequest(service="rlhf.v1.PolicyService"), timeout=timeout_s
-            )
-        except grpc.aio.AioRpcError:
-            return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-    async def close(self) -> None:
-        await self.channel.close()
-
-
-def http_error(error: grpc.aio.AioRpcError) -> HTTPException:
-    code = GRPC_TO_HTTP.get(error.code(), 502)
-    headers = {"Retry-After": "1"} if code == 503 else None
-    return HTTPException(
-        code, detail=f"policy: {error.code().name}: {error.details()}", headers=headers
-    )
-
-
-def sampling_params(
-    request: ChatCompletionRequest, max_new_tokens_limit: int
-) -> policy_pb2.SamplingParams:
-    max_tokens = request.max_tokens or max_new_tokens_limit
-    if max_tokens > max_new_tokens_limit:
-        raise HTTPException(
-            422,
-            detail=[
-                {
-                    "loc": ["body", "max_tokens"],
-                    "type": "less_than_equal",
-                    "msg": f"max_tokens may be at most {max_new_tokens_limit} on this gateway",
-                }
-            ],
-        )
-    return policy_pb2.SamplingParams(
-        n=request.n,
-        max_new_tokens=max_tokens,
-        temperature=request.temperature,
-        top_p=request.top_p,
-        stop=request.stop_list,
-        seed=request.seed or 0,
-        has_seed=request.seed is not None,
-    )
+ROLES = {"developer": "system"}
+"""OpenAI roles the chat template knows by another name."""
 
 
 def to_prompt(request: ChatCompletionRequest) -> common_pb2.Prompt:
-    messages = [common_pb2.ChatMessage(role=m.role, content=m.content) for m in request.messages]
+    messages = [
+        common_pb2.ChatMessage(role=ROLES.get(m.role, m.role), content=message_text(m))
+        for m in request.messages
+    ]
     return common_pb2.Prompt(messages=common_pb2.ChatMessages(messages=messages))
 
 
-def to_generate_request(request: ChatCompletionRequest, limit: int) -> policy_pb2.GenerateRequest:
+def to_generate_request(
+    request: ChatCompletionRequest, model: str, limit: int
+) -> policy_pb2.GenerateRequest:
     return policy_pb2.GenerateRequest(
-        prompts=[to_prompt(request)], sampling=sampling_params(request, limit)
+        model=model, prompts=[to_prompt(request)], sampling=sampling_params(request, limit)
     )
 
 
-def to_completion(reply: policy_pb2.GenerateResponse) -> ChatCompletionResponse:
+def to_completion(
+    reply: policy_pb2.GenerateResponse, request: ChatCompletionRequest
+) -> ChatCompletionResponse:
     completion = reply.completions[0]
     samples = list(completion.samples)
     choices = [
         ChatChoice(
             index=i,
             message=ChatMessageOut(content=s.text),
-            finish_reason=FINISH_REASONS.get(s.finish_reason),
+            finish_reason=finish_reason(s.finish_reason),
+            logprobs=ChoiceLogprobs(
+                content=[TokenLogprob(**p) for p in chat_logprobs(s.token_logprobs)]
+            )
+            if request.logprobs
+            else None,
             response_id=s.response_id,
         )
         for i, s in enumerate(samples)
@@ -127,7 +80,7 @@ def to_completion(reply: policy_pb2.GenerateResponse) -> ChatCompletionResponse:
     return ChatCompletionResponse(
         id=samples[0].response_id,
         created=int(time.time()),
-        model=reply.model or "policy",
+        model=reply.model or request.model,
         choices=choices,
         usage=Usage(
             prompt_tokens=prompt_tokens,
@@ -139,85 +92,109 @@ def to_completion(reply: policy_pb2.GenerateResponse) -> ChatCompletionResponse:
 
 
 async def complete(
-    client: PolicyClient, request: ChatCompletionRequest, limit: int
+    client: PolicyClient, request: ChatCompletionRequest, model: str, limit: int
 ) -> ChatCompletionResponse:
-    message = to_generate_request(request, limit)
+    message = to_generate_request(request, model, limit)
     try:
         reply = await client.stub.Generate(message, timeout=client.timeout_s)
     except grpc.aio.AioRpcError as error:
-        raise http_error(error) from error
+        raise policy_error(error, request) from error
     if not reply.completions or not reply.completions[0].samples:
-        raise HTTPException(502, detail="policy returned no sample")
-    return to_completion(reply)
+        raise OpenAIError(502, "policy returned no sample")
+    return to_completion(reply, request)
 
 
-def _sse(payload: dict) -> bytes:
+def sse(payload: dict) -> bytes:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
 
 
+DONE = b"data: [DONE]\n\n"
+
+
 async def open_stream(
-    client: PolicyClient, request: ChatCompletionRequest, limit: int
+    client: PolicyClient, request: ChatCompletionRequest, model: str, served: str, limit: int
 ) -> AsyncIterator[bytes]:
     """Starts the gRPC stream and waits for its first chunk, so that a policy error is still an
     HTTP status; returns the SSE body iterator."""
     message = policy_pb2.GenerateStreamRequest(
-        prompt=to_prompt(request), sampling=sampling_params(request, limit)
+        model=model, prompt=to_prompt(request), sampling=sampling_params(request, limit)
     )
     call = client.stub.GenerateStream(message, timeout=client.timeout_s)
     try:
         first = await call.read()
     except grpc.aio.AioRpcError as error:
-        raise http_error(error) from error
+        raise policy_error(error, request) from error
     if first is grpc.aio.EOF:
-        raise HTTPException(502, detail="policy stream ended before its first chunk")
-    return stream_chunks(call, first, request.model)
+        raise OpenAIError(502, "policy stream ended before its first chunk")
+    return stream_chunks(call, first, request, served)
 
 
 async def stream_chunks(
-    call, first: policy_pb2.GenerateStreamResponse, model: str
+    call, first: policy_pb2.GenerateStreamResponse, request: ChatCompletionRequest, model: str
 ) -> AsyncIterator[bytes]:
-    """OpenAI `chat.completion.chunk` events, then `data: [DONE]`; errors end the stream with an
-    `error` event (the status line is already sent)."""
-    created = int(time.time())
-    response_id = first.response_id
+    """OpenAI `chat.completion.chunk` events: a role chunk per choice, content chunks tagged
+    with the choice's `index`, a finish chunk per choice, with `stream_options.include_usage`
+    a last chunk with `usage` and no choices, then `data: [DONE]`. Errors end the stream with
+    an `error` event (the status line is already sent)."""
+    n = request.n or 1
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
     head = {
-        "id": response_id,
+        "id": first.response_id,
         "object": "chat.completion.chunk",
-        "created": created,
+        "created": int(time.time()),
         "model": model,
         "system_fingerprint": f"weights-v{first.weights_version}",
     }
-    yield _sse(
-        {**head, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
-    )
+    if include_usage:
+        head["usage"] = None
+    ids: dict[int, str] = {first.sample_index: first.response_id}
+    log_user(request, first.response_id)
+    completion_tokens, prompt_tokens = 0, first.prompt_tokens
+
+    def event(index: int, delta: dict, finish: str | None = None, logprobs=None) -> bytes:
+        choice = {
+            "index": index,
+            "delta": delta,
+            "logprobs": logprobs,
+            "finish_reason": finish,
+            "response_id": ids.get(index, ""),
+        }
+        return sse({**head, "choices": [choice]})
+
+    role_sent: set[int] = set()
     chunk = first
     try:
         while chunk is not grpc.aio.EOF:
-            finish = FINISH_REASONS.get(chunk.finish_reason)
-            if chunk.text_delta or finish:
-                delta = {"content": chunk.text_delta} if chunk.text_delta else {}
-                yield _sse(
-                    {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-                )
+            j = chunk.sample_index
+            ids.setdefault(j, chunk.response_id)
+            if j not in role_sent:
+                role_sent.add(j)
+                yield event(j, {"role": "assistant", "content": ""})
+            completion_tokens += len(chunk.token_ids)
+            finish = finish_reason(chunk.finish_reason)
+            logprobs = (
+                {"content": chat_logprobs(chunk.token_logprobs), "refusal": None}
+                if request.logprobs and chunk.token_logprobs
+                else None
+            )
+            if chunk.text_delta or logprobs:
+                yield event(j, {"content": chunk.text_delta}, None, logprobs)
+            if finish:
+                yield event(j, {}, finish)
             chunk = await call.read()
     except grpc.aio.AioRpcError as error:
-        yield _sse({"error": {"code": error.code().name, "message": error.details()}})
+        yield sse(policy_error(error, request).body())
+        yield DONE
+        return
     finally:
         call.cancel()  # a client that went away stops the generation
-    yield b"data: [DONE]\n\n"
-
-
-async def list_models(client: PolicyClient) -> ModelList:
-    try:
-        info = await client.stub.GetModelInfo(policy_pb2.GetModelInfoRequest(), timeout=5.0)
-    except grpc.aio.AioRpcError as error:
-        raise http_error(error) from error
-    return ModelList(
-        data=[
-            ModelCard(
-                id=info.model or "policy",
-                created=int(time.time()),
-                weights_version=info.weights_version,
-            )
-        ]
-    )
+    if len(role_sent) < n:  # only when the policy sent fewer samples than asked
+        yield sse(OpenAIError(502, f"policy streamed {len(role_sent)} of {n} choices").body())
+    if include_usage:
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        yield sse({**head, "choices": [], "usage": usage})
+    yield DONE

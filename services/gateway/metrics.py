@@ -44,6 +44,15 @@ class GatewayMetrics:
             ["kind"],
             registry=registry,
         )
+        self.feedback = Counter(
+            "rlhf_gateway_feedback_total",
+            "Feedback events Kafka acknowledged, by rating: up, down, or 1-5 (duplicates of an "
+            "idempotency key not counted).",
+            ["rating"],
+            registry=registry,
+        )
+        for rating in ("up", "down", "1", "2", "3", "4", "5"):
+            self.feedback.labels(rating)  # every series exists from the start, at 0
         self.rate_limited = Counter(
             "rlhf_gateway_rate_limited_total", "Requests refused with 429.", registry=registry
         )

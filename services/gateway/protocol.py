@@ -1,8 +1,7 @@
-"""Wire schemas of the gateway's HTTP API (pydantic, strict).
+"""Wire schemas of the gateway's own HTTP API: feedback, preferences, rankings (pydantic, strict).
 
 Every request model forbids unknown fields and bounds every length and count, so bad input is a
-422 whose `detail[].loc` names the field. Chat completions follow OpenAI's schema (the subset the
-policy can honour); the feedback models are the platform's own.
+422 whose `detail[].loc` names the field. The OpenAI-compatible schemas are in `openai_protocol`.
 """
 
 from __future__ import annotations
@@ -17,93 +16,11 @@ MAX_TEXT = 32_000
 ID_PATTERN = r"^[A-Za-z0-9_.:\-]+$"
 
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
-StopString = Annotated[str, Field(min_length=1, max_length=64)]
 Category = Annotated[str, Field(min_length=1, max_length=64)]
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
-
-
-# ----- chat completions (OpenAI-compatible) -----
-
-
-class ChatMessageIn(Strict):
-    role: Literal["system", "user", "assistant"] = Field(description="Who said it.")
-    content: str = Field(min_length=1, max_length=MAX_TEXT, description="The message text.")
-
-
-class ChatCompletionRequest(Strict):
-    model: str = Field("policy", min_length=1, max_length=128, description="Served model name.")
-    messages: list[ChatMessageIn] = Field(
-        min_length=1, max_length=64, description="The chat so far."
-    )
-    max_tokens: int | None = Field(None, ge=1, le=4096, description="Upper bound on new tokens.")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy decoding.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    n: int = Field(1, ge=1, le=4, description="Samples to return (each has its own response id).")
-    stream: bool = Field(False, description="Send tokens as server-sent events.")
-    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = Field(
-        None, description="Up to 4 stop strings."
-    )
-    seed: int | None = Field(
-        None, ge=0, le=2**63 - 1, description="Seed for reproducible sampling."
-    )
-    user: str | None = Field(None, max_length=128, description="End-user id, for abuse monitoring.")
-
-    @field_validator("stream")
-    @classmethod
-    def _stream_one_sample(cls, stream: bool, info: ValidationInfo) -> bool:
-        if stream and info.data.get("n", 1) != 1:
-            raise ValueError("streaming returns exactly one sample: `n` must be 1")
-        return stream
-
-    @property
-    def stop_list(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-
-
-class ChatMessageOut(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: ChatMessageOut
-    finish_reason: str | None
-    response_id: str = Field(description="This sample's id: post feedback about it with this id.")
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str = Field(
-        description="The policy's response id of the first choice: the feedback handle."
-    )
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    system_fingerprint: str = Field(description="`weights-v<N>`: the policy weights that answered.")
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "rlhf-platform"
-    weights_version: int
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
 
 
 # ----- feedback -----

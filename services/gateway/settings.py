@@ -46,6 +46,11 @@ class GatewaySettings(BaseSettings):
     max_new_tokens_limit: int = Field(
         1024, ge=1, description="Largest `max_tokens` a request may ask."
     )
+    model_aliases: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["policy"],
+        description="Comma-separated names accepted as `model` besides the policy's own name "
+        "(GetModelInfo); `policy` is what the chat page and the demo send.",
+    )
     publish_timeout_s: float = Field(
         5.0,
         gt=0,
@@ -71,7 +76,7 @@ class GatewaySettings(BaseSettings):
     log_level: str = Field("INFO", description="Root log level.")
     kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="Kafka connection.")
 
-    @field_validator("api_key_sha256", "cors_origins", mode="before")
+    @field_validator("api_key_sha256", "cors_origins", "model_aliases", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         return _split_commas(value)

@@ -22,7 +22,15 @@ from services.common.settings import TritonSettings
 from services.common.triton_client import connect, make_inputs
 from services.genproto.rlhf.v1 import common_pb2
 
-GENERATION_OUTPUTS = ["TOKEN_IDS", "LOGPROBS", "FINISH_REASON", "WEIGHTS_VERSION", "BATCH_SIZE"]
+GENERATION_OUTPUTS = [
+    "TOKEN_IDS",
+    "LOGPROBS",
+    "FINISH_REASON",
+    "WEIGHTS_VERSION",
+    "BATCH_SIZE",
+    "TOP_IDS",
+    "TOP_LOGPROBS",
+]
 POLL_S = 0.05
 
 
@@ -50,6 +58,10 @@ class SequenceRequest:
     seed: int
     stop: list[str] = field(default_factory=list)
     stream: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    top_logprobs: int = 0
 
     def arrays(self) -> dict[str, np.ndarray]:
         arrays = {
@@ -60,9 +72,18 @@ class SequenceRequest:
             "TOP_K": np.array([[self.top_k]], dtype=np.int32),
             "SEED": np.array([[self.seed & 0x7FFF_FFFF_FFFF_FFFF]], dtype=np.int64),
             "STREAM": np.array([[self.stream]], dtype=np.bool_),
+            "PRESENCE_PENALTY": np.array([[self.presence_penalty]], dtype=np.float32),
+            "FREQUENCY_PENALTY": np.array([[self.frequency_penalty]], dtype=np.float32),
+            "NUM_TOP_LOGPROBS": np.array([[self.top_logprobs]], dtype=np.int32),
         }
         if self.stop:
             arrays["STOP"] = np.array([[s.encode() for s in self.stop]], dtype=np.object_)
+        if self.logit_bias:
+            ids = sorted(self.logit_bias)
+            arrays["LOGIT_BIAS_IDS"] = np.array([ids], dtype=np.int64)
+            arrays["LOGIT_BIAS_VALUES"] = np.array(
+                [[self.logit_bias[t] for t in ids]], dtype=np.float32
+            )
         return arrays
 
 
@@ -78,6 +99,9 @@ class SequenceEvent:
     weights_version: int
     batch_size: int
     final: bool
+    top_ids: list[list[int]] = field(default_factory=list)
+    """Per token of `token_ids`, the ids of the best alternatives (empty unless asked for)."""
+    top_logprobs: list[list[float]] = field(default_factory=list)
 
 
 class PolicyEngine:
@@ -174,6 +198,7 @@ def to_event(index: int, raw: dict[str, np.ndarray], final: bool) -> SequenceEve
         return [] if value is None else value.reshape(-1).tolist()
 
     finish, version, batch = flat("FINISH_REASON"), flat("WEIGHTS_VERSION"), flat("BATCH_SIZE")
+    top_ids, top_logprobs = alternatives(raw.get("TOP_IDS"), raw.get("TOP_LOGPROBS"))
     return SequenceEvent(
         index=index,
         token_ids=[int(t) for t in flat("TOKEN_IDS")],
@@ -182,4 +207,20 @@ def to_event(index: int, raw: dict[str, np.ndarray], final: bool) -> SequenceEve
         weights_version=int(version[0]) if version else 0,
         batch_size=int(batch[0]) if batch else 0,
         final=final,
+        top_ids=top_ids,
+        top_logprobs=top_logprobs,
     )
+
+
+def alternatives(
+    ids: np.ndarray | None, logprobs: np.ndarray | None
+) -> tuple[list[list[int]], list[list[float]]]:
+    """The model's (1, tokens, K) padded alternatives as per-token lists, padding removed."""
+    if ids is None or logprobs is None or ids.size == 0:
+        return [], []
+    out_ids, out_lp = [], []
+    for row_ids, row_lp in zip(ids.reshape(-1, ids.shape[-1]), logprobs.reshape(-1, ids.shape[-1])):
+        keep = row_ids >= 0
+        out_ids.append([int(t) for t in row_ids[keep]])
+        out_lp.append([float(v) for v in row_lp[keep]])
+    return out_ids, out_lp

@@ -2,9 +2,10 @@
 grouped are generated together in one forward loop with a KV cache.
 
 Rows have prompts of different lengths (left-padded, positions counted from each row's first
-real token), their own sampling parameters and seeds, and their own stop conditions (end of
-sequence, max_new_tokens, stop strings, cancellation); a finished row keeps its slot until the
-whole batch is done (it is fed its last token and its output ignored), as `generate` does.
+real token), their own sampling parameters, seeds, logit bias and penalties (over the tokens
+the row generated, services.policy.sampling), and their own stop conditions (end of sequence,
+max_new_tokens, stop strings, cancellation); a finished row keeps its slot until the whole batch
+is done (it is fed its last token and its output ignored), as `generate` does.
 
 Legend: `B` rows, `P` longest prompt, `V` vocabulary.
 """
@@ -18,7 +19,15 @@ from enum import IntEnum
 import torch
 
 from services.genproto.rlhf.v1 import common_pb2
-from services.policy.sampling import RowSampling, first_stop_string, row_generators, sample_step
+from services.policy.sampling import (
+    LogitAdjustments,
+    RowSampling,
+    draw,
+    first_stop_string,
+    log_distribution,
+    row_generators,
+    top_alternatives,
+)
 
 
 class Finish(IntEnum):
@@ -44,11 +53,15 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     """Generated so far (the end-of-sequence token included when it ends the row)."""
     logprobs: list[float] = field(default_factory=list)
+    top_ids: list[list[int]] = field(default_factory=list)
+    """Per generated token, the best `sampling.top_logprobs` tokens of its distribution."""
+    top_logprobs: list[list[float]] = field(default_factory=list)
     finish: Finish = Finish.NONE
 
 
 OnToken = Callable[[int, int, float, Finish], None]
-"""(row index, token, log-prob, finish reason after it) for every generated token."""
+"""(row index, token, log-prob, finish reason after it) for every generated token; the row's
+`top_ids[-1]` and `top_logprobs[-1]` are that token's alternatives."""
 
 
 def left_pad(
@@ -100,6 +113,7 @@ def generate_rows(
     top_p = torch.tensor([r.sampling.top_p for r in rows], device=device)
     top_k = torch.tensor([r.sampling.top_k for r in rows], device=device)
     generators = row_generators([r.sampling for r in rows], device)
+    top_counts = [r.sampling.top_logprobs for r in rows]
 
     # Prefill: only the last position's logits are needed (the LM head over every prompt position
     # would cost B x P x V for nothing, about a fifth of a short prompt's prefill).
@@ -107,6 +121,7 @@ def generate_rows(
         input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
     )
     cache, logits = out.past_key_values, out.logits[:, -1, :]  # (B, V)
+    adjustments = LogitAdjustments([r.sampling for r in rows], logits.shape[-1], device)
     next_pos = positions[:, -1:] + 1  # (B, 1)
     steps = max(r.max_new_tokens for r in rows)
     for _ in range(steps):
@@ -116,12 +131,20 @@ def generate_rows(
         running = [i for i, r in enumerate(rows) if r.finish == Finish.NONE]
         if not running:
             break
-        tokens, logprobs = sample_step(logits, temperature, top_k, top_p, generators)  # (B,), (B,)
+        # The same steps in the unary and the streaming path: adjust, filter, draw.
+        dist = log_distribution(adjustments.apply(logits.float()), temperature, top_k, top_p)
+        tokens = draw(dist, temperature, generators)  # (B,)
+        logprobs = dist.gather(-1, tokens[:, None]).squeeze(-1)  # (B,)
+        adjustments.record(tokens, running)
+        alternatives = top_alternatives(dist, top_counts) if any(top_counts) else None
         tokens_list, logprobs_list = tokens.tolist(), logprobs.tolist()
         for i in running:
             r = rows[i]
             r.tokens.append(tokens_list[i])
             r.logprobs.append(logprobs_list[i])
+            if alternatives is not None:
+                r.top_ids.append(alternatives[i][0])
+                r.top_logprobs.append(alternatives[i][1])
             r.finish = finish_of(r, tokens_list[i], eos_ids, decode)
             if on_token is not None:
                 on_token(i, tokens_list[i], logprobs_list[i], r.finish)

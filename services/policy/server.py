@@ -37,11 +37,13 @@ from services.policy.weights import WeightsStore, files_specs, folder_weight_fil
 log = logging.getLogger(__name__)
 
 
-def model_context(model_dir: Path) -> int:
+def model_limits(model_dir: Path) -> tuple[int, int | None]:
+    """(context length, vocabulary size of the LM head) from the model's config."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(model_dir))
-    return int(getattr(config, "max_position_embeddings", 2048))
+    vocab = getattr(config, "vocab_size", None)
+    return int(getattr(config, "max_position_embeddings", 2048)), vocab
 
 
 class PolicyService(ModelService):
@@ -82,18 +84,21 @@ class PolicyService(ModelService):
             ensure_topics(settings.kafka, [t for t in TOPICS if t.name in (GENERATIONS, WEIGHTS)])
         if settings.log_generations:
             self.producer = make_producer(settings.kafka)
+        tokenizer = load_tokenizer(settings.model_dir)
+        context, head_vocab = model_limits(settings.model_dir)
         limits = Limits(
             served_name=settings.served_name,
             max_prompts=settings.max_prompts,
             max_n=settings.max_n,
             max_sequences=settings.max_sequences_per_request,
-            max_total_tokens=min(settings.max_total_tokens, model_context(settings.model_dir)),
+            max_total_tokens=min(settings.max_total_tokens, context),
             default_max_new_tokens=settings.default_max_new_tokens,
             max_stop_strings=settings.max_stop_strings,
+            vocab_size=min(len(tokenizer), head_vocab or len(tokenizer)),
         )
         self.servicer = PolicyServicer(
             self.engine,
-            load_tokenizer(settings.model_dir),
+            tokenizer,
             limits,
             updater,
             metrics,

@@ -23,9 +23,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from services.common.topics import GENERATIONS
 from services.common.weights_wire import ChunkView, WireError, decode_request
 from services.genproto.rlhf.v1 import common_pb2, events_pb2, policy_pb2, policy_pb2_grpc
-from services.policy.engine import GenerationCancelled, GenerationTimeout, ModelError, PolicyEngine
+from services.policy.detokenize import StreamedText, position_logprobs, visible_text
+from services.policy.engine import (
+    GenerationCancelled,
+    GenerationTimeout,
+    ModelError,
+    PolicyEngine,
+    SequenceEvent,
+)
 from services.policy.metrics import PolicyMetrics
-from services.policy.sampling import first_stop_string
 from services.policy.updates import WeightsUpdater
 from services.policy.validation import GenerationPlan, InvalidArgument, Limits, plan_generation
 from services.policy.weights import WeightsRejected
@@ -86,6 +92,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                     event.weights_version,
                     plan.sequences[0].stop,
                 )
+                if plan.token_logprobs:
+                    sample.token_logprobs.extend(self._positions(event))
                 completion.samples.append(sample)
                 self.metrics.batch_size.observe(event.batch_size)
                 pending.append(self._log(prompt, sample))
@@ -98,9 +106,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             context, request.model, [request.prompt], request.sampling, stream=True, field="prompt"
         )
         prompt = plan.prompts[0]
+        stops = plan.sequences[0].stop
         tokens = {j: [] for j in range(plan.n)}
         logprobs = {j: [] for j in range(plan.n)}
-        texts = {j: "" for j in range(plan.n)}
+        texts = {j: StreamedText(self._decode, stops) for j in range(plan.n)}
         ids = {j: str(uuid.uuid4()) for j in range(plan.n)}
         with self._admitted(context, plan), self._errors(context):
             cancelled = self._cancel_event(context)
@@ -108,16 +117,18 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 j = event.index
                 tokens[j] += event.token_ids
                 logprobs[j] += event.logprobs
-                text = self._decode(tokens[j])
-                delta, texts[j] = text.removeprefix(texts[j]), text
+                stopped = event.finish_reason == common_pb2.FINISH_REASON_STOP_STRING
                 chunk = policy_pb2.GenerateStreamResponse(
                     sample_index=j,
                     response_id=ids[j],
                     token_ids=event.token_ids,
                     logprobs=event.logprobs,
-                    text_delta=delta,
+                    text_delta=texts[j].push(event.token_ids, stopped, event.final),
                     weights_version=event.weights_version,
+                    prompt_tokens=len(prompt.prompt_ids),
                 )
+                if plan.token_logprobs and event.token_ids:
+                    chunk.token_logprobs.extend(self._positions(event))
                 if event.final:
                     self.metrics.batch_size.observe(event.batch_size)
                     sample = self._sample(
@@ -125,7 +136,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                         logprobs[j],
                         event.finish_reason,
                         event.weights_version,
-                        plan.sequences[0].stop,
+                        stops,
                         ids[j],
                     )
                     self._wait_logged(context, [self._log(prompt, sample)])
@@ -227,14 +238,21 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
+    def _token_texts(self, ids: list[int]) -> list[str]:
+        return self.tokenizer.batch_decode([[t] for t in ids])
+
+    def _positions(self, event: SequenceEvent) -> list[policy_pb2.PositionLogprobs]:
+        return position_logprobs(
+            self._token_texts, event.token_ids, event.logprobs, event.top_ids, event.top_logprobs
+        )
+
     def _sample(
         self, tokens, logprobs, finish, version, stop, response_id: str | None = None
     ) -> policy_pb2.Sample:
-        text = self._decode(tokens)
-        if finish == common_pb2.FINISH_REASON_STOP_STRING:
-            # The text ends before the stop string (OpenAI's convention); token_ids keep every
-            # generated token so that log-probs stay aligned with them.
-            text = text[: max(first_stop_string(text, list(stop)), 0)]
+        # The text ends before a stop string (OpenAI's convention); token_ids keep every
+        # generated token so that log-probs stay aligned with them.
+        stopped = finish == common_pb2.FINISH_REASON_STOP_STRING
+        text = visible_text(self._decode(tokens), list(stop), stopped)
         self.metrics.generated_tokens.inc(len(tokens))
         return policy_pb2.Sample(
             response_id=response_id or str(uuid.uuid4()),

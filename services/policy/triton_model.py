@@ -8,7 +8,10 @@ Design (documented choice):
 - Decoupled: a request with STREAM=true gets one response per generated token and an empty
   final one; with STREAM=false it gets one response with all tokens (per-step responses would
   cost an IPC round trip per token per row for nothing). Both carry FINISH_REASON,
-  WEIGHTS_VERSION and BATCH_SIZE (rows generated together).
+  WEIGHTS_VERSION and BATCH_SIZE (rows generated together), and TOP_IDS / TOP_LOGPROBS
+  (tokens x NUM_TOP_LOGPROBS alternatives, -inf padded where filters left fewer).
+- Sampling inputs beyond temperature/top-k/top-p: PRESENCE_PENALTY, FREQUENCY_PENALTY and the
+  optional LOGIT_BIAS_IDS / LOGIT_BIAS_VALUES pair (services.policy.sampling).
 - A request with MAX_NEW_TOKENS=0 is a control request: no generation, one response with the
   served version and INFO (JSON: dtype, device, parameter count). The gRPC service sends one
   after publishing new weights, so the swap is done before UpdateWeights returns.
@@ -47,6 +50,11 @@ INPUTS = (
     TensorIO("SEED", "TYPE_INT64", (1,)),
     TensorIO("STREAM", "TYPE_BOOL", (1,)),
     TensorIO("STOP", "TYPE_STRING", (-1,), optional=True, ragged=True),
+    TensorIO("PRESENCE_PENALTY", "TYPE_FP32", (1,)),
+    TensorIO("FREQUENCY_PENALTY", "TYPE_FP32", (1,)),
+    TensorIO("NUM_TOP_LOGPROBS", "TYPE_INT32", (1,)),
+    TensorIO("LOGIT_BIAS_IDS", "TYPE_INT64", (-1,), optional=True, ragged=True),
+    TensorIO("LOGIT_BIAS_VALUES", "TYPE_FP32", (-1,), optional=True, ragged=True),
 )
 OUTPUTS = (
     TensorIO("TOKEN_IDS", "TYPE_INT64", (-1,)),
@@ -55,6 +63,8 @@ OUTPUTS = (
     TensorIO("WEIGHTS_VERSION", "TYPE_INT64", (1,)),
     TensorIO("BATCH_SIZE", "TYPE_INT64", (1,)),
     TensorIO("INFO", "TYPE_STRING", (1,)),
+    TensorIO("TOP_IDS", "TYPE_INT64", (-1, -1)),
+    TensorIO("TOP_LOGPROBS", "TYPE_FP32", (-1, -1)),
 )
 
 
@@ -147,7 +157,9 @@ class PolicyTritonModel:
         def on_token(i: int, token: int, logprob: float, finish: Finish) -> None:
             request, stream = live[i]
             if stream:
-                self._send(request, [token], [logprob], finish, batch, final=False)
+                row = rows[i]
+                top = (row.top_ids[-1:], row.top_logprobs[-1:]) if row.top_ids else ([], [])
+                self._send(request, [token], [logprob], finish, batch, final=False, top=top)
                 sent[i] += 1
 
         try:
@@ -173,20 +185,20 @@ class PolicyTritonModel:
             if stream:
                 self._send(request, [], [], row.finish, batch, final=True)
             else:
-                self._send(request, row.tokens, row.logprobs, row.finish, batch, final=True)
+                top = (row.top_ids, row.top_logprobs)
+                self._send(request, row.tokens, row.logprobs, row.finish, batch, True, top=top)
         return
 
     def _row(self, request) -> tuple[Row, bool]:
         get = lambda name: self.pb.get_input_tensor_by_name(request, name)
         scalar = lambda name: get(name).as_numpy().reshape(-1)[0]
-        stop_tensor = get("STOP")
-        stop = (
-            []
-            if stop_tensor is None
-            else [
-                s.decode() if isinstance(s, bytes) else str(s)
-                for s in stop_tensor.as_numpy().reshape(-1)
-            ]
+        optional = lambda name: [] if get(name) is None else get(name).as_numpy().reshape(-1)
+        stop = [s.decode() if isinstance(s, bytes) else str(s) for s in optional("STOP")]
+        bias = dict(
+            zip(
+                (int(t) for t in optional("LOGIT_BIAS_IDS")),
+                (float(v) for v in optional("LOGIT_BIAS_VALUES")),
+            )
         )
         row = Row(
             prompt_ids=get("INPUT_IDS").as_numpy().reshape(-1).tolist(),
@@ -196,6 +208,10 @@ class PolicyTritonModel:
                 top_p=float(scalar("TOP_P")),
                 top_k=int(scalar("TOP_K")),
                 seed=int(scalar("SEED")),
+                presence_penalty=float(scalar("PRESENCE_PENALTY")),
+                frequency_penalty=float(scalar("FREQUENCY_PENALTY")),
+                logit_bias=bias,
+                top_logprobs=int(scalar("NUM_TOP_LOGPROBS")),
             ),
             stop=[s for s in stop if s],
         )
@@ -205,15 +221,26 @@ class PolicyTritonModel:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def _send(
-        self, request, tokens, logprobs, finish: Finish, batch: int, final: bool, info: bool = False
+        self,
+        request,
+        tokens,
+        logprobs,
+        finish: Finish,
+        batch: int,
+        final: bool,
+        info: bool = False,
+        top: tuple[list[list[int]], list[list[float]]] = ([], []),
     ) -> None:
         pb = self.pb
+        top_ids, top_logprobs = top_arrays(*top, len(tokens))
         outputs = [
             pb.Tensor("TOKEN_IDS", np.asarray(tokens, dtype=np.int64).reshape(1, -1)),
             pb.Tensor("LOGPROBS", np.asarray(logprobs, dtype=np.float32).reshape(1, -1)),
             pb.Tensor("FINISH_REASON", np.array([[int(finish)]], dtype=np.int32)),
             pb.Tensor("WEIGHTS_VERSION", np.array([[self.version]], dtype=np.int64)),
             pb.Tensor("BATCH_SIZE", np.array([[batch]], dtype=np.int64)),
+            pb.Tensor("TOP_IDS", top_ids),
+            pb.Tensor("TOP_LOGPROBS", top_logprobs),
         ]
         if info:
             outputs.append(pb.Tensor("INFO", np.array([[self.info.encode()]], dtype=np.object_)))
@@ -226,6 +253,20 @@ class PolicyTritonModel:
         self.tokens_metric = None
         self.tokens_family = None
         self.model = None
+
+
+def top_arrays(
+    ids: list[list[int]], logprobs: list[list[float]], tokens: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token alternatives as (1, tokens, K) arrays, K the longest list; shorter lists are
+    padded with id -1 and log-prob -inf (the stub needs rectangular tensors)."""
+    width = max((len(x) for x in ids), default=0)
+    out_ids = np.full((1, tokens, width), -1, dtype=np.int64)
+    out_lp = np.full((1, tokens, width), -np.inf, dtype=np.float32)
+    for t, (row_ids, row_lp) in enumerate(zip(ids, logprobs)):
+        out_ids[0, t, : len(row_ids)] = row_ids
+        out_lp[0, t, : len(row_lp)] = row_lp
+    return out_ids, out_lp
 
 
 @torch.no_grad()

@@ -13,6 +13,10 @@ from services.genproto.rlhf.v1 import common_pb2, policy_pb2
 from services.policy.engine import SequenceRequest
 
 ROLES = ("system", "user", "assistant")
+MAX_TOP_LOGPROBS = 20
+MAX_PENALTY = 2.0
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_TOKENS = 1024
 
 
 class InvalidArgument(ValueError):
@@ -33,6 +37,8 @@ class Limits:
     """min(configured cap, model context)."""
     default_max_new_tokens: int
     max_stop_strings: int
+    vocab_size: int = 2**32
+    """Token ids below this exist (logit_bias keys are checked against it)."""
 
 
 @dataclass(frozen=True)
@@ -44,11 +50,23 @@ class PlannedPrompt:
 
 
 @dataclass(frozen=True)
+class SamplingPlan:
+    """SamplingParams after defaults and checks."""
+
+    n: int
+    max_new_tokens: int
+    top_p: float
+    logit_bias: dict[int, float]
+
+
+@dataclass(frozen=True)
 class GenerationPlan:
     prompts: list[PlannedPrompt]
     n: int
     sequences: list[SequenceRequest]
     """len(prompts) * n, prompt-major: sequence k is sample k % n of prompt k // n."""
+    token_logprobs: bool = False
+    """Samples carry PositionLogprobs (asked with token_logprobs or top_logprobs)."""
 
 
 def render_prompt(prompt: common_pb2.Prompt, tokenizer, field: str) -> tuple[str, list[int]]:
@@ -74,18 +92,20 @@ def render_prompt(prompt: common_pb2.Prompt, tokenizer, field: str) -> tuple[str
     raise InvalidArgument(field, "empty prompt (neither text nor messages)")
 
 
-def check_sampling(
-    s: policy_pb2.SamplingParams, prompts: int, limits: Limits
-) -> tuple[int, int, float]:
-    """Returns (n, max_new_tokens, top_p) after defaults."""
-    if s.n == 0:
-        raise InvalidArgument("sampling.n", "must be at least 1")
-    if s.n > limits.max_n:
-        raise InvalidArgument("sampling.n", f"{s.n} is more than the limit of {limits.max_n}")
-    if prompts * s.n > limits.max_sequences:
+def _finite_within(value: float, bound: float) -> bool:
+    return math.isfinite(value) and -bound <= value <= bound
+
+
+def check_sampling(s: policy_pb2.SamplingParams, prompts: int, limits: Limits) -> SamplingPlan:
+    """The sampling parameters after the proto's documented defaults (n 0 means 1, top_p 0
+    means 1, max_new_tokens 0 means the server's default), or InvalidArgument."""
+    n = s.n or 1
+    if n > limits.max_n:
+        raise InvalidArgument("sampling.n", f"{n} is more than the limit of {limits.max_n}")
+    if prompts * n > limits.max_sequences:
         raise InvalidArgument(
             "sampling.n",
-            f"{prompts} prompts x n={s.n} is more than {limits.max_sequences} sequences",
+            f"{prompts} prompts x n={n} is more than {limits.max_sequences} sequences",
         )
     if math.isnan(s.temperature) or s.temperature < 0:
         raise InvalidArgument("sampling.temperature", f"must be >= 0, got {s.temperature}")
@@ -104,7 +124,34 @@ def check_sampling(
         )
     if any(not x for x in s.stop):
         raise InvalidArgument("sampling.stop", "empty stop string")
-    return s.n, max_new, top_p
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(s, name)
+        if not _finite_within(value, MAX_PENALTY):
+            raise InvalidArgument(
+                f"sampling.{name}", f"must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {value}"
+            )
+    if s.top_logprobs > MAX_TOP_LOGPROBS:
+        raise InvalidArgument(
+            "sampling.top_logprobs", f"must be at most {MAX_TOP_LOGPROBS}, got {s.top_logprobs}"
+        )
+    if len(s.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+        raise InvalidArgument(
+            "sampling.logit_bias",
+            f"{len(s.logit_bias)} tokens, the limit is {MAX_LOGIT_BIAS_TOKENS}",
+        )
+    for token, bias in s.logit_bias.items():
+        if token >= limits.vocab_size:
+            raise InvalidArgument(
+                "sampling.logit_bias",
+                f"token id {token} is not in the vocabulary (ids 0 to {limits.vocab_size - 1})",
+            )
+        if not _finite_within(bias, MAX_LOGIT_BIAS):
+            raise InvalidArgument(
+                "sampling.logit_bias",
+                f"bias of token {token} must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                f"got {bias}",
+            )
+    return SamplingPlan(n, max_new, top_p, {int(t): float(b) for t, b in s.logit_bias.items()})
 
 
 def plan_generation(
@@ -126,7 +173,8 @@ def plan_generation(
         raise InvalidArgument(
             prompt_field, f"{len(prompts)} prompts, the limit is {limits.max_prompts}"
         )
-    n, max_new, top_p = check_sampling(sampling, len(prompts), limits)
+    checked = check_sampling(sampling, len(prompts), limits)
+    n, max_new = checked.n, checked.max_new_tokens
     seed = sampling.seed if sampling.has_seed else secrets.randbits(63)
     planned, sequences = [], []
     for i, prompt in enumerate(prompts):
@@ -146,11 +194,16 @@ def plan_generation(
                     prompt_ids=ids,
                     max_new_tokens=max_new,
                     temperature=float(sampling.temperature),
-                    top_p=float(top_p),
+                    top_p=float(checked.top_p),
                     top_k=int(sampling.top_k),
                     seed=seed + i * n + j,
                     stop=list(sampling.stop),
                     stream=stream,
+                    presence_penalty=float(sampling.presence_penalty),
+                    frequency_penalty=float(sampling.frequency_penalty),
+                    logit_bias=checked.logit_bias,
+                    top_logprobs=int(sampling.top_logprobs),
                 )
             )
-    return GenerationPlan(planned, n, sequences)
+    token_logprobs = sampling.token_logprobs or sampling.top_logprobs > 0
+    return GenerationPlan(planned, n, sequences, token_logprobs)

@@ -24,6 +24,8 @@ function addTurn(role, text) {
 }
 
 function errorText(body, status) {
+  // OpenAI's error object (chat completions) or FastAPI's 422 detail (feedback).
+  if (body && body.error && body.error.message) return (body.error.param ? body.error.param + ": " : "") + body.error.message;
   if (body && Array.isArray(body.detail)) return body.detail.map((d) => d.loc.join(".") + ": " + d.msg).join("; ");
   if (body && body.detail) return String(body.detail);
   return "HTTP " + status;

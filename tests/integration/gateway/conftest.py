@@ -27,11 +27,15 @@ def gateway(kafka_settings, run_dir):
 
 @pytest.fixture(scope="session")
 def policy(triton_server, kafka_settings, tiny_lm_dir, tmp_path_factory):
+    """Serves tiny_lm_dir's own weights for the whole session: it does not follow
+    rlhf.weights.v1, where the policy tests announce new versions under the same model name
+    (the OpenAI tests compare its answers with the model in process)."""
     with policy_stack(
         triton_server,
         kafka_settings,
         tiny_lm_dir,
         tmp_path_factory.mktemp("gateway-policy"),
+        follow_weights_topic=False,
         **POLICY_LIMITS,
     ) as stack:
         yield stack

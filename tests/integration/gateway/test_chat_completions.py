@@ -65,7 +65,7 @@ def test_streaming_chunks_add_up_to_the_answer(chat_gateway, policy):
     chunks = [json.loads(e) for e in events[:-1]]
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
     assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"]
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert chunks[-1]["choices"][0]["finish_reason"] in {"stop", "length"}
     streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     # Greedy decoding with one seed: the unary answer is the same text.
