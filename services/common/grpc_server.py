@@ -52,6 +52,12 @@ class GrpcSettings(BaseSettings):
         64 * 1024 * 1024, ge=4 * 1024 * 1024, description="Largest request or response message."
     )
     shutdown_grace_s: float = Field(30.0, ge=0, description="Time in-flight RPCs get on SIGTERM.")
+    max_connection_age_s: float = Field(
+        300.0,
+        ge=0,
+        description="Connections are closed (gracefully) after this age, so that clients resolve "
+        "a headless Service again and reach replicas added since; 0 keeps them forever.",
+    )
     tls_cert_file: Path | None = Field(
         None, description="PEM certificate (chain) of the server: set with the key, TLS is on."
     )
@@ -93,6 +99,16 @@ class GrpcSettings(BaseSettings):
 def message_size_options(limit: int) -> list[tuple[str, int]]:
     """Channel/server options that raise gRPC's 4 MiB default on both directions."""
     return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+
+
+def connection_age_options(age_s: float) -> list[tuple[str, int]]:
+    """Server options that retire connections after `age_s` (a call in flight gets 60 s more)."""
+    if age_s <= 0:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", int(age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", 60_000),
+    ]
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
@@ -233,7 +249,10 @@ class ModelServer:
                 ControlAuthInterceptor(control_methods),
                 ReadinessInterceptor(self.ready, always),
             ],
-            options=message_size_options(settings.max_message_bytes),
+            options=[
+                *message_size_options(settings.max_message_bytes),
+                *connection_age_options(settings.max_connection_age_s),
+            ],
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

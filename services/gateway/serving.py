@@ -16,6 +16,7 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.channels import replica_aio_channel
 from services.gateway.openai_errors import OpenAIError
 from services.gateway.openai_protocol import (
     ChatCompletionRequest,
@@ -63,11 +64,14 @@ this mass, which the best token alone always reaches."""
 
 
 class PolicyClient:
-    """One grpc.aio channel to PolicyService, with its health service for /readyz."""
+    """One grpc.aio channel to every PolicyService replica behind `url` (a name gRPC re-resolves,
+    e.g. the headless Service, or a comma-separated list): calls go round robin, one refused
+    with UNAVAILABLE is retried on another replica, TLS when RLHF_GRPC_CLIENT_TLS_* say so
+    (services/common/channels.py); with its health service for /readyz."""
 
     def __init__(self, url: str, timeout_s: float):
         self.timeout_s = timeout_s
-        self.channel = grpc.aio.insecure_channel(url)
+        self.channel = replica_aio_channel(url, ["rlhf.v1.PolicyService"])
         self.stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 

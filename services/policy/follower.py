@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 import threading
 
+from google.protobuf.message import DecodeError
 from kafka import TopicPartition
 
+from services.common.dead_letters import DeadLetters
 from services.common.kafka import decode, make_consumer
 from services.common.settings import KafkaSettings
 from services.common.topics import WEIGHTS
@@ -37,6 +39,7 @@ class WeightsFollower:
         self.model_names = model_names
         self.updater = updater
         self.metrics = metrics
+        self.dead_letters = DeadLetters(kafka, "policy-weights-follower", metrics.registry)
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name="policy-weights-follower", daemon=True
@@ -45,9 +48,18 @@ class WeightsFollower:
     def start(self) -> None:
         self._thread.start()
 
+    def _dead_letter(self, record, error: Exception) -> None:
+        """To rlhf.weights.v1.dlq. Every replica reads the topic from the start, so each may
+        dead-letter the same record once per start: the dlq.source.* headers identify it."""
+        try:
+            self.dead_letters.send_record(record, error)
+        except Exception:
+            log.exception("could not dead-letter weights record at offset %s", record.offset)
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        self.dead_letters.close()
 
     def handle(self, event: events_pb2.WeightsVersionEvent) -> None:
         if event.model not in self.model_names or event.weights_version <= self.updater.version:
@@ -77,8 +89,8 @@ class WeightsFollower:
                     for record in records:
                         try:
                             event = decode(events_pb2.WeightsVersionEvent, record.value)
-                        except Exception:  # noqa: BLE001 - a garbage record must not stop the follower
-                            log.warning("undecodable record at offset %s", record.offset)
+                        except DecodeError as err:  # never stops the follower
+                            self._dead_letter(record, err)
                             continue
                         self.handle(event)
         except Exception:

@@ -9,6 +9,7 @@ from services.common.metrics import BATCH_BUCKETS
 
 class PolicyMetrics:
     def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
         self.generated_tokens = Counter(
             "rlhf_policy_generated_tokens_total", "Tokens returned to clients.", registry=registry
         )

@@ -52,6 +52,7 @@ class PolicyService(ModelService):
 
     name = "policy"
     settings_type = PolicySettings
+    control_methods = ("/rlhf.v1.PolicyService/UpdateWeights",)
 
     @classmethod
     def triton_spec(cls, settings: PolicySettings) -> PythonModelSpec:

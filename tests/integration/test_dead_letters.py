@@ -160,3 +160,34 @@ def test_the_trainer_dead_letters_and_keeps_training(kafka_settings, tiny_lm_dir
     assert events_pb2.Rollout.FromString(letters[1].value) == broken
     assert headers_of(letters[1])["dlq.error"].startswith("invalid rollout")
     assert headers_of(letters[1])["message-type"] == "rlhf.v1.Rollout"
+
+
+def test_the_policy_weights_follower_dead_letters_and_follows_on(kafka_settings):
+    from types import SimpleNamespace
+
+    from services.policy.follower import WeightsFollower
+    from services.policy.metrics import PolicyMetrics
+
+    producer = make_producer(kafka_settings)
+    poison = producer.send(topics.WEIGHTS, key="no-such-model", value=POISON).get(30)
+    producer.close()
+    registry = CollectorRegistry()
+    updater = SimpleNamespace(version=10**9)  # every announcement is old news: nothing installs
+    follower = WeightsFollower(kafka_settings, {"policy"}, updater, PolicyMetrics(registry))
+    follower.start()
+    try:
+        labels = {"topic": topics.WEIGHTS, "consumer": "policy-weights-follower"}
+        deadline = time.monotonic() + 60
+        while not registry.get_sample_value("rlhf_dlq_records_total", labels):
+            assert time.monotonic() < deadline, "the poison weights record was not dead-lettered"
+            time.sleep(0.2)
+        assert follower._thread.is_alive()  # it follows on
+    finally:
+        follower.stop()
+    mine = [
+        r
+        for r in dead_letters(kafka_settings, topics.WEIGHTS, 1)
+        if headers_of(r)["dlq.source.offset"] == str(poison.offset)
+        and headers_of(r)["dlq.consumer"] == "policy-weights-follower"
+    ]
+    assert mine and mine[0].value == POISON

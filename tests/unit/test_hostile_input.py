@@ -18,7 +18,15 @@ from services.common.preferences import Source, label_record, pair_record
 from services.common.rpc import FieldError
 from services.curator.server import read_record
 from services.export.run import to_row
-from services.genproto.rlhf.v1 import common_pb2, events_pb2, reference_pb2, reward_pb2
+from services.genproto.rlhf.v1 import (
+    common_pb2,
+    events_pb2,
+    policy_pb2,
+    reference_pb2,
+    reward_pb2,
+)
+from services.policy.validation import InvalidArgument, check_sampling
+from services.policy.validation import Limits as PolicyLimits
 from services.reference.scorer import ModelLimits
 from services.reference.servicer import checked_sequences
 from services.reference.settings import ReferenceSettings
@@ -162,3 +170,44 @@ def test_the_reference_validator_accepts_or_names_a_field(sequences):
     for prompt, response in checked:
         assert prompt and response and len(prompt) + len(response) <= 16
         assert all(0 <= t < 100 for t in prompt + response)
+
+
+POLICY_LIMITS = PolicyLimits(
+    served_name="policy",
+    max_prompts=4,
+    max_n=4,
+    max_sequences=8,
+    max_total_tokens=64,
+    default_max_new_tokens=16,
+    max_stop_strings=4,
+    vocab_size=100,
+)
+FLOATS = st.floats(allow_nan=True, allow_infinity=True, width=32)
+
+
+@FAST
+@given(
+    st.builds(
+        policy_pb2.SamplingParams,
+        n=st.integers(0, 2**32 - 1),
+        max_new_tokens=st.integers(0, 2**32 - 1),
+        temperature=FLOATS,
+        top_p=FLOATS,
+        top_k=st.integers(0, 2**32 - 1),
+        stop=st.lists(st.text(max_size=3), max_size=6),
+        presence_penalty=FLOATS,
+        frequency_penalty=FLOATS,
+        logit_bias=st.dictionaries(st.integers(0, 2**32 - 1), FLOATS, max_size=4),
+        top_logprobs=st.integers(0, 2**32 - 1),
+    ),
+    st.integers(1, 8),
+)
+def test_the_policy_sampling_validator_accepts_or_names_a_field(sampling, prompts: int):
+    try:
+        plan = check_sampling(sampling, prompts, POLICY_LIMITS)
+    except InvalidArgument as err:
+        assert err.field.startswith("sampling.")
+        return
+    assert 1 <= plan.n <= 4 and prompts * plan.n <= 8
+    assert 0 < plan.top_p <= 1 and plan.max_new_tokens < 64
+    assert all(0 <= t < 100 and abs(b) <= 100 for t, b in plan.logit_bias.items())

@@ -13,11 +13,12 @@ import pytest
 import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from services.common.control_auth import control_metadata
 from services.common.kafka import make_producer
 from services.common.models import load_causal_lm, load_tokenizer
 from services.common.topics import WEIGHTS
 from services.genproto.rlhf.v1 import common_pb2, events_pb2, policy_pb2
-from services.trainer.weights_push import update_weights_call
+from services.trainer.weights_push import iter_requests, update_weights_call
 from tests.support.push import build_manifest, push_folder
 from tests.support.tiny_models import tiny_causal_lm
 
@@ -82,7 +83,7 @@ def test_a_push_of_ordinary_protobuf_messages_is_accepted(stub, policy, other_we
         )
         for o in range(0, len(data), step)
     ]
-    response = stub.UpdateWeights(iter(requests), timeout=120)
+    response = stub.UpdateWeights(iter(requests), timeout=120, metadata=control_metadata())
     assert response.accepted, response.reason
     assert (response.weights_version, response.bytes_received) == (version, len(data))
     assert list(greedy(stub).token_ids) == in_process_greedy(other_weights)
@@ -95,7 +96,7 @@ def test_a_malformed_chunk_message_is_refused(stub, channel, policy, other_weigh
         policy_pb2.UpdateWeightsRequest(manifest=manifest).SerializeToString(),
         b"\x12\x09\x0a\x05model",
     ]  # a chunk whose length says 9 bytes, with 7
-    response = update_weights_call(channel)(iter(requests), timeout=60)
+    response = update_weights_call(channel)(iter(requests), timeout=60, metadata=control_metadata())
     assert not response.accepted
     assert "malformed chunk message" in response.reason
     assert response.weights_version == before == policy.weights_version
@@ -103,7 +104,7 @@ def test_a_malformed_chunk_message_is_refused(stub, channel, policy, other_weigh
 
 def test_a_first_message_that_is_not_a_manifest_is_invalid(channel):
     with pytest.raises(grpc.RpcError) as err:
-        update_weights_call(channel)(iter([b"\x12\x00"]), timeout=60)
+        update_weights_call(channel)(iter([b"\x12\x00"]), timeout=60, metadata=control_metadata())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "first message must be the manifest" in err.value.details()
 
@@ -217,3 +218,17 @@ def test_replica_catches_up_from_the_weights_topic(
     sample = greedy(stub)
     assert sample.weights_version == version
     assert list(sample.token_ids) == in_process_greedy(other_weights)
+
+
+def test_a_push_without_the_control_token_changes_nothing(stub, channel, policy, other_weights):
+    before = policy.weights_version
+    served = list(greedy(stub).token_ids)
+    manifest = build_manifest(other_weights, before + 1)
+    for metadata in ([], [("authorization", "Bearer not-the-token")]):
+        with pytest.raises(grpc.RpcError) as refused:
+            update_weights_call(channel)(
+                iter_requests(other_weights, manifest, 1 << 20), timeout=60, metadata=metadata
+            )
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert policy.weights_version == before
+    assert list(greedy(stub).token_ids) == served
