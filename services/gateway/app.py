@@ -107,4 +107,5 @@ def main() -> None:
         port=settings.port,
         log_level=settings.log_level.lower(),
         access_log=False,
+        **settings.uvicorn_tls(),
     )

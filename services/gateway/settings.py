@@ -11,9 +11,11 @@ sha256 hex digests are configured, never the keys themselves:
 from __future__ import annotations
 
 import re
+import ssl
+from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from services.common.settings import KafkaSettings
@@ -39,8 +41,17 @@ class GatewaySettings(BaseSettings):
     )
     host: str = Field("0.0.0.0", description="Address uvicorn listens on.")
     port: int = Field(8080, ge=0, le=65535, description="HTTP port.")
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate of the gateway: set with the key, it serves HTTPS."
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of the gateway.")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA of client certificates: set, every client must present one."
+    )
     policy_url: str = Field(
-        "127.0.0.1:50051", description="PolicyService gRPC endpoint, host:port."
+        "127.0.0.1:50051",
+        description="PolicyService gRPC endpoint: host:port (a headless Service reaches every "
+        "replica) or a comma-separated list.",
     )
     policy_timeout_s: float = Field(120.0, gt=0, description="Deadline of one generation call.")
     max_new_tokens_limit: int = Field(
@@ -75,6 +86,26 @@ class GatewaySettings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Root log level.")
     kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="Kafka connection.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> GatewaySettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        return self
+
+    def uvicorn_tls(self) -> dict[str, object]:
+        """uvicorn.run's TLS arguments (none: plain HTTP)."""
+        if self.tls_cert_file is None:
+            return {}
+        tls: dict[str, object] = {
+            "ssl_certfile": str(self.tls_cert_file),
+            "ssl_keyfile": str(self.tls_key_file),
+        }
+        if self.tls_client_ca_file is not None:
+            tls.update(ssl_ca_certs=str(self.tls_client_ca_file), ssl_cert_reqs=ssl.CERT_REQUIRED)
+        return tls
 
     @field_validator("api_key_sha256", "cors_origins", "model_aliases", mode="before")
     @classmethod

@@ -37,8 +37,13 @@ class Gateway:
 
 @contextmanager
 def running_gateway(
-    kafka: KafkaSettings, log_dir: Path, policy_url: str = "127.0.0.1:9", **settings: object
+    kafka: KafkaSettings,
+    log_dir: Path,
+    policy_url: str = "127.0.0.1:9",
+    httpx_options: dict | None = None,
+    **settings: object,
 ) -> Iterator[Gateway]:
+    """`httpx_options` (verify=an ssl.SSLContext) reach a gateway started with TLS settings."""
     port = free_port()
     env = {
         **os.environ,
@@ -61,7 +66,8 @@ def running_gateway(
             stderr=subprocess.STDOUT,
         )
     try:
-        url = f"http://127.0.0.1:{port}"
+        scheme = "https" if "tls_cert_file" in settings else "http"
+        url = f"{scheme}://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while True:
             if proc.poll() is not None:
@@ -69,7 +75,10 @@ def running_gateway(
                     f"gateway exited with {proc.returncode}:\n{log_file.read_text()}"
                 )
             try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                if (
+                    httpx.get(f"{url}/healthz", timeout=1, **(httpx_options or {})).status_code
+                    == 200
+                ):
                     break
             except httpx.HTTPError:
                 pass
