@@ -135,13 +135,13 @@ def smoke() -> None:
 
     from services.common import topics
     from services.common.kafka import decode, make_consumer, make_producer
-    from services.common.settings import KafkaSettings, TritonSettings
+    from services.common.settings import TritonSettings
     from services.common.triton_client import connect, infer
     from services.genproto.rlhf.v1 import events_pb2
 
     broker, triton = up()
     try:
-        kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, client_id="demo")
+        kafka = broker.client_settings(client_id="demo")
         rollout = events_pb2.Rollout(
             rollout_id=f"demo-{uuid.uuid4().hex[:12]}",
             group_id="demo",

@@ -2,6 +2,13 @@
 
 The storage is formatted once per data folder (a `meta.properties` marks it); ports are free ones
 unless given; the topics of `services.common.topics` are created once the broker answers.
+
+With `tls` (off by default) the broker also listens for SSL with mutual TLS (a client must show a
+certificate the CA signed) and for SASL_SSL (TLS and a PLAIN login of one of `tls.sasl_users`),
+beside the PLAINTEXT listener that stays for the broker's own use and the platform's tests:
+
+    broker = KafkaBroker(state_dir, tls=BrokerTls(ca_file, cert_file, key_file, {"alice": pw}))
+    broker.client_settings("SSL", ssl_ca_file=ca_file, ssl_cert_file=..., ssl_key_file=...)
 """
 
 from __future__ import annotations
@@ -11,10 +18,14 @@ import os
 import shutil
 import subprocess
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from deploy.local.process import Daemon, free_port, port_open
+
+if TYPE_CHECKING:
+    from services.common.settings import KafkaSettings, SecurityProtocol
 
 DEFAULT_LIBS = (
     Path(os.environ.get("RLHF_CACHE", Path.home() / ".cache/rlhf-platform")) / "kafka-4.1.1/libs"
@@ -41,15 +52,33 @@ Configuration:
 """
 
 
+@dataclass(frozen=True)
+class BrokerTls:
+    """The broker's side of TLS, as PEM files (what Kafka's PEM keystores read)."""
+
+    ca_file: Path
+    """CA certificates the broker trusts for client certificates (the SSL listener)."""
+    cert_file: Path
+    """The broker's certificate (chain); its names must match the host clients connect to."""
+    key_file: Path
+    """The broker certificate's private key: unencrypted PKCS#8."""
+    sasl_users: dict[str, str] = field(default_factory=dict)
+    """PLAIN logins the SASL_SSL listener accepts: user name -> password."""
+
+
 @dataclass
 class KafkaBroker:
-    """One combined broker+controller node; `bootstrap_servers` is what clients connect to."""
+    """One combined broker+controller node; `bootstrap_servers` is what clients connect to
+    (PLAINTEXT), `ssl_bootstrap_servers` and `sasl_ssl_bootstrap_servers` with `tls`."""
 
     state_dir: Path
     broker_port: int = 0
     controller_port: int = 0
     heap: str = "512m"
     libs: Path | None = None
+    tls: BrokerTls | None = None
+    ssl_port: int = 0
+    sasl_ssl_port: int = 0
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)
@@ -60,13 +89,54 @@ class KafkaBroker:
         ports_file = self.state_dir / "kafka.ports"
         if ports_file.exists() and not self.broker_port:
             # Restarting a stack keeps its ports: clients and stored metadata refer to them.
-            self.broker_port, self.controller_port = map(int, ports_file.read_text().split())
+            ports = [*map(int, ports_file.read_text().split()), 0, 0]
+            self.broker_port, self.controller_port, self.ssl_port, self.sasl_ssl_port = ports[:4]
         self.broker_port = self.broker_port or free_port()
         self.controller_port = self.controller_port or free_port()
+        if self.tls is not None:
+            self.ssl_port = self.ssl_port or free_port()
+            self.sasl_ssl_port = self.sasl_ssl_port or free_port()
 
     @property
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.broker_port}"
+
+    @property
+    def ssl_bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.ssl_port}"
+
+    @property
+    def sasl_ssl_bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.sasl_ssl_port}"
+
+    def client_settings(
+        self, protocol: SecurityProtocol = "PLAINTEXT", **fields: object
+    ) -> KafkaSettings:
+        """Client settings for this broker's listener of `protocol`; `fields` add the client's
+        side (CA file, client certificate, SASL login, client id). Every security field is
+        given, so RLHF_KAFKA_* of another cluster in the environment cannot leak in."""
+        from services.common.settings import KafkaSettings
+
+        servers = {
+            "PLAINTEXT": self.bootstrap_servers,
+            "SSL": self.ssl_bootstrap_servers,
+            "SASL_SSL": self.sasl_ssl_bootstrap_servers,
+        }
+        if protocol not in servers or (protocol != "PLAINTEXT" and self.tls is None):
+            raise ValueError(f"this broker has no {protocol} listener")
+        security = {
+            name: KafkaSettings.model_fields[name].default
+            for name in KafkaSettings.model_fields
+            if name.startswith(("ssl_", "sasl_"))
+        }
+        return KafkaSettings(
+            **{
+                **security,
+                "bootstrap_servers": servers[protocol],
+                "security_protocol": protocol,
+                **fields,
+            }
+        )
 
     def _java(self, main_class: str, *args: str) -> list[str]:
         java = shutil.which("java")
@@ -90,7 +160,10 @@ class KafkaBroker:
     def write_config(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "log4j2.yaml").write_text(LOG4J2)
-        (self.state_dir / "kafka.ports").write_text(f"{self.broker_port} {self.controller_port}\n")
+        ports = [self.broker_port, self.controller_port]
+        if self.tls is not None:
+            ports += [self.ssl_port, self.sasl_ssl_port]
+        (self.state_dir / "kafka.ports").write_text(" ".join(map(str, ports)) + "\n")
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
@@ -113,7 +186,47 @@ class KafkaBroker:
             "share.coordinator.state.topic.replication.factor": "1",
             "share.coordinator.state.topic.min.isr": "1",
         }
+        if self.tls is not None:
+            props.update(self._tls_props(props))
         self.config_file.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+
+    def _tls_props(self, props: dict[str, str]) -> dict[str, str]:
+        """The SSL and SASL_SSL listeners, added to the PLAINTEXT and CONTROLLER ones."""
+        tls = self.tls
+        for name, password in tls.sasl_users.items():
+            # Both go into a JAAS line between double quotes; refuse what would break out of it.
+            if not (name.isascii() and name.isidentifier()) or any(c in password for c in '"\\;\n'):
+                raise ValueError(
+                    f"SASL user {name!r}: a name [A-Za-z0-9_] and a password "
+                    "without quotes, backslashes, semicolons or newlines"
+                )
+        # A PEM keystore file holds the private key and the certificate chain together.
+        keystore = self.state_dir / "broker-keystore.pem"
+        keystore.write_text(Path(tls.key_file).read_text() + Path(tls.cert_file).read_text())
+        keystore.chmod(0o600)
+        users = " ".join(f'user_{name}="{pw}"' for name, pw in tls.sasl_users.items())
+        ssl, sasl_ssl = (
+            f"SSL://127.0.0.1:{self.ssl_port}",
+            f"SASL_SSL://127.0.0.1:{self.sasl_ssl_port}",
+        )
+        return {
+            "listeners": f"{props['listeners']},{ssl},{sasl_ssl}",
+            "advertised.listeners": f"{props['advertised.listeners']},{ssl},{sasl_ssl}",
+            "listener.security.protocol.map": (
+                f"{props['listener.security.protocol.map']},SSL:SSL,SASL_SSL:SASL_SSL"
+            ),
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(keystore),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(tls.ca_file),
+            # Mutual TLS on the SSL listener; the SASL_SSL listener authenticates by login.
+            "listener.name.ssl.ssl.client.auth": "required",
+            "sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.sasl_ssl.sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.sasl_ssl.plain.sasl.jaas.config": (
+                f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};"
+            ),
+        }
 
     def format_storage(self) -> None:
         if (self.data_dir / "meta.properties").exists():
@@ -138,16 +251,13 @@ class KafkaBroker:
         self.daemon.wait_ready(lambda: port_open(self.broker_port) and self._answers(), timeout_s)
         if create_topics:
             from services.common.kafka import ensure_topics
-            from services.common.settings import KafkaSettings
 
-            ensure_topics(KafkaSettings(bootstrap_servers=self.bootstrap_servers))
+            ensure_topics(self.client_settings())
 
     def _answers(self) -> bool:
-        from kafka import KafkaAdminClient
+        from services.common.kafka import connect_admin
 
-        admin = KafkaAdminClient(
-            bootstrap_servers=[self.bootstrap_servers], request_timeout_ms=5000
-        )
+        admin = connect_admin(self.client_settings(request_timeout_ms=5000), timeout_s=0)
         try:
             admin.list_topics()
             return True

@@ -5,6 +5,9 @@ has it, and retries never duplicate it. Consumers never auto-commit: the caller 
 after the work those records feed is durable (see `commit`). Values are protobuf messages, and
 every record says which one in its headers (`record_headers`): with the FileDescriptorSet that
 ships in the package (`rlhf schema`), a consumer outside the platform can decode any topic.
+
+Every client here connects with the security settings of `KafkaSettings` (TLS, mutual TLS, a
+SASL login: `KafkaSettings.kafka_python_config`); a client built elsewhere must use them too.
 """
 
 from __future__ import annotations
@@ -12,12 +15,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from typing import TypeVar
+from typing import Self, TypeVar
 
 from google.protobuf.message import Message
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import (
+    KafkaError,
+    KafkaTimeoutError,
+    SaslAuthenticationFailedError,
+    TopicAlreadyExistsError,
+)
 from kafka.serializer import Serializer
 
 from services.common.consumer_lag import LAG
@@ -54,6 +62,7 @@ def make_producer(settings: KafkaSettings, **overrides) -> KafkaProducer:
         "linger_ms": 2,
         "key_serializer": KeySerializer(),
         "value_serializer": ProtobufSerializer(),
+        **settings.kafka_python_config(),
     }
     config.update(overrides)
     return ProtobufProducer(**config)
@@ -72,6 +81,7 @@ def make_consumer(
         "request_timeout_ms": max(settings.request_timeout_ms, 40_000),
         # Only records of committed transactions (and all non-transactional ones).
         "isolation_level": "read_committed",
+        **settings.kafka_python_config(),
     }
     config.update(overrides)
     consumer = KafkaConsumer(**config)
@@ -167,19 +177,73 @@ def check_topics(settings: KafkaSettings, specs: Iterable[TopicSpec] = TOPICS) -
 
 
 def connect_admin(settings: KafkaSettings, timeout_s: float = 60.0) -> KafkaAdminClient:
-    """An admin client, retried until the cluster answers or `timeout_s` passes."""
+    """An admin client, retried until the cluster answers or `timeout_s` passes (at least one
+    try of a second). The TimeoutError then says why connections failed, as far as kafka-python
+    logged it: a refused login or TLS handshake reads better than silence."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return KafkaAdminClient(
-                bootstrap_servers=settings.servers,
-                client_id=f"{settings.client_id}-admin",
-                request_timeout_ms=settings.request_timeout_ms,
+    with _ConnectionFailures() as failures:
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            try:
+                return KafkaAdminClient(
+                    bootstrap_servers=settings.servers,
+                    client_id=f"{settings.client_id}-admin",
+                    request_timeout_ms=settings.request_timeout_ms,
+                    bootstrap_timeout_ms=min(max(left_ms, 1_000), 30_000),
+                    **settings.kafka_python_config(),
+                )
+            except KafkaError as exc:
+                if time.monotonic() > deadline:
+                    reason = failures.reason(settings)
+                    raise TimeoutError(
+                        f"Kafka at {settings.bootstrap_servers} ({settings.security_protocol}) "
+                        f"did not answer in {timeout_s:g}s" + (f": {reason}" if reason else "")
+                    ) from (failures.refused_login or failures.last or exc)
+                time.sleep(0.5)
+
+
+class _ConnectionFailures(logging.Handler):
+    """Collects why kafka-python's bootstrap connections failed, from its WARNING records (on
+    unless the `kafka` logger is set higher; services/common/logging.py keeps it at WARNING),
+    while installed: its clients retry a refused login or handshake until their bootstrap
+    timeout and then raise only the timeout."""
+
+    _logger = logging.getLogger("kafka.net.manager")
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.refused_login: SaslAuthenticationFailedError | None = None
+        self.last: BaseException | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for arg in record.args if isinstance(record.args, tuple) else ():
+            if isinstance(arg, SaslAuthenticationFailedError):
+                self.refused_login = arg
+            # KafkaTimeoutError is the summary ("Unable to bootstrap"), not a reason.
+            elif isinstance(arg, BaseException) and not isinstance(arg, KafkaTimeoutError):
+                self.last = arg
+
+    def reason(self, settings: KafkaSettings) -> str:
+        if self.refused_login is not None:
+            return f"the broker refused the SASL login ({self.refused_login})"
+        if self.last is None:
+            return ""
+        if settings.uses_sasl and "socket disconnected" in str(self.last):
+            # A broker answers a refused login and closes the connection at once; kafka-python
+            # drops a response that arrives together with the close, so mostly it sees only this.
+            return (
+                "the broker closed the connection, as it does on a refused SASL login (check "
+                "RLHF_KAFKA_SASL_USERNAME, RLHF_KAFKA_SASL_PASSWORD, RLHF_KAFKA_SASL_MECHANISM)"
             )
-        except KafkaError as exc:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Kafka at {settings.bootstrap_servers} did not answer") from exc
-            time.sleep(0.5)
+        text = str(self.last)
+        return text if type(self.last).__name__ in text else f"{type(self.last).__name__}: {text}"
+
+    def __enter__(self) -> Self:
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._logger.removeHandler(self)
 
 
 class KeySerializer(Serializer):

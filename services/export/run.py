@@ -218,6 +218,7 @@ def read_window(config: ExportConfig) -> dict[str, Any]:
         enable_auto_commit=False,
         isolation_level="read_committed",
         consumer_timeout_ms=1000,
+        **kafka.kafka_python_config(),
     )
     try:
         ids = consumer.partitions_for_topic(config.topic)

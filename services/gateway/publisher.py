@@ -39,7 +39,8 @@ class PublishUnavailable(Exception):
 
 
 def make_producer(settings: KafkaSettings, **overrides) -> Producer:
-    """An idempotent librdkafka producer that waits for all in-sync replicas (acks=all)."""
+    """An idempotent librdkafka producer that waits for all in-sync replicas (acks=all), with
+    the deployment's TLS and SASL settings (`KafkaSettings.librdkafka_config`)."""
     config = {
         "bootstrap.servers": settings.bootstrap_servers,
         "client.id": settings.client_id,
@@ -51,6 +52,7 @@ def make_producer(settings: KafkaSettings, **overrides) -> Producer:
         # while a produce request is in flight still go out together in the next one.
         "linger.ms": 0,
         "reconnect.backoff.max.ms": 1000,
+        **settings.librdkafka_config(),
     }
     config.update(overrides)
     return Producer(config)
