@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Checks the Helm chart offline: helm lint, helm template with the minimal install's values and
-# with a production-like values file (GPU, 3 policy replicas, ingress, HPA, NetworkPolicy,
-# ServiceMonitor), then strict schema validation of every rendered manifest with kubeconform
-# against schemas exported from the kubernetes-validate package (helm/k8s_schemas.py) and the
-# Prometheus Operator's ServiceMonitor CRD (from its Go module). Also checks that rendering
-# refuses a gateway without an API-key Secret. Exits non-zero on any problem.
+# Checks the Helm chart offline: the values table of its README is current (helm/values_table.py
+# --check: every value has a comment), helm lint, helm template with the minimal install's values,
+# a production-like values file (GPU, 3 policy replicas, ingress, HPA, NetworkPolicy,
+# ServiceMonitor) and each example of examples/ (CPU dev cluster with the local Kafka, one shared
+# GPU, a GPU pool with the policy's HPA), then strict schema validation of every rendered manifest
+# with kubeconform against schemas exported from the kubernetes-validate package
+# (helm/k8s_schemas.py) and the Prometheus Operator's ServiceMonitor and PrometheusRule CRDs (from
+# its Go module). The renders that expect the Prometheus Operator pass
+# `--api-versions monitoring.coreos.com/v1`, as a cluster with its CRDs would. Also checks that
+# rendering refuses a gateway without an API-key Secret and a control plane without its token's
+# Secret, and that the monitoring resources are left out when the cluster lacks their API. Exits
+# non-zero on any problem.
 #
 #   helm/check.sh            # what `make helm-check` runs
 #
@@ -27,12 +33,17 @@ for tool in helm kubeconform go "$PYTHON"; do
   command -v "$tool" >/dev/null || { echo "check.sh: $tool not found on PATH (run make setup)" >&2; exit 2; }
 done
 
-echo ">> schemas: Kubernetes $KUBE_VERSIONS (kubernetes-validate), ServiceMonitor ($PROM_OPERATOR)"
+echo ">> values table (helm/values_table.py --check)"
+"$PYTHON" "$HERE/values_table.py" --check
+
+echo ">> schemas: Kubernetes $KUBE_VERSIONS (kubernetes-validate), ServiceMonitor, PrometheusRule ($PROM_OPERATOR)"
 # The module is checked against the Go checksum database like any `go install`.
 PROM_DIR="$(cd "$OUT" && GOFLAGS=-mod=mod go mod download -json "$PROM_OPERATOR" \
   | "$PYTHON" -c 'import json,sys; d=json.load(sys.stdin); sys.exit(d["Error"]) if "Error" in d else print(d["Dir"])')"
-CRD="$PROM_DIR/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml"
-mapfile -t LOCATIONS < <("$PYTHON" "$HERE/k8s_schemas.py" "$SCHEMAS" $KUBE_VERSIONS --crd "$CRD")
+CRDS="$PROM_DIR/example/prometheus-operator-crd"
+mapfile -t LOCATIONS < <("$PYTHON" "$HERE/k8s_schemas.py" "$SCHEMAS" $KUBE_VERSIONS \
+  --crd "$CRDS/monitoring.coreos.com_servicemonitors.yaml" \
+  --crd "$CRDS/monitoring.coreos.com_prometheusrules.yaml")
 
 render() {  # render NAME [helm args...]: helm template into $OUT/NAME.yaml
   local name="$1"; shift
@@ -40,22 +51,47 @@ render() {  # render NAME [helm args...]: helm template into $OUT/NAME.yaml
 }
 
 echo ">> helm lint"
-MINIMAL=(--set gateway.apiKeys.existingSecret=rlhf-gateway-keys)
+CONTROL=(--set controlPlane.existingSecret=rlhf-control)
+GATEWAY=(--set gateway.apiKeys.existingSecret=rlhf-gateway-keys)
+MINIMAL=("${CONTROL[@]}" "${GATEWAY[@]}")
+OPERATOR=(--api-versions monitoring.coreos.com/v1)
 PRODUCTION=(-f "$CHART/ci/production-values.yaml")
+EXAMPLES=("$CHART"/examples/values-*.yaml)
+[ "${#EXAMPLES[@]}" -eq 3 ] || { echo "check.sh: expected 3 examples, found ${EXAMPLES[*]}" >&2; exit 1; }
 helm lint --strict "$CHART" --kube-version "${KUBE_VERSIONS##* }" "${MINIMAL[@]}"
 helm lint --strict "$CHART" --kube-version "${KUBE_VERSIONS##* }" "${PRODUCTION[@]}"
+for example in "${EXAMPLES[@]}"; do
+  helm lint --strict "$CHART" --kube-version "${KUBE_VERSIONS##* }" -f "$example" "${MINIMAL[@]}"
+done
 
 echo ">> helm template"
 render minimal "${MINIMAL[@]}"
-render production "${PRODUCTION[@]}"
+render production "${PRODUCTION[@]}" "${OPERATOR[@]}"
 render image-models "${MINIMAL[@]}" --set models.source=image --set gateway.enabled=true \
-  --set serviceMonitor.enabled=true --set networkPolicy.enabled=true
-if render no-secret 2>"$OUT/no-secret.err"; then
-  echo "check.sh: rendering without gateway.apiKeys.existingSecret must fail" >&2; exit 1
+  --set serviceMonitor.enabled=true --set networkPolicy.enabled=true "${OPERATOR[@]}"
+for example in "${EXAMPLES[@]}"; do
+  name="$(basename "$example" .yaml)"
+  render "$name" -f "$example" "${OPERATOR[@]}"
+done
+# Without the Prometheus Operator's API, the monitoring resources are left out, not refused.
+render no-operator "${PRODUCTION[@]}" --set prometheusRule.enabled=true
+if grep -Eq "^kind: (ServiceMonitor|PrometheusRule)$" "$OUT/no-operator.yaml"; then
+  echo "check.sh: ServiceMonitor/PrometheusRule rendered without monitoring.coreos.com/v1" >&2; exit 1
 fi
-grep -q "gateway.apiKeys.existingSecret is required" "$OUT/no-secret.err" \
-  || { echo "check.sh: unexpected error without a gateway secret:" >&2; cat "$OUT/no-secret.err" >&2; exit 1; }
-rm "$OUT/no-secret.yaml" "$OUT/no-secret.err"
+grep -q "^kind: ServiceMonitor$" "$OUT/production.yaml" \
+  || { echo "check.sh: the production render lacks its ServiceMonitor" >&2; exit 1; }
+rm "$OUT/no-operator.yaml"
+must_fail() {  # must_fail VALUE [helm args...]: rendering without the Secret VALUE names must fail
+  local value="$1"; shift
+  if render no-secret "$@" 2>"$OUT/no-secret.err"; then
+    echo "check.sh: rendering without $value must fail" >&2; exit 1
+  fi
+  grep -qF "$value is required" "$OUT/no-secret.err" \
+    || { echo "check.sh: unexpected error without $value:" >&2; cat "$OUT/no-secret.err" >&2; exit 1; }
+  rm "$OUT/no-secret.yaml" "$OUT/no-secret.err"
+}
+must_fail gateway.apiKeys.existingSecret "${CONTROL[@]}"
+must_fail controlPlane.existingSecret "${GATEWAY[@]}"
 
 echo ">> kubeconform -strict (offline)"
 ARGS=()

@@ -1,8 +1,10 @@
 """The Helm chart, checked with the real helm and kubeconform binaries (built by `make setup`).
 
-helm/check.sh runs once (lint, templates, strict offline schema validation); the tests below then
-render the chart themselves and assert facts about the manifests: what exists, what every
-container carries, what the GPU values change, and what is refused.
+helm/check.sh runs once (values table, lint, templates, strict offline schema validation); the
+tests below then render the chart themselves and assert facts about the manifests: what exists,
+what every container carries, what the GPU values change, and what is refused; the topics hook, the policy's HPA, monitoring behind its API, the local Kafka, the examples and
+the generated values table are tested in tests/integration/deploy/test_helm_operations.py, and
+the NetworkPolicies' flows in tests/integration/deploy/test_helm_network_policies.py.
 
     PYTHONPATH=. python -m pytest tests/integration/test_helm_chart.py -q
 """
@@ -18,6 +20,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from services.common.control_auth import ControlSettings
+from services.common.settings import KafkaSettings
 from services.curator.settings import CuratorSettings
 from services.gateway.settings import GatewaySettings
 from services.policy.settings import PolicySettings
@@ -30,11 +34,16 @@ from services.trainer.settings import TrainerSettings
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "rlhf-platform"
 PRODUCTION = CHART / "ci" / "production-values.yaml"
+EXAMPLES = {p.stem: p for p in sorted((CHART / "examples").glob("values-*.yaml"))}
 CACHE = Path(os.environ.get("RLHF_CACHE", Path.home() / ".cache" / "rlhf-platform"))
 KUBE_VERSION = "1.33.0"
-SECRET = ["--set", "gateway.apiKeys.existingSecret=rlhf-gateway-keys"]
+CONTROL_SECRET = ["--set", "controlPlane.existingSecret=rlhf-control"]
+GATEWAY_SECRET = ["--set", "gateway.apiKeys.existingSecret=rlhf-gateway-keys"]
+SECRET = CONTROL_SECRET + GATEWAY_SECRET  # the Secrets an install must name
+OPERATOR = ["--api-versions", "monitoring.coreos.com/v1"]
 MODEL_SERVICES = ("policy", "reward", "reference")
-WORKLOADS = ("Deployment", "StatefulSet")
+WORKLOADS = ("Deployment", "StatefulSet", "Job")
+LONG_RUNNING = ("Deployment", "StatefulSet")
 
 
 def tool_env() -> dict[str, str]:
@@ -81,9 +90,9 @@ def find(docs: list[dict], kind: str, name: str) -> dict:
     return matches[0]
 
 
-def pod_specs(docs: list[dict]) -> dict[str, dict]:
+def pod_specs(docs: list[dict], kinds: tuple[str, ...] = WORKLOADS) -> dict[str, dict]:
     return {
-        d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs if d["kind"] in WORKLOADS
+        d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs if d["kind"] in kinds
     }
 
 
@@ -111,17 +120,19 @@ def minimal() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def production() -> list[dict]:
-    return render("-f", str(PRODUCTION))
+    return render("-f", str(PRODUCTION), *OPERATOR)
 
 
 def test_check_script_lints_renders_and_validates_strictly(check_sh):
     assert check_sh.returncode == 0, check_sh.stdout + check_sh.stderr
-    # Three renders (minimal, production, image models) validated against two Kubernetes versions,
-    # every resource valid and none skipped for want of a schema (the ServiceMonitor included).
+    # Six renders (minimal, production, image models and the three examples) validated against two
+    # Kubernetes versions, every resource valid and none skipped for want of a schema (the
+    # ServiceMonitor and PrometheusRule included).
     summaries = [l for l in check_sh.stdout.splitlines() if l.startswith("Summary:")]
     assert len(summaries) == 2, check_sh.stdout
     for line in summaries:
-        assert "in 3 files" in line and "Invalid: 0, Errors: 0, Skipped: 0" in line, line
+        assert "in 6 files" in line and "Invalid: 0, Errors: 0, Skipped: 0" in line, line
+    assert ">> values table" in check_sh.stdout
 
 
 def test_validation_refuses_an_unknown_field(check_sh, minimal, tmp_path):
@@ -208,7 +219,8 @@ def test_refresh_publishes_to_a_shared_volume_every_reward_replica_follows(minim
 def test_every_container_has_resources_probes_and_a_locked_down_context(minimal, production):
     for docs in (minimal, production):
         specs = pod_specs(docs)
-        assert len(specs) == 8  # policy reward reference rollout trainer gateway curator refresh
+        # policy reward reference rollout trainer gateway curator refresh, and the topics Job
+        assert len(specs) == 9
         for name, spec in specs.items():
             assert spec["securityContext"]["runAsNonRoot"] is True, name
             assert spec["automountServiceAccountToken"] is False, name
@@ -221,6 +233,7 @@ def test_every_container_has_resources_probes_and_a_locked_down_context(minimal,
                 assert ctx["capabilities"]["drop"] == ["ALL"], where
                 assert ctx["allowPrivilegeEscalation"] is False, where
                 assert ctx["readOnlyRootFilesystem"] is True, where
+        for name, spec in pod_specs(docs, LONG_RUNNING).items():  # a Job's pod runs to its end
             for c in spec["containers"]:
                 for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
                     assert probe in c, f"{name}/{c['name']} lacks {probe}"
@@ -278,14 +291,102 @@ def test_gateway_probes_secret_reference_and_no_secret_rendered(minimal, product
 
 def test_rendering_fails_without_a_gateway_secret():
     result = run(
-        ["helm", "template", "rlhf", str(CHART), "--kube-version", KUBE_VERSION], check=False
+        ["helm", "template", "rlhf", str(CHART), "--kube-version", KUBE_VERSION, *CONTROL_SECRET],
+        check=False,
     )
     assert result.returncode != 0
     assert "gateway.apiKeys.existingSecret is required" in result.stderr
     assert "ships no default key" in result.stderr
     # With the gateway off, nothing needs the Secret.
-    docs = render("--set", "gateway.enabled=false")
+    docs = render(*CONTROL_SECRET, "--set", "gateway.enabled=false")
     assert not [d for d in docs if d["metadata"]["name"].endswith("-gateway")]
+
+
+def test_rendering_fails_without_a_control_secret():
+    result = run(
+        ["helm", "template", "rlhf", str(CHART), "--kube-version", KUBE_VERSION, *GATEWAY_SECRET],
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "controlPlane.existingSecret is required" in result.stderr
+    assert "kubectl create secret generic rlhf-control" in result.stderr
+    assert "ships no default token" in result.stderr
+    # Without the four pods that hold the token, nothing needs the Secret.
+    off = [f"{c}.enabled=false" for c in ("policy", "reward", "trainer", "refresh")]
+    docs = render(*GATEWAY_SECRET, "--set", ",".join(off))
+    assert {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"} == {
+        f"rlhf-rlhf-platform-{c}" for c in ("reference", "rollout", "gateway", "curator")
+    }
+
+
+# The control plane (services/common/control_auth.py): the pod -> the one container that holds
+# the control token. The policy and reward check it; the trainer and the refresh send it.
+CONTROL_CONTAINERS = {"policy": "service", "reward": "service", "trainer": "trainer"}
+CONTROL_CONTAINERS["refresh"] = "refresh"
+
+
+def uses_secret(spec: dict, secret: str) -> list[str]:
+    """Where a pod spec takes anything from the Secret `secret`: volumes, env, envFrom."""
+    found = [
+        f"volume {v['name']}"
+        for v in spec.get("volumes", [])
+        if v.get("secret", {}).get("secretName") == secret
+        or any(
+            source.get("secret", {}).get("name") == secret
+            for source in v.get("projected", {}).get("sources", [])
+        )
+    ]
+    for c in spec["containers"] + spec.get("initContainers", []):
+        found += [
+            f"{c['name']} env {e['name']}"
+            for e in c.get("env", [])
+            if e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == secret
+        ]
+        found += [
+            f"{c['name']} envFrom"
+            for e in c.get("envFrom", [])
+            if e.get("secretRef", {}).get("name") == secret
+        ]
+    return found
+
+
+@pytest.mark.parametrize("key", ["token", "control-token"])
+def test_only_the_control_plane_gets_the_control_token_as_a_read_only_file(
+    key, minimal, production, monkeypatch
+):
+    renders = (minimal, production) if key == "token" else ()
+    renders += (render(*SECRET, "--set", f"controlPlane.key={key}"),)
+    for docs in renders:
+        specs = pod_specs(docs)
+        for pod, spec in specs.items():
+            component = pod.removeprefix("rlhf-rlhf-platform-")
+            if component not in CONTROL_CONTAINERS:  # reference, rollout, gateway, curator, topics
+                assert uses_secret(spec, "rlhf-control") == [], pod
+                for c in spec["containers"] + spec.get("initContainers", []):
+                    assert not [k for k in env_of(c) if k.startswith("RLHF_CONTROL_")], pod
+                continue
+            # One Secret volume with that key only, never an environment variable.
+            assert uses_secret(spec, "rlhf-control") == ["volume control-token"], pod
+            (volume,) = [v for v in spec["volumes"] if v["name"] == "control-token"]
+            (item,) = volume["secret"]["items"]
+            assert item["key"] == key, pod
+            assert volume["secret"]["defaultMode"] == 0o440, pod
+            for c in spec["containers"] + spec.get("initContainers", []):
+                where = f"{pod}/{c['name']}"
+                mounts = [m for m in c.get("volumeMounts", []) if m["name"] == "control-token"]
+                env = env_of(c)
+                if c["name"] != CONTROL_CONTAINERS[component]:  # Triton, the init container
+                    assert not mounts and "RLHF_CONTROL_TOKEN_FILE" not in env, where
+                    continue
+                (mount,) = mounts
+                assert mount["readOnly"] is True and "subPath" not in mount, where  # rotates
+                path = f"{mount['mountPath']}/{item['path']}"
+                assert env["RLHF_CONTROL_TOKEN_FILE"] == path, where
+                assert "RLHF_CONTROL_TOKEN" not in env, where
+                with monkeypatch.context() as m:  # the name is the one the services read
+                    m.setenv("RLHF_CONTROL_TOKEN_FILE", path)
+                    assert str(ControlSettings().token_file) == path
+        assert {p.removeprefix("rlhf-rlhf-platform-") for p in specs} >= set(CONTROL_CONTAINERS)
 
 
 @pytest.mark.parametrize(
@@ -366,7 +467,14 @@ def test_trainer_ranks_are_statefulset_pods_with_checkpoint_volumes(production):
 
 def test_production_adds_ingress_autoscaling_network_policies_and_monitoring(minimal, production):
     kinds = {d["kind"] for d in minimal}
-    assert not kinds & {"Ingress", "HorizontalPodAutoscaler", "NetworkPolicy", "ServiceMonitor"}
+    assert not kinds & {
+        "Ingress",
+        "HorizontalPodAutoscaler",
+        "NetworkPolicy",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "ConfigMap",
+    }
     ingress = find(production, "Ingress", "rlhf-rlhf-platform-gateway")
     assert ingress["spec"]["rules"][0]["host"] == "rlhf.example.com"
     assert ingress["spec"]["tls"][0]["secretName"] == "rlhf-example-tls"
@@ -374,7 +482,11 @@ def test_production_adds_ingress_autoscaling_network_policies_and_monitoring(min
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 12)
     assert "replicas" not in find(production, "Deployment", "rlhf-rlhf-platform-gateway")["spec"]
     policies = {d["metadata"]["name"] for d in production if d["kind"] == "NetworkPolicy"}
-    assert len(policies) == 7
+    assert policies == {  # every pod of the release, the topics Job's included
+        f"rlhf-rlhf-platform-{c}"
+        for c in ("policy", "reward", "reference", "rollout", "trainer", "gateway", "curator")
+        + ("refresh", "topics")
+    }
     monitor = find(production, "ServiceMonitor", "rlhf-rlhf-platform")
     assert {e["port"] for e in monitor["spec"]["endpoints"]} == {
         "metrics",
@@ -395,7 +507,11 @@ ENTRY_POINT_SETTINGS = {
     "services.gateway": GatewaySettings,
     "services.curator": CuratorSettings,
     "services.refresh": RefreshSettings,
+    "services.cli": KafkaSettings,  # the topics hook: `python -m services.cli topics ensure`
 }
+# Entry points whose processes also read the control plane's settings (the token), beside their
+# own: the policy and reward check it, the trainer and the refresh send it.
+CONTROL_READERS = {f"services.{c}" for c in ("policy", "reward", "trainer", "refresh")}
 # Values a Secret would supply, for variables the chart takes from one.
 SECRET_VALUES = {"RLHF_GATEWAY_API_KEY_SHA256": "0" * 64}
 
@@ -420,24 +536,35 @@ def python_containers(docs: list[dict]) -> list[tuple[str, str, dict[str, str]]]
     return found
 
 
-def settings_from(monkeypatch, module: str, env: dict[str, str]):
-    """The entry point's settings, built by pydantic from exactly `env`."""
+def build(monkeypatch, settings_class: type, env: dict[str, str]):
+    """`settings_class`, built by pydantic from exactly `env`."""
     with monkeypatch.context() as m:
         for key in [k for k in os.environ if k.startswith("RLHF_")]:
             m.delenv(key)
         for key, value in env.items():
             m.setenv(key, value)
-        return ENTRY_POINT_SETTINGS[module]()
+        return settings_class()
 
 
-def reads(monkeypatch, module: str, env: dict[str, str], key: str, built: dict) -> bool:
-    """Whether the entry point's settings read `key`: given an odd value, they change or refuse
-    it (`built`: the settings' dump from `env` itself)."""
+def settings_from(monkeypatch, module: str, env: dict[str, str]):
+    """The entry point's settings, built by pydantic from exactly `env`."""
+    return build(monkeypatch, ENTRY_POINT_SETTINGS[module], env)
+
+
+def reads(monkeypatch, settings_class: type, env: dict[str, str], key: str) -> bool:
+    """Whether `settings_class` reads `key`: given an odd value, it changes or refuses it."""
+    built = build(monkeypatch, settings_class, env).model_dump()
     try:
-        odd = settings_from(monkeypatch, module, {**env, key: "odd-value-\u2603"})
+        odd = build(monkeypatch, settings_class, {**env, key: "odd-value-\u2603"})
     except ValidationError:
         return True
     return odd.model_dump() != built
+
+
+def readers(module: str) -> list[type]:
+    """The settings classes the entry point's process builds from its environment."""
+    extra = [ControlSettings] if module in CONTROL_READERS else []
+    return [ENTRY_POINT_SETTINGS[module], *extra]
 
 
 def test_every_setting_the_chart_passes_is_one_its_service_reads(minimal, production, monkeypatch):
@@ -445,26 +572,29 @@ def test_every_setting_the_chart_passes_is_one_its_service_reads(minimal, produc
     stale name in the chart would be dropped in silence: each one is checked on the settings
     class itself. And each container's whole environment must build its settings: every required
     field set, every value valid. The variables every Python container gets (the Kafka block)
-    need only be read by the services that use Kafka."""
+    need only be read by the services that use Kafka. The control plane's processes also read
+    `ControlSettings` (services/common/control_auth.py: the control token)."""
     shared = {"RLHF_KAFKA_BOOTSTRAP_SERVERS", "RLHF_KAFKA_CLIENT_ID"}
-    checked, shared_readers = 0, {key: set() for key in shared}
+    checked, shared_readers, control = 0, {key: set() for key in shared}, set()
     for docs in (minimal, production):
         containers = python_containers(docs)
         assert {module for _, module, _ in containers} == set(ENTRY_POINT_SETTINGS)
         for where, module, env in containers:
-            built = settings_from(
-                monkeypatch, module, env
-            ).model_dump()  # raises when a field is missing or bad
+            for settings_class in readers(module):
+                build(monkeypatch, settings_class, env)  # raises when a field is missing or bad
             for key in sorted(k for k in env if k.startswith("RLHF_")):
                 if key in shared:
-                    if reads(monkeypatch, module, env, key, built):
+                    if reads(monkeypatch, ENTRY_POINT_SETTINGS[module], env, key):
                         shared_readers[key].add(module)
                     continue
-                assert reads(monkeypatch, module, env, key, built), (
+                assert any(reads(monkeypatch, c, env, key) for c in readers(module)), (
                     f"{where}: {module} never reads {key}"
                 )
+                if reads(monkeypatch, ControlSettings, env, key):
+                    control.add(module)
                 checked += 1
     assert checked > 80
+    assert control == CONTROL_READERS  # each of them is given the token's file
     for key in shared:
         assert {
             "services.policy",
@@ -486,12 +616,111 @@ def test_the_chart_points_each_service_at_the_others_and_at_its_device(
         }
         rollout = built["rlhf-rlhf-platform-rollout/worker"]
         assert (rollout.policy_address, rollout.reward_address, rollout.reference_address) == (
-            "rlhf-rlhf-platform-policy:50051",
-            "rlhf-rlhf-platform-reward:50051",
-            "rlhf-rlhf-platform-reference:50051",
+            "rlhf-rlhf-platform-policy-headless.rlhf.svc.cluster.local:50051",
+            "rlhf-rlhf-platform-reward-headless.rlhf.svc.cluster.local:50051",
+            "rlhf-rlhf-platform-reference-headless.rlhf.svc.cluster.local:50051",
         )
         assert str(rollout.dataset) == "/models/prompts/prompts.jsonl"
         for component in MODEL_SERVICES:
             for name in ("model-repository", "service"):
                 settings = built[f"rlhf-rlhf-platform-{component}/{name}"]
                 assert (settings.device, settings.dtype) == (device, dtype), f"{component}/{name}"
+
+
+ROLLOUT_ADDRESSES = {
+    c: f"RLHF_ROLLOUT_{c.upper()}_ADDRESS" for c in ("policy", "reward", "reference")
+}
+
+
+def rollout_addresses(docs: list[dict]) -> dict[str, str]:
+    env = env_of(container(pod_specs(docs)["rlhf-rlhf-platform-rollout"], "worker"))
+    return {c: env[name] for c, name in ROLLOUT_ADDRESSES.items()}
+
+
+@pytest.mark.parametrize(
+    ("override", "headless"),
+    [
+        ([], {"policy", "reward", "reference"}),  # reward's: the refresh reloads every replica
+        (["--set", "reference.headlessService=false"], {"policy", "reward"}),
+        (["--set", "refresh.enabled=false"], {"policy", "reference"}),
+        (
+            ["--set", "refresh.enabled=false,reward.headlessService=true"],
+            {"policy", "reward", "reference"},
+        ),
+        (["--set", "policy.headlessService=false,reference.headlessService=false"], {"reward"}),
+    ],
+)
+def test_the_rollout_worker_calls_every_replica_through_a_headless_service(override, headless):
+    """The worker's channels (services/common/channels.py) take one name that gRPC resolves again
+    and go round robin over what it resolves to: a headless Service gives every ready replica,
+    a ClusterIP one VIP that pins each worker's connection to one replica. So the chart names the
+    headless Service wherever one is rendered, and the ClusterIP Service only where none is."""
+    docs = render(*SECRET, *override)
+    services = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Service"}
+    for component, address in rollout_addresses(docs).items():
+        name = f"rlhf-rlhf-platform-{component}"
+        host, port = address.rsplit(":", 1)
+        assert port == "50051"
+        if component in headless:
+            assert host == f"{name}-headless.rlhf.svc.cluster.local", component
+            service = services[f"{name}-headless"]
+            assert service["clusterIP"] == "None"
+            assert service["selector"]["app.kubernetes.io/component"] == component
+            assert [p["port"] for p in service["ports"]] == [50051]
+        else:
+            assert host == name and f"{name}-headless" not in services, component
+            assert services[name]["type"] == "ClusterIP"
+
+
+def test_kafka_sasl_login_comes_from_a_secret_into_every_python_container(minimal, monkeypatch):
+    login = [
+        "--set",
+        "kafka.securityProtocol=SASL_SSL",
+        "--set",
+        "kafka.sasl.mechanism=SCRAM-SHA-512",
+    ]
+    secret = ["--set", "kafka.sasl.existingSecret=rlhf-kafka-login"]
+    docs = render(*SECRET, *login, *secret)
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    checked = 0
+    for pod, spec in pod_specs(docs).items():
+        for c in spec["containers"] + spec.get("initContainers", []):
+            env = env_of(c)
+            if ((c.get("command") or []) + (c.get("args") or []))[:2] != ["python", "-m"]:
+                assert not [k for k in env if k.startswith("RLHF_KAFKA_")], f"{pod}/{c['name']}"
+                continue
+            assert env["RLHF_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+            assert env["RLHF_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
+            for key in ("username", "password"):  # by reference: the chart renders no credential
+                assert env[f"RLHF_KAFKA_SASL_{key.upper()}"] == {
+                    "secretKeyRef": {"name": "rlhf-kafka-login", "key": key}
+                }
+            # The names are the ones KafkaSettings reads (the Secret's values standing in).
+            literal = {
+                k: v for k, v in env.items() if k.startswith("RLHF_KAFKA_") and isinstance(v, str)
+            }
+            kafka = build(
+                monkeypatch,
+                KafkaSettings,
+                {**literal, "RLHF_KAFKA_SASL_USERNAME": "u", "RLHF_KAFKA_SASL_PASSWORD": "p"},
+            )
+            assert kafka.librdkafka_config()["sasl.mechanisms"] == "SCRAM-SHA-512"
+            assert kafka.kafka_python_config()["security_protocol"] == "SASL_SSL"
+            checked += 1
+    assert checked >= len(ENTRY_POINT_SETTINGS)
+    # The default install is unchanged: PLAINTEXT, and no security variable at all.
+    for spec in pod_specs(minimal).values():
+        for c in spec["containers"] + spec.get("initContainers", []):
+            assert not [k for k in env_of(c) if k.startswith("RLHF_KAFKA_S")]
+    # Refused: a SASL protocol without its Secret; security on the local (PLAINTEXT) broker.
+    base = ["helm", "template", "rlhf", str(CHART), "--kube-version", KUBE_VERSION, *SECRET]
+    result = run([*base, *login], check=False)
+    assert result.returncode != 0
+    assert "kafka.sasl.existingSecret is required with kafka.securityProtocol=SASL_SSL" in (
+        result.stderr
+    )
+    result = run([*base, *login, *secret, "--set", "kafka.local.enabled=true"], check=False)
+    assert result.returncode != 0
+    assert "(kafka.local) listens for PLAINTEXT only" in result.stderr
+    result = run([*base, "--set", "kafka.securityProtocol=SSL"], check=False)
+    assert result.returncode != 0 and "/kafka/securityProtocol" in result.stderr

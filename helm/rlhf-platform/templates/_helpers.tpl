@@ -1,7 +1,7 @@
 {{/*
 Shared pieces of the chart: names, labels, images, the settings every service reads, security
 contexts and volumes. A component is one of: policy reward reference rollout trainer gateway
-curator.
+curator refresh topics kafka.
 */}}
 
 {{- define "rlhf.name" -}}
@@ -56,9 +56,11 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- printf "%s:%s" .Values.tritonImage.repository (default .Chart.AppVersion .Values.tritonImage.tag) -}}
 {{- end -}}
 
-{{/* host:port list of the Kafka brokers: the external list, or the Strimzi bootstrap Service. */}}
+{{/* host:port list of the Kafka brokers: the chart's own broker (kafka.local), the external list, or the Strimzi bootstrap Service. */}}
 {{- define "rlhf.kafkaBootstrap" -}}
-{{- if .Values.kafka.bootstrapServers -}}
+{{- if .Values.kafka.local.enabled -}}
+{{- printf "%s.%s.svc:%d" (include "rlhf.componentName" (dict "root" . "component" "kafka")) .Release.Namespace (int .Values.kafka.local.port) -}}
+{{- else if .Values.kafka.bootstrapServers -}}
 {{- .Values.kafka.bootstrapServers -}}
 {{- else if .Values.kafka.strimzi.clusterName -}}
 {{- $ns := default .Release.Namespace .Values.kafka.strimzi.namespace -}}
@@ -68,12 +70,42 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- end -}}
 {{- end -}}
 
-{{/* Settings every Python container reads (shared env prefixes RLHF_KAFKA_, plus offline model loading). */}}
+{{/*
+Settings every Python container reads (shared env prefixes RLHF_KAFKA_, plus offline model loading).
+With kafka.securityProtocol other than PLAINTEXT, every Kafka client connects with it; a SASL_*
+protocol takes its login from the Secret kafka.sasl.existingSecret (keys username and password,
+by secretKeyRef: the chart renders no credential).
+*/}}
 {{- define "rlhf.commonEnv" -}}
+{{- $kafka := .Values.kafka -}}
 - name: RLHF_KAFKA_BOOTSTRAP_SERVERS
   value: {{ include "rlhf.kafkaBootstrap" . | quote }}
 - name: RLHF_KAFKA_CLIENT_ID
-  value: {{ .Values.kafka.clientId | quote }}
+  value: {{ $kafka.clientId | quote }}
+{{- if ne $kafka.securityProtocol "PLAINTEXT" }}
+{{- if $kafka.local.enabled }}
+{{- fail (printf "kafka.securityProtocol=%s: the chart's own broker (kafka.local) listens for PLAINTEXT only" $kafka.securityProtocol) }}
+{{- end }}
+- name: RLHF_KAFKA_SECURITY_PROTOCOL
+  value: {{ $kafka.securityProtocol | quote }}
+{{- end }}
+{{- if hasPrefix "SASL_" $kafka.securityProtocol }}
+{{- if not $kafka.sasl.existingSecret }}
+{{- fail (printf "kafka.sasl.existingSecret is required with kafka.securityProtocol=%s: a Secret with keys username and password (kubectl create secret generic rlhf-kafka-login --from-literal=username=... --from-literal=password=...)" $kafka.securityProtocol) }}
+{{- end }}
+- name: RLHF_KAFKA_SASL_MECHANISM
+  value: {{ $kafka.sasl.mechanism | quote }}
+- name: RLHF_KAFKA_SASL_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ $kafka.sasl.existingSecret }}
+      key: username
+- name: RLHF_KAFKA_SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $kafka.sasl.existingSecret }}
+      key: password
+{{- end }}
 - name: POD_NAME
   valueFrom:
     fieldRef:
@@ -141,9 +173,15 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- end -}}
 {{- end -}}
 
-{{/* Pod-level fields every pod shares: (dict "root" $ "cfg" <component values> "gpu" bool). */}}
+{{/*
+Pod-level fields every pod shares: (dict "root" $ "cfg" <component values> "gpu" bool "hook" bool).
+A hook's pod (the topics Job) may run before the chart's ServiceAccount exists, so it runs as the
+namespace's `default` account unless serviceAccount names one made outside the chart.
+*/}}
 {{- define "rlhf.podCommon" -}}
+{{- if not (and .hook .root.Values.serviceAccount.create) -}}
 serviceAccountName: {{ include "rlhf.serviceAccountName" .root }}
+{{ end -}}
 automountServiceAccountToken: {{ .root.Values.serviceAccount.automountToken }}
 securityContext:
   {{- include "rlhf.podSecurityContext" .root | nindent 2 }}
@@ -213,6 +251,71 @@ component name.
 {{- end -}}
 
 {{/*
+Whether a model service has a headless Service beside its ClusterIP one (templates/model-services.yaml):
+asked for (headlessService), or the reward while the refresh reloads every replica. "true" or
+empty. Call with (dict "root" $ "component" "reward").
+*/}}
+{{- define "rlhf.hasHeadlessService" -}}
+{{- $cfg := index .root.Values .component -}}
+{{- if or $cfg.headlessService (and (eq .component "reward") .root.Values.refresh.enabled) -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+The gRPC address (host:port) a client of a model service calls: its headless Service where it
+has one, so that the client's channel (services/common/channels.py: one dns:/// name, resolved
+again whenever a connection breaks) balances over every ready replica; its ClusterIP Service
+otherwise. Call with (dict "root" $ "component" "policy").
+*/}}
+{{- define "rlhf.modelServiceAddress" -}}
+{{- $name := include "rlhf.componentName" . -}}
+{{- $port := (index .root.Values .component).grpcPort -}}
+{{- if include "rlhf.hasHeadlessService" . -}}
+{{- printf "%s-headless.%s.svc.cluster.local:%v" $name .root.Release.Namespace $port -}}
+{{- else -}}
+{{- printf "%s:%v" $name $port -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The control token (services/common/control_auth.py): the policy accepts UpdateWeights and the
+reward ReloadModel only from callers sending it; the trainer and the refresh send it. Only those
+four pods get it, and only in the container that uses it. It comes from the Secret the operator
+named (controlPlane.existingSecret; the chart ships no default token, so rendering any of those
+pods without it fails), mounted read-only as a file: RLHF_CONTROL_TOKEN_FILE names the file, so
+the token shows in no environment dump and no `kubectl describe`, and a rotated Secret reaches
+the file in place (the callers read it on every call, the services when they start). The container's env gets rlhf.controlTokenEnv, its volumeMounts
+rlhf.controlTokenVolumeMount, and its pod's volumes rlhf.controlTokenVolume; each takes the root.
+*/}}
+{{- define "rlhf.controlTokenDir" -}}/run/secrets/rlhf-control{{- end -}}
+
+{{- define "rlhf.controlSecret" -}}
+{{- if not .Values.controlPlane.existingSecret -}}
+{{- fail "controlPlane.existingSecret is required: create a Secret holding the control-plane token (kubectl create secret generic rlhf-control --from-literal=token=\"$(openssl rand -base64 32)\") and set controlPlane.existingSecret to its name; the policy and reward accept weight pushes and reloads only from callers holding it, and the chart ships no default token" -}}
+{{- end -}}
+{{- .Values.controlPlane.existingSecret -}}
+{{- end -}}
+
+{{- define "rlhf.controlTokenEnv" -}}
+- name: RLHF_CONTROL_TOKEN_FILE
+  value: {{ include "rlhf.controlTokenDir" . }}/token
+{{- end -}}
+
+{{- define "rlhf.controlTokenVolumeMount" -}}
+- {name: control-token, mountPath: {{ include "rlhf.controlTokenDir" . }}, readOnly: true}
+{{- end -}}
+
+{{- define "rlhf.controlTokenVolume" -}}
+- name: control-token
+  secret:
+    secretName: {{ include "rlhf.controlSecret" . }}
+    # Only the one key, as the file `token`.
+    items:
+      - {key: {{ .Values.controlPlane.key | quote }}, path: token}
+    # 0440: the owner and the pod's fsGroup (uid/gid 1000 run every container) read it.
+    defaultMode: 288
+{{- end -}}
+
+{{/*
 A PersistentVolumeClaim kept on uninstall. Call with (dict "ctx" $ctx "suffix" "state"
 "accessMode" "ReadWriteOnce" "storage" $cfg.persistence), where storage has size and, optionally,
 storageClassName.
@@ -234,4 +337,51 @@ spec:
   resources:
     requests:
       storage: {{ .storage.size }}
+{{- end -}}
+
+{{/*
+A HorizontalPodAutoscaler (autoscaling/v2) on load, for a model service with an `autoscaling`
+block (the policy): (dict "root" $ "component" "policy" "cfg" .Values.policy).
+  1. Pods metric `queueDepthMetric` (rlhf_policy_queue_depth: sequences admitted to Triton and
+     not finished, per pod), averaged over the pods, through the custom metrics API; the adapter
+     (prometheus-adapter) must expose the policy's gauge under that name for the pods.
+  2. CPU utilisation, the fallback: the HPA takes the larger of the two proposals, and while the
+     custom metrics API has no value it still scales up on CPU (it never scales down on a
+     partial set of metrics).
+New replicas load their model first and catch up with the trainer from rlhf.weights.v1, so
+scale-down waits scaleDownStabilizationSeconds.
+*/}}
+{{- define "rlhf.loadHPA" -}}
+{{- $name := include "rlhf.componentName" . -}}
+{{- $scale := .cfg.autoscaling -}}
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata:
+  name: {{ $name }}
+  labels:
+    {{- include "rlhf.labels" . | nindent 4 }}
+spec:
+  scaleTargetRef:
+    apiVersion: apps/v1
+    kind: Deployment
+    name: {{ $name }}
+  minReplicas: {{ $scale.minReplicas }}
+  maxReplicas: {{ $scale.maxReplicas }}
+  metrics:
+    - type: Pods
+      pods:
+        metric:
+          name: {{ $scale.queueDepthMetric }}
+        target:
+          type: AverageValue
+          averageValue: {{ $scale.targetQueueDepth | toString | quote }}
+    - type: Resource
+      resource:
+        name: cpu
+        target:
+          type: Utilization
+          averageUtilization: {{ $scale.targetCPUUtilizationPercentage }}
+  behavior:
+    scaleDown:
+      stabilizationWindowSeconds: {{ $scale.scaleDownStabilizationSeconds }}
 {{- end -}}
