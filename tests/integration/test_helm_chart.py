@@ -723,4 +723,43 @@ def test_kafka_sasl_login_comes_from_a_secret_into_every_python_container(minima
     assert result.returncode != 0
     assert "(kafka.local) listens for PLAINTEXT only" in result.stderr
     result = run([*base, "--set", "kafka.securityProtocol=SSL"], check=False)
-    assert result.returncode != 0 and "/kafka/securityProtocol" in result.stderr
+    assert result.returncode != 0
+    assert "kafka.tls.existingSecret is required with kafka.securityProtocol=SSL" in result.stderr
+
+
+def test_kafka_tls_files_are_mounted_where_the_kafka_settings_are(monkeypatch, tmp_path):
+    tls = ["--set", "kafka.securityProtocol=SSL", "--set", "kafka.tls.existingSecret=kafka-tls"]
+    mutual = ["--set", "kafka.tls.clientCertificate=true"]
+    for extra, files in (([], {"ca.crt"}), (mutual, {"ca.crt", "tls.crt", "tls.key"})):
+        docs = render(*SECRET, *tls, *extra)
+        checked = 0
+        for pod, spec in pod_specs(docs).items():
+            volumes = {v["name"]: v for v in spec.get("volumes", [])}
+            for c in spec["containers"] + spec.get("initContainers", []):
+                env = env_of(c)
+                paths = {v for k, v in env.items() if k.startswith("RLHF_KAFKA_SSL_")}
+                mounts = {m["name"]: m for m in c.get("volumeMounts", [])}
+                if "RLHF_KAFKA_SECURITY_PROTOCOL" not in env:
+                    assert not paths and "kafka-tls" not in mounts, f"{pod}/{c['name']}"
+                    continue
+                mount = mounts["kafka-tls"]
+                assert mount["readOnly"] is True, f"{pod}/{c['name']}"
+                secret = volumes["kafka-tls"]["secret"]
+                assert secret["secretName"] == "kafka-tls"
+                assert {i["path"] for i in secret["items"]} == files
+                assert paths == {f"{mount['mountPath']}/{f}" for f in files}, f"{pod}/{c['name']}"
+                # Those are the names KafkaSettings reads, and it accepts them together.
+                for name in files:
+                    (tmp_path / name).write_text("pem")
+                literal = {
+                    k: str(tmp_path / Path(v).name) if k.startswith("RLHF_KAFKA_SSL_") else v
+                    for k, v in env.items()
+                    if k.startswith("RLHF_KAFKA_") and isinstance(v, str)
+                }
+                config = build(monkeypatch, KafkaSettings, literal).kafka_python_config()
+                assert config["security_protocol"] == "SSL" and config["ssl_cafile"]
+                checked += 1
+        assert checked >= len(ENTRY_POINT_SETTINGS)
+    base = ["helm", "template", "rlhf", str(CHART), "--kube-version", KUBE_VERSION, *SECRET]
+    result = run([*base, "--set", "kafka.tls.existingSecret=kafka-tls"], check=False)
+    assert result.returncode != 0 and "uses no TLS" in result.stderr

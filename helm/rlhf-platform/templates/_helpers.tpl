@@ -89,6 +89,21 @@ by secretKeyRef: the chart renders no credential).
 - name: RLHF_KAFKA_SECURITY_PROTOCOL
   value: {{ $kafka.securityProtocol | quote }}
 {{- end }}
+{{- if $kafka.tls.existingSecret }}
+{{- if not (has $kafka.securityProtocol (list "SSL" "SASL_SSL")) }}
+{{- fail (printf "kafka.tls.existingSecret is set but kafka.securityProtocol=%s uses no TLS: choose SSL or SASL_SSL" $kafka.securityProtocol) }}
+{{- end }}
+- name: RLHF_KAFKA_SSL_CA_FILE
+  value: {{ include "rlhf.kafkaTlsDir" . }}/ca.crt
+{{- if $kafka.tls.clientCertificate }}
+- name: RLHF_KAFKA_SSL_CERT_FILE
+  value: {{ include "rlhf.kafkaTlsDir" . }}/tls.crt
+- name: RLHF_KAFKA_SSL_KEY_FILE
+  value: {{ include "rlhf.kafkaTlsDir" . }}/tls.key
+{{- end }}
+{{- else if eq $kafka.securityProtocol "SSL" }}
+{{- fail "kafka.tls.existingSecret is required with kafka.securityProtocol=SSL: a Secret with ca.crt (and tls.crt, tls.key for mutual TLS), e.g. kubectl create secret generic rlhf-kafka-tls --from-file=ca.crt --from-file=tls.crt --from-file=tls.key" }}
+{{- end }}
 {{- if hasPrefix "SASL_" $kafka.securityProtocol }}
 {{- if not $kafka.sasl.existingSecret }}
 {{- fail (printf "kafka.sasl.existingSecret is required with kafka.securityProtocol=%s: a Secret with keys username and password (kubectl create secret generic rlhf-kafka-login --from-literal=username=... --from-literal=password=...)" $kafka.securityProtocol) }}
@@ -384,4 +399,35 @@ spec:
   behavior:
     scaleDown:
       stabilizationWindowSeconds: {{ $scale.scaleDownStabilizationSeconds }}
+{{- end -}}
+
+{{/*
+The Kafka clients' certificates (kafka.tls.existingSecret), for every container that has
+rlhf.commonEnv: a read-only folder with ca.crt and, for mutual TLS, tls.crt and tls.key. Both
+helpers render nothing when no Secret is named.
+*/}}
+{{- define "rlhf.kafkaTlsDir" -}}/run/secrets/rlhf-kafka{{- end -}}
+
+{{- define "rlhf.kafkaTlsVolumeMount" -}}
+{{- if .Values.kafka.tls.existingSecret -}}
+- {name: kafka-tls, mountPath: {{ include "rlhf.kafkaTlsDir" . }}, readOnly: true}
+{{- end -}}
+{{- end -}}
+
+{{- define "rlhf.kafkaTlsVolume" -}}
+{{- with .Values.kafka.tls -}}
+{{- if .existingSecret -}}
+- name: kafka-tls
+  secret:
+    secretName: {{ .existingSecret }}
+    items:
+      - {key: ca.crt, path: ca.crt}
+      {{- if .clientCertificate }}
+      - {key: tls.crt, path: tls.crt}
+      - {key: tls.key, path: tls.key}
+      {{- end }}
+    # 0440: the owner and the pod's fsGroup read it.
+    defaultMode: 288
+{{- end -}}
+{{- end -}}
 {{- end -}}
