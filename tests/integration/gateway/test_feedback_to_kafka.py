@@ -106,6 +106,10 @@ def test_auth_over_http(kafka_settings, run_dir):
         assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
         metrics = httpx.get(f"{gw.url}/metrics").text
         assert 'rlhf_gateway_events_accepted_total{kind="feedback"} 3.0' in metrics
+    # Neither the key nor a wrong one a caller sent is ever logged.
+    log = gw.log_file.read_text()
+    assert log.strip(), "the gateway logged nothing: the check below would prove nothing"
+    assert gw.api_key not in log and "nope" not in log
 
 
 def test_health_readiness_and_bad_input(gateway):
