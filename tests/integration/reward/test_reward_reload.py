@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
+from services.common.control_auth import control_metadata
 from services.common.versions import manifest
 from services.genproto.rlhf.v1 import reward_pb2, reward_pb2_grpc
 from tests.integration.reward.test_reward_service import PAIRS, in_process_scores, score_request
@@ -60,7 +61,7 @@ def reload(stub, version: int, path, file_sha256: dict[str, str]) -> reward_pb2.
     request = reward_pb2.ReloadModelRequest(
         reward_model_version=version, path=str(path), file_sha256=file_sha256
     )
-    return stub.ReloadModel(request, timeout=120)
+    return stub.ReloadModel(request, timeout=120, metadata=control_metadata())
 
 
 def assert_serving(stub, version: int, expected) -> None:

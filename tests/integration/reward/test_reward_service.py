@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from services.common.control_auth import control_metadata
 from services.common.models import load_reward_model, load_tokenizer
 from services.genproto.rlhf.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from services.reward.encoding import encode_for_reward
@@ -198,6 +199,6 @@ def test_bad_reload_requests_are_invalid_argument(stub):
     ]
     for bad, field in cases:
         with pytest.raises(grpc.RpcError) as error:
-            stub.ReloadModel(bad, timeout=30)
+            stub.ReloadModel(bad, timeout=30, metadata=control_metadata())
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field in error.value.details()
