@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from services.common.settings import TritonSettings
 from services.common.triton_client import connect, make_inputs
@@ -138,17 +139,20 @@ class PolicyEngine:
         )
         responses: queue.Queue = queue.Queue()
         client = self._client()
-        client.start_stream(callback=lambda result, error: responses.put((result, error)))
         done, healthy = 0, False
         try:
-            for i, seq in enumerate(sequences):
-                client.async_stream_infer(
-                    self.model,
-                    make_inputs(seq.arrays()),
-                    request_id=str(i),
-                    outputs=[grpcclient.InferRequestedOutput(o) for o in outputs],
-                    enable_empty_final_response=True,
-                )
+            try:
+                client.start_stream(callback=lambda result, error: responses.put((result, error)))
+                for i, seq in enumerate(sequences):
+                    client.async_stream_infer(
+                        self.model,
+                        make_inputs(seq.arrays()),
+                        request_id=str(i),
+                        outputs=[grpcclient.InferRequestedOutput(o) for o in outputs],
+                        enable_empty_final_response=True,
+                    )
+            except InferenceServerException as err:  # e.g. a stream Triton broke: UNAVAILABLE
+                raise ModelError(f"Triton stream: {err}") from err
             while done < len(sequences):
                 left = deadline - time.monotonic()
                 if left <= 0:
