@@ -124,6 +124,10 @@ helm-check: setup ## Lint the Helm chart, render it, validate every manifest off
 bench: setup models ## Run the benchmarks; results as JSON under bench/results/ plus a table
 	$(PY) -m bench.run
 
+.PHONY: chaos
+chaos: setup models ## Fault injection (trainer/replica/Triton kill -9, broker outage, bad weights, full disk, poison records): table + bench/results/chaos.json
+	$(PY) -m bench.chaos
+
 .PHONY: stack-up
 stack-up: setup ## Start the local Kafka broker and Triton server (state under .local/)
 	$(PY) -m deploy.local up
