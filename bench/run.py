@@ -30,6 +30,10 @@ HEADLINES: dict[str, list[tuple[str, float, str, str]]] = {
         ("ratio_vs_noop", 0.5, "min", "feedback req/s (acks=all, p99<50ms) / no-op endpoint"),
         ("lost", 0, "max", "acknowledged feedback events missing from Kafka"),
     ],
+    "soak": [
+        ("errors", 0, "max", "chat completions not answered 200 in the soak (gateway + policy)"),
+        ("rss_growth_pct_max", 10.0, "max", "largest RSS growth of gateway/policy/Triton, %"),
+    ],
 }
 
 
