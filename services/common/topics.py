@@ -13,6 +13,7 @@ FEEDBACK = "rlhf.feedback.v1"
 PREFERENCES = "rlhf.preferences.v1"
 ROLLOUTS = "rlhf.rollouts.v1"
 WEIGHTS = "rlhf.weights.v1"
+ANNOTATION_QUEUE = "rlhf.annotation-queue.v1"
 
 # Co-partitioned pair: must stay equal.
 JOIN_PARTITIONS = 6
@@ -43,6 +44,8 @@ _DATA: tuple[TopicSpec, ...] = (
     TopicSpec(ROLLOUTS, 4, {"retention.ms": str(3 * 24 * 3600 * 1000)}),
     # Keyed by model name; compaction keeps the latest version of each model forever.
     TopicSpec(WEIGHTS, 1, {"cleanup.policy": "compact"}),
+    # Keyed by candidate id; what the reward model is least sure of, for people to rank.
+    TopicSpec(ANNOTATION_QUEUE, 1, {"retention.ms": str(7 * 24 * 3600 * 1000)}),
 )
 
 # Every consumed topic has its dead-letter topic: one partition (dead letters are rare, and a
