@@ -1,11 +1,19 @@
-"""The control plane's authentication: only callers holding the deployment's control token may
-change what a model service serves (`PolicyService.UpdateWeights`, `RewardService.ReloadModel`).
+"""The control plane's authentication: only authenticated callers may change what a model
+service serves (`PolicyService.UpdateWeights`, `RewardService.ReloadModel`). A caller is
+authenticated by either of:
 
-The token is one shared secret (a Kubernetes Secret mounted as a file, `RLHF_CONTROL_TOKEN_FILE`,
-or `RLHF_CONTROL_TOKEN`) read by the services and by their callers (the trainer's weight push,
-the refresh's reload). Callers send `authorization: Bearer <token>`; the server compares the
-sha256 of what it got with the sha256 of its own token in constant time (`hmac.compare_digest`).
-A service without a token refuses control calls (PERMISSION_DENIED) unless
+- **the control token**: one shared secret (a Kubernetes Secret mounted as a file,
+  `RLHF_CONTROL_TOKEN_FILE`, or `RLHF_CONTROL_TOKEN`) read by the services and by their callers
+  (the trainer's weight push, the refresh's reload). Callers send `authorization: Bearer
+  <token>`; the server compares the sha256 of what it got with the sha256 of its own token in
+  constant time (`hmac.compare_digest`);
+- **its mTLS client identity**: on a server with mutual TLS (`RLHF_<SVC>_GRPC_TLS_CLIENT_CA_FILE`),
+  a client certificate whose identity (its DNS/URI subject alternative names, else its common
+  name, as gRPC reports them) is one of `RLHF_CONTROL_ALLOWED_IDENTITIES` (comma-separated, e.g.
+  `trainer,refresh`). The CA has already verified the certificate; this says which of its
+  holders may steer the model.
+
+A service with neither configured refuses control calls (PERMISSION_DENIED) unless
 `RLHF_CONTROL_ALLOW_UNAUTHENTICATED=true`, so that forgetting the Secret fails closed. The token
 is never logged: it is a `SecretStr`, and refusals name the method, never what was sent.
 """
@@ -17,10 +25,13 @@ import hmac
 from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
+from typing import Annotated
 
 import grpc
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from services.common.rpc import wrap_handler
 
 HEADER = "authorization"
 
@@ -34,9 +45,21 @@ class ControlSettings(BaseSettings):
     token_file: Path | None = Field(
         None, description="A file holding the control token (a mounted Secret); wins over token."
     )
+    allowed_identities: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="mTLS client identities (certificate SAN, else CN) allowed control calls, "
+        "comma-separated; needs mutual TLS on the server.",
+    )
     allow_unauthenticated: bool = Field(
         False, description="Accept control calls without a token (local experiments only)."
     )
+
+    @field_validator("allowed_identities", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
 
     def token_value(self) -> str | None:
         if self.token_file is not None:
@@ -65,44 +88,77 @@ def authorized(metadata: Iterable[tuple[str, str]], expected: str) -> bool:
     return ok and scheme == "Bearer"
 
 
+def peer_identities(context: grpc.ServicerContext) -> frozenset[str]:
+    """The identities the TLS handshake verified for this call's client (empty without a client
+    certificate, or on a plaintext port)."""
+    return frozenset(
+        identity.decode("utf-8", "replace") for identity in (context.peer_identities() or ())
+    )
+
+
 class ControlAuthInterceptor(grpc.ServerInterceptor):
-    """Checks the caller's token on the control methods (full names); other methods pass."""
+    """Checks the caller on the control methods (full names); other methods pass.
+
+    The token is read from the call's metadata when the call arrives; the client certificate is
+    known only to the call's context, so a call without a valid token is checked for an allowed
+    identity when its handler runs."""
 
     def __init__(self, methods: Iterable[str], settings: ControlSettings | None = None):
         self.methods = frozenset(methods)
         self.settings = settings or ControlSettings()
         self.expected = self.settings.token_value()
+        self.identities = frozenset(self.settings.allowed_identities)
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method not in self.methods:
             return handler
-        if self.expected is None:
+        if self.expected is None and not self.identities:
             if self.settings.allow_unauthenticated:
                 return handler
             return _refusal(
                 handler,
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"{method} is refused: no control token is configured (RLHF_CONTROL_TOKEN_FILE)",
+                f"{method} is refused: no control token or client identity is configured "
+                "(RLHF_CONTROL_TOKEN_FILE, RLHF_CONTROL_ALLOWED_IDENTITIES)",
             )
-        if authorized(handler_call_details.invocation_metadata or (), self.expected):
+        if self.expected is not None and authorized(
+            handler_call_details.invocation_metadata or (), self.expected
+        ):
             return handler
-        return _refusal(
-            handler, grpc.StatusCode.UNAUTHENTICATED, f"{method} needs the control token"
-        )
+        identities = self.identities
+        message = f"{method} needs the control token or an allowed client certificate"
+
+        def by_identity(behavior, streaming: bool):
+            def check(context) -> None:
+                if not identities & peer_identities(context):
+                    context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+            def unary(request, context):
+                check(context)
+                return behavior(request, context)
+
+            def stream(request, context):
+                check(context)
+                yield from behavior(request, context)
+
+            return stream if streaming else unary
+
+        return wrap_handler(handler, by_identity)
 
 
 def _refusal(handler, code: grpc.StatusCode, message: str):
     """A handler of the same shape as `handler` that ends the call with `code`."""
 
-    def refuse(_request, context):
-        context.abort(code, message)
+    def refusing(_behavior, streaming: bool):
+        def unary(_request, context):
+            context.abort(code, message)
 
-    if handler.unary_unary:
-        return handler._replace(unary_unary=refuse)
-    if handler.stream_unary:
-        return handler._replace(stream_unary=refuse)
-    if handler.unary_stream:
-        return handler._replace(unary_stream=refuse)
-    return handler._replace(stream_stream=refuse)
+        def stream(_request, context):
+            context.abort(code, message)
+            yield  # pragma: no cover - abort raises; this makes it a generator
+
+        return stream if streaming else unary
+
+    return wrap_handler(handler, refusing)

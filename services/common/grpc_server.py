@@ -28,6 +28,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.control_auth import ControlAuthInterceptor
 from services.common.metrics import RpcMetrics
+from services.common.rpc import wrap_handler
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +119,6 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         self.metrics = metrics
 
     def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
         method = handler_call_details.method.rsplit("/", 1)[-1]
         m = self.metrics
 
@@ -133,8 +131,8 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             m.latency.labels(method).observe(time.perf_counter() - start)
             m.in_flight.dec()
 
-        def unary(behavior):
-            def wrapped(request, context):
+        def measured(behavior, streaming: bool):
+            def unary(request, context):
                 start = time.perf_counter()
                 m.in_flight.inc()
                 error = True
@@ -145,10 +143,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                 finally:
                     finish(context, start, error)
 
-            return wrapped
-
-        def streaming(behavior):
-            def wrapped(request, context):
+            def stream(request, context):
                 start = time.perf_counter()
                 m.in_flight.inc()
                 error = True
@@ -158,17 +153,9 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                 finally:
                     finish(context, start, error)
 
-            return wrapped
+            return stream if streaming else unary
 
-        if handler.unary_unary:
-            return handler._replace(unary_unary=unary(handler.unary_unary))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=unary(handler.stream_unary))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=streaming(handler.unary_stream))
-        if handler.stream_stream:
-            return handler._replace(stream_stream=streaming(handler.stream_stream))
-        return handler
+        return wrap_handler(continuation(handler_call_details), measured)
 
 
 class ReadinessInterceptor(grpc.ServerInterceptor):
@@ -182,40 +169,28 @@ class ReadinessInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if handler is None or handler_call_details.method.lstrip("/").startswith(self.always):
+        if handler_call_details.method.lstrip("/").startswith(self.always):
             return handler
         ready = self.ready
 
-        def gate(behavior, streaming: bool):
-            def refuse(context):
-                context.abort(grpc.StatusCode.UNAVAILABLE, "the model is not ready (Triton down)")
-
-            if streaming:
-
-                def wrapped_stream(request, context):
-                    if not ready.is_set():
-                        refuse(context)
-                    yield from behavior(request, context)
-
-                return wrapped_stream
-
-            def wrapped(request, context):
+        def gated(behavior, streaming: bool):
+            def check(context) -> None:
                 if not ready.is_set():
-                    refuse(context)
+                    context.abort(
+                        grpc.StatusCode.UNAVAILABLE, "the model is not ready (Triton down)"
+                    )
+
+            def unary(request, context):
+                check(context)
                 return behavior(request, context)
 
-            return wrapped
+            def stream(request, context):
+                check(context)
+                yield from behavior(request, context)
 
-        for kind, streaming in (
-            ("unary_unary", False),
-            ("stream_unary", False),
-            ("unary_stream", True),
-            ("stream_stream", True),
-        ):
-            behavior = getattr(handler, kind)
-            if behavior:
-                return handler._replace(**{kind: gate(behavior, streaming)})
-        return handler
+            return stream if streaming else unary
+
+        return wrap_handler(handler, gated)
 
 
 class ModelServer:

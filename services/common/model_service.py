@@ -46,7 +46,7 @@ from services.common.entry import run
 from services.common.grpc_server import ModelServer
 from services.common.logging import configure_logging
 from services.common.settings import ModelServiceSettings
-from services.common.triton_client import connect, write_and_load
+from services.common.triton_client import connect, load_model, write_and_load
 from services.common.triton_repo import PythonModelSpec, TensorIO, write_model
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class TritonWatch:
                 client_timeout=timeout
             ):
                 log.info("triton is back without the model: loading it")
-                self._client.load_model(s.triton_model, client_timeout=s.triton.timeout_s)
+                load_model(s.triton, s.triton_model)
                 return self._client.is_model_ready(s.triton_model, client_timeout=timeout)
             return False
         except InferenceServerException:

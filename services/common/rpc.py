@@ -1,10 +1,11 @@
-"""gRPC plumbing both scoring services (reward, reference) share: field-naming validation errors,
-deadlines passed on to Triton, and Triton errors turned into gRPC status codes.
-
-(Generic enough for services/common; it lives here until it moves there.)
+"""gRPC plumbing the services share: field-naming validation errors, deadlines passed on to
+Triton, Triton errors turned into gRPC status codes, and the one way a server interceptor wraps
+a method's behaviour (`wrap_handler`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import grpc
 from tritonclient.utils import InferenceServerException
@@ -40,11 +41,24 @@ def remaining_s(context: grpc.ServicerContext, default_s: float) -> float:
     return min(left, default_s)
 
 
+_THIS_REPLICA_CANNOT_SERVE = (
+    None,
+    grpc.StatusCode.OK,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+    # "Request for unknown model": the caller never names a Triton model, so a missing one means
+    # that this replica's Triton lost it (restarted without it, mid-reload). UNAVAILABLE is what
+    # callers' retry policy moves to another replica (services/common/channels.py).
+    grpc.StatusCode.NOT_FOUND,
+)
+
+
 def status_of(error: InferenceServerException) -> grpc.StatusCode:
-    """The gRPC status a Triton error maps to (DEADLINE_EXCEEDED, INVALID_ARGUMENT, ... else UNAVAILABLE)."""
+    """The gRPC status a Triton error maps to (DEADLINE_EXCEEDED, INVALID_ARGUMENT, ...; a
+    missing model or an unclassified failure is UNAVAILABLE)."""
     name = (error.status() or "").rsplit(".", 1)[-1]
     code = grpc.StatusCode.__members__.get(name)
-    if code in (None, grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED):
+    if code in _THIS_REPLICA_CANNOT_SERVE:
         return grpc.StatusCode.UNAVAILABLE
     return code
 
@@ -62,3 +76,25 @@ def abort_for(context: grpc.ServicerContext, error: Exception, service: str) -> 
     if isinstance(error, InferenceServerException):
         context.abort(status_of(error), f"{service} model: {error.message()}")
     raise error
+
+
+Behavior = Callable[..., object]
+_KINDS = (
+    ("unary_unary", False),
+    ("stream_unary", False),
+    ("unary_stream", True),
+    ("stream_stream", True),
+)
+
+
+def wrap_handler(handler, wrap: Callable[[Behavior, bool], Behavior]):
+    """`handler` (a grpc.RpcMethodHandler) with its behaviour replaced by `wrap(behavior,
+    streaming)`, where `streaming` is True when the method streams responses (the wrapper must
+    then be a generator). None stays None: the method does not exist."""
+    if handler is None:
+        return None
+    for kind, streaming in _KINDS:
+        behavior = getattr(handler, kind)
+        if behavior:
+            return handler._replace(**{kind: wrap(behavior, streaming)})
+    return handler

@@ -69,4 +69,4 @@ def test_without_a_configured_token_control_calls_fail_closed(
                 reload_request(v2), timeout=60, metadata=[("authorization", "Bearer anything")]
             )
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert "no control token is configured" in refused.value.details()
+        assert "no control token or client identity is configured" in refused.value.details()
