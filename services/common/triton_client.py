@@ -6,6 +6,8 @@ between numpy arrays and Triton tensors in one place.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import queue
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +19,8 @@ from tritonclient.utils import np_to_triton_dtype
 
 from services.common.settings import TritonSettings
 
+log = logging.getLogger(__name__)
+
 
 def connect(settings: TritonSettings) -> grpcclient.InferenceServerClient:
     options = [
@@ -26,22 +30,70 @@ def connect(settings: TritonSettings) -> grpcclient.InferenceServerClient:
     return grpcclient.InferenceServerClient(settings.url, channel_args=options)
 
 
+LOAD_TIMEOUT_S = 600.0
+
+
+def model_state(client: grpcclient.InferenceServerClient, name: str) -> str | None:
+    """Triton's state of model `name` in its repository index ("READY", "UNAVAILABLE",
+    "LOADING", ...), or None when the repository does not list it."""
+    index = client.get_model_repository_index(as_json=True).get("models", [])
+    states = [m.get("state", "") for m in index if m.get("name") == name]
+    return "READY" if "READY" in states else (states[0] if states else None)
+
+
 def load_model(settings: TritonSettings, name: str) -> None:
     """Asks Triton (explicit model control) to load or reload model `name` from its repository."""
     client = connect(settings)
     try:
-        client.load_model(name)
+        # Loading reads and builds the model: minutes on a busy CPU, not an inference deadline.
+        client.load_model(name, client_timeout=max(settings.timeout_s, LOAD_TIMEOUT_S))
     finally:
         client.close()
 
 
+def _folder_digest(folder: Path) -> str | None:
+    """sha256 over the relative paths and bytes of every file under `folder` (None if absent)."""
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(
+        p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    ):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def write_and_load(settings, write: Callable[[Any], Path]) -> None:
     """Writes a model service's Triton model into `settings.model_repository` with `write` and
-    (re)loads it, when that is set (local runs and tests). Unset in Kubernetes: an init container
-    writes the repository and Triton loads the model at start."""
+    loads it, when that is set (local runs and tests). Unset in Kubernetes: an init container
+    writes the repository and Triton loads the model at start.
+
+    A model that Triton already serves from exactly these files is left alone: a service that
+    restarts (after a crash, say) attaches to it. Reloading it would not only cost the load; on
+    Triton 2.51 it can kill the server. A reload loads the new instance before the old is gone,
+    and the two Python-backend instances then share the custom metric family
+    `rlhf_policy_model_generated_tokens_total`; the old one's teardown frees storage the new one
+    still increments, and the server aborts with glibc heap corruption
+    (triton-inference-server/server#8663). The chaos suite hit that in 4 of 6 restarts of a
+    killed policy replica. Unloading first does not help: the killed process's streams keep the
+    old instance UNLOADING for minutes."""
     if settings.model_repository is None:
         return
+    folder = Path(settings.model_repository) / settings.triton_model
+    before = _folder_digest(folder)
     write(settings)
+    if before is not None and before == _folder_digest(folder):
+        client = connect(settings.triton)
+        try:
+            ready = model_state(client, settings.triton_model) == "READY"
+        finally:
+            client.close()
+        if ready:
+            log.info(
+                "Triton already serves this model from these files: not reloading it",
+                extra={"fields": {"model": settings.triton_model}},
+            )
+            return
     load_model(settings.triton, settings.triton_model)
 
 

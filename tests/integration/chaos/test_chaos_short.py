@@ -46,12 +46,9 @@ def test_broker_outage(chaos_env):
 
 
 def test_policy_replica_kill_9(chaos_env):
-    row = replica_kill(chaos_env, kills=1)
-    if any(f.startswith("B's Triton lives through") for f in row.failures):
-        # A known fault, not this suite's: Triton's Python backend sometimes aborts (heap
-        # corruption) when the restarted replica reloads its model (bench/NOTES.md, "Chaos").
-        pytest.xfail(f"Triton aborted on the replica's model reload: {row}")
-    assert_clean(row)
+    # Includes "B's Triton lives through": the restarted replica attaches to the model its
+    # Triton still serves instead of reloading it (bench/NOTES.md, "Chaos").
+    assert_clean(replica_kill(chaos_env, kills=1))
 
 
 def test_triton_kill_9(chaos_env):

@@ -130,6 +130,8 @@ def test_triton_errors_map_to_grpc_codes():
         == grpc.StatusCode.UNAVAILABLE
     )
     assert status_of(InferenceServerException("?", status=None)) == grpc.StatusCode.UNAVAILABLE
+    gone = InferenceServerException("unknown model", status="StatusCode.NOT_FOUND")
+    assert status_of(gone) == grpc.StatusCode.UNAVAILABLE  # retried on another replica
 
 
 def test_settings_read_their_env_prefixes(monkeypatch):
