@@ -23,7 +23,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Self
 
 import httpx
 
@@ -31,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.run import write_result
+from bench.workers import Workers
 from deploy.local.stack import Stack
 from services.common.models import convert_smollm2
 
@@ -76,7 +76,7 @@ def rss_mb(pid: int) -> float:
     return total / 1024
 
 
-class Clients:
+class Clients(Workers):
     """Closed-loop chat clients; `window()` starts counting anew."""
 
     def __init__(self, url: str, key: str, n: int, max_tokens: int):
@@ -84,18 +84,17 @@ class Clients:
         self.lock = threading.Lock()
         self.latencies: list[float] = []
         self.errors: dict[str, int] = {}
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(n)]
+        super().__init__(threads=n, join_timeout_s=180)
 
     def window(self) -> None:
         with self.lock:
             self.latencies, self.errors = [], {}
 
-    def _run(self, i: int) -> None:
+    def work(self, i: int) -> None:
         headers = {"Authorization": f"Bearer {self.key}"}
         with httpx.Client(timeout=120) as http:
             k = i
-            while not self.stop.is_set():
+            while not self.stopping.is_set():
                 body = {
                     "model": "policy",
                     "messages": [{"role": "user", "content": QUESTIONS[k % len(QUESTIONS)]}],
@@ -118,16 +117,6 @@ class Clients:
                         self.latencies.append(took)
                     else:
                         self.errors[status] = self.errors.get(status, 0) + 1
-
-    def __enter__(self) -> Self:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=180)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -6,14 +6,13 @@ once (counted by id); the gateway, the producer and the consumer carry on withou
 
 from __future__ import annotations
 
-import threading
 import time
-from typing import Self
 
 import httpx
 
 from bench.chaos_scenarios import ChaosEnv, Row, wait_for
 from bench.chaos_scenarios.trainer import PARTITIONS, GroupProducer
+from bench.workers import Workers
 from services.common import topics
 from services.common.kafka import decode, make_consumer
 from services.genproto.rlhf.v1 import events_pb2
@@ -23,7 +22,7 @@ from tests.integration.trainer.helpers import private_topic
 CLIENTS = 3
 
 
-class FeedbackClients:
+class FeedbackClients(Workers):
     """`CLIENTS` threads posting thumbs to the gateway; `acked` holds the ids answered 202."""
 
     def __init__(self, gateway, run: str):
@@ -31,18 +30,12 @@ class FeedbackClients:
         self.acked: list[str] = []
         self.refused = 0  # 503 + Retry-After: not acknowledged, the client may retry
         self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._post, args=(n,)) for n in range(CLIENTS)]
+        super().__init__(threads=CLIENTS)
 
-    def __enter__(self) -> Self:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def _post(self, n: int) -> None:
+    def work(self, n: int) -> None:
         with httpx.Client(timeout=30) as http:
             i = 0
-            while not self._stop.is_set():
+            while not self.stopping.is_set():
                 body = {
                     "response_id": f"chaos-{self.run}-{n}-{i}",
                     "thumb": "up",
@@ -64,28 +57,18 @@ class FeedbackClients:
                 i += 1
                 time.sleep(0.02)
 
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=60)
 
-
-class GroupReader:
+class GroupReader(Workers):
     """A group consumer reading `topic` the whole time; `seen` holds every rollout id it read."""
 
     def __init__(self, kafka, topic: str):
         self.consumer = make_consumer(kafka, f"chaos-reader-{topic}", [topic])
         self.seen: list[str] = []
         self.errors = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(join_timeout_s=30)
 
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def work(self, _n: int) -> None:
+        while not self.stopping.is_set():
             try:
                 for records in self.consumer.poll(timeout_ms=300).values():
                     self.seen += [decode(events_pb2.Rollout, r.value).rollout_id for r in records]
@@ -94,9 +77,7 @@ class GroupReader:
                 self.errors += 1
                 time.sleep(0.5)
 
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
+    def close(self) -> None:
         self.consumer.close()
 
 

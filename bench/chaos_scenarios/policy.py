@@ -20,16 +20,15 @@ import os
 import random
 import shutil
 import sys
-import threading
 import time
 import uuid
-from typing import Self
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from bench.chaos_scenarios import ChaosEnv, Row, wait_for
 from bench.chaos_scenarios.trainer import NEVER_STALE, PARTITIONS, GroupProducer, count_used
+from bench.workers import Workers
 from deploy.local.process import Daemon, free_port
 from deploy.local.triton import TritonServer
 from services.common import topics
@@ -52,7 +51,7 @@ def request(i: int, max_new_tokens: int = 4) -> policy_pb2.GenerateRequest:
     )
 
 
-class Callers:
+class Callers(Workers):
     """Threads calling Generate on `channel` until stopped: answers, failures and versions."""
 
     def __init__(self, channel: grpc.Channel, threads: int = 2):
@@ -61,17 +60,11 @@ class Callers:
         self.failed: list[str] = []
         self.versions: list[int] = []
         self.tokens: list[tuple[int, ...]] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._call, args=(n,)) for n in range(threads)]
+        super().__init__(threads=threads, join_timeout_s=120)
 
-    def __enter__(self) -> Self:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def _call(self, n: int) -> None:
+    def work(self, n: int) -> None:
         i = 0
-        while not self._stop.is_set():
+        while not self.stopping.is_set():
             try:
                 reply = self.stub.Generate(request(n * 1000 + i % 3), timeout=60)
                 sample = reply.completions[0].samples[0]
@@ -81,14 +74,6 @@ class Callers:
             except grpc.RpcError as exc:
                 self.failed.append(f"{exc.code().name}: {exc.details()}")
             i += 1
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=120)
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def policy_process(env: ChaosEnv, triton, state, model_name: str, port: int) -> Daemon:

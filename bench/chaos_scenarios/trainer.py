@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import random
 import resource
-import threading
 import time
 import zlib
-from typing import Self
 
 from kafka import KafkaConsumer, TopicPartition
 
 from bench.chaos_scenarios import ChaosEnv, Row, wait_for
+from bench.workers import Workers
 from services.common.kafka import make_producer
 from services.trainer import checkpoint
 from services.trainer.metrics import effective_updates, read_log
@@ -67,7 +66,7 @@ def committed_offsets(kafka, topic: str, group: str) -> tuple[dict[int, int], di
         consumer.close()
 
 
-class GroupProducer:
+class GroupProducer(Workers):
     """Produces whole groups of synthetic rollouts at a steady pace until stopped; `acked` holds
     the ids Kafka acknowledged."""
 
@@ -76,16 +75,11 @@ class GroupProducer:
         self.topic, self.prefix, self.every_s = topic, prefix, every_s
         self.acked: set[str] = set()
         self.failed = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
+    def work(self, _n: int) -> None:
         n = 0
-        while not self._stop.is_set():
+        while not self.stopping.is_set():
             # Two groups at a time: a whole batch (8), so none is left waiting for a partner.
             groups = [synthetic_group(f"{self.prefix}{n:04d}-{k}", GROUP_SIZE) for k in (0, 1)]
             futures = [
@@ -108,17 +102,10 @@ class GroupProducer:
                 except Exception:  # noqa: BLE001 - not acknowledged: counted, never lost
                     self.failed += 1
             n += 1
-            self._stop.wait(self.every_s)
+            self.stopping.wait(self.every_s)
 
-    def stop(self) -> None:
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        self._thread.join(timeout=60)
+    def close(self) -> None:
         self.producer.close()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def trainer_kill(env: ChaosEnv, kills: int = 10, seed: int = 0) -> Row:

@@ -6,14 +6,13 @@ its model, reports SERVING and answers exactly as before.
 
 from __future__ import annotations
 
-import threading
 import time
-from typing import Self
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.chaos_scenarios import ChaosEnv, Row, wait_for
+from bench.workers import Workers
 from deploy.local.triton import TritonServer
 from services.genproto.rlhf.v1 import reference_pb2, reference_pb2_grpc
 from tests.support.scoring_stacks import reference_stack
@@ -25,21 +24,18 @@ FAST_S = 2.0
 """A refusal while Triton is down must come within this (the call's deadline is 10 s)."""
 
 
-class LogprobCaller:
+class LogprobCaller(Workers):
+    """One thread calling ComputeLogprobs until stopped: answers, fast refusals, other failures."""
+
     def __init__(self, stub):
         self.stub = stub
         self.answers: list[tuple[float, ...]] = []
         self.refused_fast = 0
         self.bad_failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(join_timeout_s=30)
 
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def work(self, _n: int) -> None:
+        while not self.stopping.is_set():
             started = time.monotonic()
             try:
                 reply = self.stub.ComputeLogprobs(SEQUENCES, timeout=10)
@@ -51,10 +47,6 @@ class LogprobCaller:
                 else:
                     self.bad_failures.append(f"{exc.code().name} after {took:.1f}s")
                 time.sleep(0.05)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
 
 
 def triton_kill(env: ChaosEnv, kills: int = 1) -> Row:
