@@ -148,6 +148,10 @@ SEED ?= 0
 demo: setup models ## The main job: SFT, reward model from rankings, online RL with live feedback, eval, report (PRESET=default|quick|gpu ANNOTATOR= ALGORITHM= SEED=)
 	$(PY) -m deploy.local demo --preset $(PRESET) --annotator $(ANNOTATOR) --algorithm $(ALGORITHM) --seed $(SEED)
 
+.PHONY: demo-cai
+demo-cai: setup models ## Constitutional AI on SmolLM2 (~10 min on CPU): cai-sft data, rlhf sft, RLAIF labels by the constitution judge, win-rate over the base (SEED=)
+	$(PY) -m deploy.local.cai_demo --seed $(SEED)
+
 .PHONY: up
 up: setup models ## Bring the whole platform up and leave it running (state under .local/platform/); prints its URLs
 	$(PY) -m deploy.local platform-up

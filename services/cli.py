@@ -8,6 +8,10 @@
     python -m services.cli eval         --candidate runs/dpo-1 --baseline runs/sft-1 \
                                         --data prompts.jsonl --output runs/eval-1
     python -m services.cli export       --output runs/export-1 --format parquet
+    python -m services.cli cai-sft      --policy localhost:50051 --prompts red_team.jsonl \
+                                        --constitution v1.yaml --output cai.jsonl --seed 0
+    python -m services.cli label-ai     --judge localhost:50054 --data pairs.jsonl --output v.jsonl
+    python -m services.cli judge                  (serves the JudgeService, RLHF_JUDGE_* settings)
     python -m services.cli topics ensure          (or `topics check`)
     python -m services.cli schema                 (prints the protobuf descriptor set's path)
 
@@ -80,7 +84,7 @@ STAGES: dict[str, Stage] = {
         "EvalConfig",
         "run_eval",
         "win-rate of a candidate policy over a baseline, judged pairwise",
-        flags=("candidate", "baseline", "reference", "data", "output", "annotator"),
+        flags=("candidate", "baseline", "reference", "data", "output", "annotator", "judge"),
     ),
     "export": Stage(
         "services.export.run",
@@ -88,6 +92,20 @@ STAGES: dict[str, Stage] = {
         "run_export",
         "collected preferences and thumbs out to JSONL/Parquet in TRL's columns",
         flags=("output", "bootstrap_servers", "format", "since", "until"),
+    ),
+    "cai-sft": Stage(
+        "services.judge.cai",
+        "CaiSftConfig",
+        "run_cai_sft",
+        "Constitutional AI SFT data: the policy answers, critiques and revises by a principle",
+        flags=("policy", "prompts", "constitution", "output", "seed"),
+    ),
+    "label-ai": Stage(
+        "services.judge.label_file",
+        "LabelAiConfig",
+        "run_label_ai",
+        "AI labels for a JSONL file of answer pairs from a running JudgeService",
+        flags=("judge", "data", "output"),
     ),
 }
 
@@ -132,6 +150,15 @@ def schema_command(options: argparse.Namespace) -> int:
     return 0
 
 
+def judge_command(options: argparse.Namespace) -> int:
+    """`rlhf judge`: serves the JudgeService (services/judge/server.py) with its settings from
+    RLHF_JUDGE_* until SIGTERM; RLHF_JUDGE_ANNOTATOR=module:function for the rule-based judge."""
+    from services.judge.server import JudgeService
+
+    JudgeService.serve()
+    return 0
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """The operations commands beside the stages."""
     sub = commands.add_parser(
@@ -151,6 +178,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         description=schema_command.__doc__,
     )
     sub.set_defaults(_command=schema_command)
+    sub = commands.add_parser(
+        "judge",
+        help="serve the AI judge (RLAIF, Constitutional AI) over gRPC",
+        description=judge_command.__doc__,
+    )
+    sub.set_defaults(_command=judge_command)
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -16,7 +16,8 @@ pairwise by an annotator that is not the reward model, with the candidate's KL t
    full next-token distributions, so both must be folders with one vocabulary: the default
    reference (the baseline) gives null when either side is served over gRPC.
 4. Generate the baseline's answers.
-5. Score every answer, and judge each pair in a random order (stats.compare).
+5. Score every answer, and judge each pair in a random order (stats.compare): by the
+   annotator's scores, or, with `judge`, by a JudgeService's verdicts (judge.py).
 6. Write eval.json (the summary) to the output folder, atomically.
 """
 
@@ -38,6 +39,7 @@ from services.common.annotator import DEFAULT_ANNOTATOR, AnnotatorError, load_an
 from services.common.annotator_rules import words
 from services.common.digest import sha256_file
 from services.common.prompts import render_messages
+from services.eval.judge import JudgeError, ServiceJudge
 from services.eval.policies import (
     GRPC_SCHEME,
     Answer,
@@ -73,6 +75,10 @@ class EvalConfig:
     """Model folder for kl_to_reference; default: the baseline when it is a folder, else no KL."""
     annotator: str = DEFAULT_ANNOTATOR
     """The judge, `module:function` scoring (prompt, answer); see services/common/annotator.py."""
+    judge: str | None = None
+    """`[grpc://]host:port` of a JudgeService (services/judge: an AI judge by a rubric or a
+    constitution): the pairwise verdicts come from it (both orders asked), while the annotator
+    still gives each answer's score. None: the annotator's scores decide the pairs too."""
     num_prompts: int = 0
     """Evaluate the first N prompts of `data` (0: all)."""
     max_new_tokens: int = 64
@@ -283,6 +289,10 @@ def run_eval(config: EvalConfig) -> dict:
         annotator = load_annotator(config.annotator)
     except AnnotatorError as err:
         raise EvalError(f"config field 'annotator': {err}") from err
+    try:
+        judge = ServiceJudge(config.judge) if config.judge else None
+    except JudgeError as err:
+        raise EvalError(f"config field 'judge': {err}") from err
     opened: dict[str, Policy] = {}
     candidate = open_policy("candidate", config.candidate, config, opened)
     baseline = open_policy("baseline", config.baseline, config, opened)
@@ -319,11 +329,24 @@ def run_eval(config: EvalConfig) -> dict:
     try:
         candidate_scores = [annotator.score(q, a) for q, a in zip(questions, candidate_texts)]
         baseline_scores = [annotator.score(q, a) for q, a in zip(questions, baseline_texts)]
-        comparison, records = compare(
-            questions, candidate_texts, baseline_texts, annotator.prefer, random.Random(config.seed)
-        )
-    except (TypeError, ValueError) as err:  # AnnotatorError, or a verdict not in [0, 1]
+    except (TypeError, ValueError) as err:  # AnnotatorError
         raise EvalError(f"config field 'annotator': {err}") from err
+    judged, prefer = None, annotator.prefer
+    if judge is not None:
+        try:
+            verdicts = judge.judge(questions, candidate_texts, baseline_texts)
+        except JudgeError as err:
+            raise EvalError(f"config field 'judge': {err}") from err
+        finally:
+            judge.close()
+        judged, prefer = judge.summary(verdicts), judge.prefer_fn(verdicts, candidate_texts)
+    try:
+        comparison, records = compare(
+            questions, candidate_texts, baseline_texts, prefer, random.Random(config.seed)
+        )
+    except (TypeError, ValueError) as err:  # a verdict not in [0, 1]
+        field = "judge" if judge is not None else "annotator"
+        raise EvalError(f"config field '{field}': {err}") from err
     metrics = {
         "win_rate": comparison.win_rate,
         "win_rate_ci_low": comparison.ci_low,
@@ -356,6 +379,7 @@ def run_eval(config: EvalConfig) -> dict:
             "reference": None if reference is None else reference.describe(),
         },
         "annotator": annotator.name,
+        "judge": judged,
         "data": {
             "path": str(config.data),
             "sha256": sha256_file(config.data),

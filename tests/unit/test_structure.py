@@ -80,7 +80,17 @@ def test_services_common_imports_no_service():
     assert found == [], "\n".join(found)
 
 
-PROCESSES = ["policy", "reward", "reference", "rollout", "trainer", "gateway", "curator", "refresh"]
+PROCESSES = [
+    "policy",
+    "reward",
+    "reference",
+    "rollout",
+    "trainer",
+    "gateway",
+    "curator",
+    "refresh",
+    "judge",
+]
 
 
 def test_every_process_starts_as_python_m_services_name():
