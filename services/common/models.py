@@ -126,13 +126,20 @@ def load_causal_lm(
 def load_reward_model(
     path: Path, device: torch.device | None = None, dtype: torch.dtype | None = None
 ):
-    """A sequence classifier with one output (the scalar reward), in eval mode on `device`."""
-    from transformers import AutoModelForSequenceClassification
+    """A sequence classifier in eval mode on `device`: the heads a classifier folder was saved
+    with (N for an ensemble of N, whose reward is their mean), or one fresh scalar head on a bare
+    encoder folder."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     device = device or select_device()
     dtype = dtype or select_dtype(device)
+    config = AutoConfig.from_pretrained(str(path))
+    classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(path), num_labels=1, dtype=dtype, use_safetensors=True
+        str(path),
+        num_labels=config.num_labels if classifier else 1,
+        dtype=dtype,
+        use_safetensors=True,
     )
     return model.to(device).eval()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common import topics
@@ -74,6 +74,15 @@ class RefreshSettings(BaseSettings):
         description="Tries of ReloadModel when the service is unreachable (a refusal is final).",
     )
     reload_timeout_s: float = Field(300.0, gt=0, description="Deadline of one ReloadModel call.")
+    human_weight: float = Field(
+        1.0, ge=0, description="Loss weight of a human-labelled pair (relative to ai_weight)."
+    )
+    ai_weight: float = Field(
+        1.0,
+        ge=0,
+        description="Loss weight of an AI-labelled pair (source PREFERENCE_SOURCE_AI, RLAIF); "
+        "0 trains on the human pairs alone.",
+    )
     device: str = Field("auto", description="`auto` (CUDA when present), `cpu`, `cuda:0`, ...")
     torch_threads: int = Field(
         0, ge=0, description="CPU threads for torch; 0 keeps torch's default."
@@ -89,3 +98,9 @@ class RefreshSettings(BaseSettings):
     metrics_port: int = Field(9106, ge=0, le=65535, description="Prometheus port; 0 disables.")
     log_level: str = Field("INFO", description="Root log level.")
     kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="Kafka connection.")
+
+    @model_validator(mode="after")
+    def _some_pairs_count(self) -> RefreshSettings:
+        if self.human_weight == 0 and self.ai_weight == 0:
+            raise ValueError("human_weight and ai_weight are both 0: no pair would train")
+        return self

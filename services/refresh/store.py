@@ -21,11 +21,16 @@ log = logging.getLogger(__name__)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pairs (
   seq INTEGER PRIMARY KEY AUTOINCREMENT, preference_id TEXT UNIQUE, prompt TEXT, chosen TEXT,
-  rejected TEXT, held_out INTEGER, trained INTEGER DEFAULT 0);
+  rejected TEXT, held_out INTEGER, trained INTEGER DEFAULT 0, source TEXT DEFAULT 'human',
+  cohort TEXT DEFAULT '');
 CREATE INDEX IF NOT EXISTS pairs_split ON pairs(held_out, trained);
 CREATE TABLE IF NOT EXISTS seen (preference_id TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT);
 """
+ADDED_COLUMNS = {"source": "TEXT DEFAULT 'human'", "cohort": "TEXT DEFAULT ''"}
+"""Columns a store written before them lacks; added on open (its pairs are human, no cohort)."""
+PAIR_COLUMNS = "prompt, chosen, rejected, source, cohort"
+"""PreferencePair's fields, in order."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,11 @@ class PairStore(DurableStore):
 
     def __init__(self, state_dir: Path):
         super().__init__(state_dir, "refresh.sqlite", SCHEMA)
+        present = {row[1] for row in self.db.execute("PRAGMA table_info(pairs)")}
+        for column, declaration in ADDED_COLUMNS.items():
+            if column not in present:
+                self.db.execute(f"ALTER TABLE pairs ADD COLUMN {column} {declaration}")
+        self.db.commit()
 
     def mark_seen(self, preference_id: str) -> bool:
         """False when the id was stored before (a duplicate)."""
@@ -56,9 +66,18 @@ class PairStore(DurableStore):
     ) -> None:
         """`trained`: the served version already learnt from it (replay data, never "new")."""
         self.db.execute(
-            "INSERT OR IGNORE INTO pairs (preference_id, prompt, chosen, rejected, held_out, trained) "
-            "VALUES (?,?,?,?,?,?)",
-            (preference_id, pair.prompt, pair.chosen, pair.rejected, int(held_out), int(trained)),
+            f"INSERT OR IGNORE INTO pairs (preference_id, {PAIR_COLUMNS}, held_out, trained) "
+            "VALUES (?,?,?,?,?,?,?,?)",
+            (
+                preference_id,
+                pair.prompt,
+                pair.chosen,
+                pair.rejected,
+                pair.source,
+                pair.cohort,
+                int(held_out),
+                int(trained),
+            ),
         )
 
     def base_cutoff(self) -> dict[int, int] | None:
@@ -81,8 +100,7 @@ class PairStore(DurableStore):
     def new_training_pairs(self) -> list[tuple[int, PreferencePair]]:
         """(seq, pair) of training pairs no refresh has used yet, oldest first."""
         rows = self.db.execute(
-            "SELECT seq, prompt, chosen, rejected FROM pairs "
-            "WHERE held_out=0 AND trained=0 ORDER BY seq"
+            f"SELECT seq, {PAIR_COLUMNS} FROM pairs WHERE held_out=0 AND trained=0 ORDER BY seq"
         ).fetchall()
         return [(seq, PreferencePair(*texts)) for seq, *texts in rows]
 
@@ -102,7 +120,7 @@ class PairStore(DurableStore):
             out += [
                 PreferencePair(*r)
                 for r in self.db.execute(
-                    f"SELECT prompt, chosen, rejected FROM pairs WHERE seq IN ({marks}) ORDER BY seq",
+                    f"SELECT {PAIR_COLUMNS} FROM pairs WHERE seq IN ({marks}) ORDER BY seq",
                     chunk,
                 )
             ]
@@ -111,10 +129,15 @@ class PairStore(DurableStore):
     def held_out_pairs(self, limit: int) -> list[PreferencePair]:
         """The newest `limit` held-out pairs, in store order."""
         rows = self.db.execute(
-            "SELECT prompt, chosen, rejected FROM (SELECT * FROM pairs "
+            f"SELECT {PAIR_COLUMNS} FROM (SELECT * FROM pairs "
             "WHERE held_out=1 ORDER BY seq DESC LIMIT ?) ORDER BY seq",
             (limit,),
         )
+        return [PreferencePair(*r) for r in rows]
+
+    def all_pairs(self) -> list[PreferencePair]:
+        """Every stored pair, both splits, in store order (for the labellers' agreement)."""
+        rows = self.db.execute(f"SELECT {PAIR_COLUMNS} FROM pairs ORDER BY seq")
         return [PreferencePair(*r) for r in rows]
 
     def mark_trained(self, up_to_seq: int) -> None:

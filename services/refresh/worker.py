@@ -14,8 +14,15 @@ One cycle (`RefreshWorker.step`):
      the store's offsets win: `SeekToStoredOffsets`, as in the curator);
   4. once `refresh_every` new training pairs are stored (and `min_held_out` held-out ones):
      a. fine-tune the current version on the new pairs plus a replay sample of older ones
-        (`replay_ratio` older per new), Bradley-Terry loss: the offline stage's `fit_reward`;
+        (`replay_ratio` older per new), Bradley-Terry loss: the offline stage's `fit_reward`,
+        with as many heads as the current version has (an ensemble stays one: the reward service
+        refuses a version with another head count) and each pair weighed by who labelled it
+        (`human_weight`, `ai_weight` for PREFERENCE_SOURCE_AI records);
      b. held-out pairwise accuracy before and after; publish only if after >= before - tolerance;
+        per annotator cohort, the held-out pairs, their share of the training mix and the
+        accuracy, and how often cohorts, and the AI judge and people, agree on the same
+        comparison: gauges (`rlhf_refresh_cohort_*`, `rlhf_refresh_*_agreement`) and the
+        version's summary;
      c. publish: the Hugging Face folder written to a temporary sibling, fsynced, renamed to
         `versions_root/vNNNNNN`; then (version, path, sha256 manifest, "reload pending") and the
         pairs' "trained" marks commit in one sqlite transaction, and only then `versions_root/
@@ -45,7 +52,7 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 from kafka import TopicPartition
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
 from services.common.channels import client_channel
 from services.common.control_auth import control_metadata
@@ -55,11 +62,17 @@ from services.common.kafka import decode, make_consumer
 from services.common.preferences import prompt_hash
 from services.common.replicas import replica_addresses
 from services.common.training.data import PreferencePair
-from services.common.training.reward import RewardConfig, fit_reward
+from services.common.training.reward import (
+    RewardConfig,
+    agreement_report,
+    fit_reward,
+    saved_heads,
+)
 from services.common.training.stage import make_runtime
 from services.common.versions import manifest, write_published
 from services.common.worker import run_cycles, serve
 from services.genproto.rlhf.v1 import events_pb2, reward_pb2, reward_pb2_grpc
+from services.refresh.metrics import RefreshMetrics, report_cohorts
 from services.refresh.settings import RefreshSettings
 from services.refresh.store import CurrentVersion, PairStore
 from services.refresh.training import prune_versions, publish_folder, version_dir
@@ -96,56 +109,6 @@ def publish_decision(before: float, after: float, tolerance: float = 0.0) -> Dec
 
 # ---------------------------------------------------------------------------------------------
 # The loop
-
-
-class RefreshMetrics:
-    def __init__(self, registry: CollectorRegistry):
-        self.records = Counter(
-            "rlhf_refresh_records_consumed_total",
-            "Preference records read, by what became of them (pair, label, duplicate, invalid).",
-            ["kind"],
-            registry=registry,
-        )
-        self.pairs = Counter(
-            "rlhf_refresh_pairs_consumed_total",
-            "New pairs stored, by split.",
-            ["split"],
-            registry=registry,
-        )
-        self.runs = Counter("rlhf_refresh_refreshes_run_total", "Refreshes run.", registry=registry)
-        self.published = Counter(
-            "rlhf_refresh_refreshes_published_total",
-            "Refreshes whose model was published.",
-            registry=registry,
-        )
-        self.rejected = Counter(
-            "rlhf_refresh_refreshes_rejected_total",
-            "Refreshes dropped: held-out accuracy fell.",
-            registry=registry,
-        )
-        self.reloads = Counter(
-            "rlhf_refresh_reloads_total",
-            "ReloadModel outcomes, by result (accepted, refused, unreachable).",
-            ["result"],
-            registry=registry,
-        )
-        self.accuracy = Gauge(
-            "rlhf_refresh_held_out_accuracy",
-            "Held-out pairwise accuracy of the current and the last candidate model.",
-            ["model"],
-            registry=registry,
-        )
-        self.version = Gauge(
-            "rlhf_refresh_reward_model_version",
-            "Version of the last published reward model.",
-            registry=registry,
-        )
-        self.duration = Histogram(
-            "rlhf_refresh_duration_seconds",
-            "Time of one refresh.",
-            buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
-            registry=registry,
-        )
 
 
 @dataclass(frozen=True)
@@ -257,7 +220,13 @@ class RefreshWorker:
         return RECORD_HANDLERS[record.WhichOneof("kind")](self, record, seen_by_base)
 
     def _store_pair(self, record: events_pb2.PreferenceRecord, seen_by_base: bool) -> str:
-        pair = PreferencePair(record.prompt, record.pair.chosen, record.pair.rejected)
+        pair = PreferencePair(
+            record.prompt,
+            record.pair.chosen,
+            record.pair.rejected,
+            source="ai" if record.source == events_pb2.PREFERENCE_SOURCE_AI else "human",
+            cohort=record.cohort,
+        )
         if not (pair.prompt and pair.chosen and pair.rejected) or pair.chosen == pair.rejected:
             raise Unusable("pair without prompt, chosen or rejected, or chosen == rejected")
         held_out = is_held_out(pair.prompt, self.settings.held_out_modulus)
@@ -286,6 +255,9 @@ class RefreshWorker:
             max_length=s.max_length,
             seed=s.seed,
             device=s.device,
+            ensemble_size=saved_heads(current.path) or 1,
+            human_weight=s.human_weight,
+            ai_weight=s.ai_weight,
         )
 
     def refresh(self) -> RefreshResult:
@@ -305,8 +277,10 @@ class RefreshWorker:
         )
         before, after = candidate.before["accuracy"], candidate.after["accuracy"]
         decision = publish_decision(before, after, self.settings.tolerance)
+        agreement = agreement_report(self.store.all_pairs())
         self.metrics.runs.inc()
         self.metrics.accuracy.labels("candidate").set(after)
+        report_cohorts(self.metrics, candidate.cohorts, agreement)
         # c. the version folder durable, then its record and the trained marks together
         if decision.publish:
             summary = {
@@ -319,6 +293,10 @@ class RefreshWorker:
                 "steps": candidate.steps,
                 "metrics": {f"eval/{k}_before": v for k, v in candidate.before.items()}
                 | {f"eval/{k}_after": v for k, v in candidate.after.items()},
+                "ensemble_size": candidate.ensemble_size,
+                "weights": {"human": self.settings.human_weight, "ai": self.settings.ai_weight},
+                "cohorts": candidate.cohorts,
+                "agreement": agreement,
             }
             path = publish_folder(
                 self.settings.versions_root, current.version + 1, candidate, summary

@@ -1,7 +1,7 @@
 """The reward service's logic, free of gRPC: score text pairs and reload versions through Triton.
 
     scorer = RewardScorer(settings)                  # settings: RewardSettings
-    scored = scorer.score(["2+2?"], ["4"], timeout_s=5)      # ScoredBatch(scores, version, ...)
+    scored = scorer.score(["2+2?"], ["4"], timeout_s=5)  # ScoredBatch(scores, spreads, ...)
     result = scorer.reload(8, "/models/reward/v8", manifest)  # ReloadResult(accepted, version, reason)
 
 `reload` is what a follower of the reward-model versions topic calls (the curator publishes them);
@@ -27,7 +27,11 @@ VERSION_RETRIES = 3
 @dataclass(frozen=True)
 class ScoredBatch:
     scores: np.ndarray
-    """(B,) float32, one per pair, in request order."""
+    """(B,) float32, one per pair, in request order: the mean over the model's heads."""
+    spreads: np.ndarray
+    """(B,) float32: population std over the heads (0 with one head)."""
+    members: np.ndarray
+    """(B, M) float32: every head's score."""
     version: int
     """The reward-model version that produced every score."""
     model_batch_sizes: list[int]
@@ -67,7 +71,8 @@ class RewardScorer:
                     f.set_exception(error) if error else f.set_result(result)
                 ),
                 outputs=[
-                    grpcclient.InferRequestedOutput(o) for o in ("SCORE", "VERSION", "BATCH_SIZE")
+                    grpcclient.InferRequestedOutput(o)
+                    for o in ("SCORE", "SPREAD", "MEMBERS", "VERSION", "BATCH_SIZE")
                 ],
                 client_timeout=timeout_s,
             )
@@ -97,8 +102,12 @@ class RewardScorer:
                 chunks[i] = self._chunk_futures(prompts[span], responses[span], timeout_s)[
                     0
                 ].result()
+        # One version scored every chunk, and a version's head count is fixed (a reload to another
+        # count is refused), so the members' widths agree.
         return ScoredBatch(
             scores=np.concatenate([c.as_numpy("SCORE")[:, 0] for c in chunks]).astype(np.float32),
+            spreads=np.concatenate([c.as_numpy("SPREAD")[:, 0] for c in chunks]).astype(np.float32),
+            members=np.concatenate([c.as_numpy("MEMBERS") for c in chunks]).astype(np.float32),
             version=newest,
             model_batch_sizes=[int(c.as_numpy("BATCH_SIZE")[0, 0]) for c in chunks],
         )

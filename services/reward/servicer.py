@@ -17,7 +17,7 @@ from services.common.metrics import BATCH_BUCKETS
 from services.common.rpc import FieldError, Forbidden, abort_for, remaining_s
 from services.genproto.rlhf.v1 import reward_pb2, reward_pb2_grpc
 from services.reward.encoding import render_prompt
-from services.reward.scorer import RewardScorer
+from services.reward.scorer import RewardScorer, ScoredBatch
 from services.reward.settings import RewardSettings
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,19 @@ def checked_reload(request: reward_pb2.ReloadModelRequest, root: Path | None) ->
         raise Forbidden(f"path: only version folders under {base} may be loaded")
 
 
+def score_response(scored: ScoredBatch) -> reward_pb2.ScoreResponse:
+    """Mean scores and spreads per pair; every member's score, pair-major, when there are several
+    heads (pair i, member j at i * ensemble_size + j)."""
+    ensemble_size = int(scored.members.shape[1])
+    return reward_pb2.ScoreResponse(
+        scores=scored.scores.tolist(),
+        spreads=scored.spreads.tolist(),
+        ensemble_size=ensemble_size,
+        member_scores=scored.members.reshape(-1).tolist() if ensemble_size > 1 else [],
+        reward_model_version=scored.version,
+    )
+
+
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     def __init__(self, settings: RewardSettings, scorer: RewardScorer, metrics: RewardMetrics):
         self.settings = settings
@@ -141,9 +154,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         for size in scored.model_batch_sizes:
             self.metrics.model_batch_size.observe(size)
         self.metrics.model_version.set(scored.version)
-        return reward_pb2.ScoreResponse(
-            scores=scored.scores.tolist(), reward_model_version=scored.version
-        )
+        return score_response(scored)
 
     def ReloadModel(
         self, request: reward_pb2.ReloadModelRequest, context: grpc.ServicerContext

@@ -1,4 +1,5 @@
-"""The `reward` model inside Triton: text pairs in, one scalar each out; reloadable in place.
+"""The `reward` model inside Triton: text pairs in, scores out (mean and spread of an ensemble's
+heads); reloadable in place.
 
 Python backend, dynamic batching. Text arrives as BYTES and is tokenized here, with the tokenizer
 of the version being served, through the reward-model trainer's own encoding
@@ -8,7 +9,9 @@ Tensors (per request; first dimension is Triton's batch dimension, B pairs):
     PROMPT         BYTES (B, 1)  rendered prompt text          } a scoring request
     RESPONSE       BYTES (B, 1)  response text                 }
     RELOAD         BYTES (1, 1)  JSON {version, path, file_sha256}: a control request
-    SCORE          FP32  (B, 1)
+    SCORE          FP32  (B, 1)  the mean over the model's M heads (the one head's score if M = 1)
+    SPREAD         FP32  (B, 1)  population std over the heads (0 with one head)
+    MEMBERS        FP32  (B, M)  every head's score
     VERSION        UINT64 (B, 1) the reward-model version that produced the scores / now served
     BATCH_SIZE     INT64 (B, 1)  pairs in the forward pass that served this request
     RELOAD_RESULT  BYTES (1, 1)  JSON {accepted, version, reason}
@@ -16,7 +19,9 @@ Tensors (per request; first dimension is Triton's batch dimension, B pairs):
 Reload: a control request is applied before the scoring requests of the same `execute`, so a
 swap happens between forward passes and every score names the version that produced it. The new
 version is checked first (services.reward.checkpoint: sha256 of every file, tensor names, shapes
-and dtypes); on any failure the old model keeps serving and the reason is returned. The model is
+and dtypes); on any failure the old model keeps serving and the reason is returned. A version
+with another head count has another classifier shape, so it is refused by that check: the
+width of MEMBERS never changes under a running service. The model is
 built from the verified bytes, then the (model, tokenizer, version) triple is replaced at once.
 
 One instance per Triton model (reloads reach the instance that executes them); scale out with
@@ -50,6 +55,8 @@ INPUTS = (
 )
 OUTPUTS = (
     TensorIO("SCORE", "TYPE_FP32", (1,)),
+    TensorIO("SPREAD", "TYPE_FP32", (1,)),
+    TensorIO("MEMBERS", "TYPE_FP32", (-1,)),
     TensorIO("VERSION", "TYPE_UINT64", (1,)),
     TensorIO("BATCH_SIZE", "TYPE_INT64", (1,)),
     TensorIO("RELOAD_RESULT", "TYPE_STRING", (1,)),
@@ -157,10 +164,11 @@ class RewardTritonModel:
 
     @torch.inference_mode()
     def scores(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        """Every head's score of each pair: (B, M) float32."""
         served = self.served
         inputs = reward_batch(served.tokenizer, prompts, responses, self.max_length)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        return served.model(**inputs).logits[:, 0].float().cpu().numpy()  # (B,)
+        return served.model(**inputs).logits.float().cpu().numpy()  # (B, M)
 
     def execute(self, requests: list) -> list:
         import triton_python_backend_utils as pb_utils
@@ -207,18 +215,22 @@ class RewardTritonModel:
         if scoring:
             prompts = [p for _, ps, _ in scoring for p in ps]
             answers = [a for _, _, rs in scoring for a in rs]
-            scores, version, batch = (
-                self.scores(prompts, answers),
+            members, version, batch = (
+                self.scores(prompts, answers),  # (B, M)
                 self.served.version,
                 len(prompts),
             )
+            mean = members.mean(axis=1, keepdims=True, dtype=np.float64)  # (B, 1)
+            spread = members.std(axis=1, keepdims=True, dtype=np.float64)  # (B, 1), ddof=0
             start = 0
             for i, ps, _ in scoring:
-                n = len(ps)
+                n, rows = len(ps), slice(start, start + len(ps))
                 responses[i] = pb_utils.InferenceResponse(
                     output_tensors=[
+                        pb_utils.Tensor("SCORE", mean[rows].astype(np.float32)),
+                        pb_utils.Tensor("SPREAD", spread[rows].astype(np.float32)),
                         pb_utils.Tensor(
-                            "SCORE", scores[start : start + n].reshape(n, 1).astype(np.float32)
+                            "MEMBERS", np.ascontiguousarray(members[rows], dtype=np.float32)
                         ),
                         pb_utils.Tensor("VERSION", np.full((n, 1), version, dtype=np.uint64)),
                         pb_utils.Tensor("BATCH_SIZE", np.full((n, 1), batch, dtype=np.int64)),

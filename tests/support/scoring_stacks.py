@@ -24,6 +24,9 @@ model. Loading takes a while (a Triton Python stub imports torch), so use them m
 The reference service works the same way with `reference_stack(triton_server, tiny_lm_dir)` and
 `reference_pb2_grpc.ReferenceServiceStub`. Keyword overrides go to the service's settings, e.g.
 `reward_stack(triton_server, tiny_rm_dir, model_version=3, max_pairs=8)`.
+
+`tiny_ensemble_reward_model(folder, heads=3)` writes a reward-model ensemble to serve: the tiny
+reward model's backbone with `heads` random heads (num_labels = heads).
 """
 
 from __future__ import annotations
@@ -113,3 +116,26 @@ def reference_stack(triton_server, model_dir: Path, **overrides) -> Iterator[Ser
     )
     with _running(ReferenceService, settings, triton_server) as stack:
         yield stack
+
+
+def tiny_ensemble_reward_model(out_dir: Path, heads: int, seed: int = 0) -> Path:
+    """The tiny reward model (tests/support/tiny_models.py, same seed: the same backbone) with
+    `heads` random output heads: an ensemble folder as `rlhf train-reward` writes one."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from tests.support.tiny_models import tiny_reward_model
+
+    out_dir = Path(out_dir)
+    if (out_dir / "model.safetensors").exists():
+        return out_dir
+    single = tiny_reward_model(out_dir.with_name(out_dir.name + "-single"), seed=seed)
+    config = AutoConfig.from_pretrained(single)
+    config.num_labels = heads
+    torch.manual_seed(seed + 1)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        single, config=config, ignore_mismatched_sizes=True, use_safetensors=True
+    ).eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(single).save_pretrained(out_dir)
+    return out_dir

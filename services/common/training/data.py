@@ -9,7 +9,8 @@ ignored, so TRL-style datasets with extra columns (`id`, `score_chosen`, ...) lo
 |                 |                          | the assistant turn whose tokens carry the loss)         |
 | `preference`    | train-reward, dpo        | `prompt`, `chosen`, `rejected`; or `prompt`,            |
 |                 |                          | `responses` (ranking best to worst, K >= 2), expanded   |
-|                 |                          | to its K(K-1)/2 ordered pairs                           |
+|                 |                          | to its K(K-1)/2 ordered pairs; optional `source`        |
+|                 |                          | (`human`, the default, or `ai`) and `cohort` (string)   |
 | `labelled`      | kto                      | `prompt`, `completion`, `label` (bool: thumbs up/down)  |
 
 Text is a non-empty string, or (for LM stages) a TRL conversational list of chat messages
@@ -47,11 +48,19 @@ class Demonstration:
     completion: Text
 
 
+SOURCES = ("human", "ai")
+"""Who labelled a preference pair: a person, or an AI judge (RLAIF)."""
+
+
 @dataclass(frozen=True)
 class PreferencePair:
     prompt: Text
     chosen: Text
     rejected: Text
+    source: str = "human"
+    """`human` or `ai` (one of SOURCES): the reward stage weighs them by its settings."""
+    cohort: str = ""
+    """The annotator cohort that labelled it (empty: unknown)."""
 
 
 @dataclass(frozen=True)
@@ -189,8 +198,22 @@ def parse_demonstration(row: dict, where: str, chat_allowed: bool = True) -> lis
     return [Demonstration(prompt=prompt, completion=completion)]
 
 
+def _labeller(row: dict, where: str) -> dict[str, str]:
+    """The optional `source` and `cohort` columns of a preference row."""
+    source = row.get("source", "human")
+    if source not in SOURCES:
+        raise DataError(
+            f"{where}: column 'source' must be one of {list(SOURCES)}, got {source!r:.40}"
+        )
+    cohort = row.get("cohort", "")
+    if not isinstance(cohort, str):
+        raise DataError(f"{where}: column 'cohort' must be a string, got {type(cohort).__name__}")
+    return {"source": source, "cohort": cohort}
+
+
 def parse_preference(row: dict, where: str, chat_allowed: bool = True) -> list[Record]:
     prompt = _text(row, "prompt", where, chat_allowed)
+    labeller = _labeller(row, where)
     if "responses" in row and "chosen" not in row:
         ranking = row["responses"]
         if not isinstance(ranking, list) or len(ranking) < 2:
@@ -206,13 +229,13 @@ def parse_preference(row: dict, where: str, chat_allowed: bool = True) -> list[R
             raise DataError(f"{where}: column 'responses' holds the same response twice")
         # Every better-ranked response is preferred to every worse-ranked one: K(K-1)/2 pairs.
         pairs = itertools.combinations(range(len(responses)), 2)
-        return [PreferencePair(prompt, responses[i], responses[j]) for i, j in pairs]
+        return [PreferencePair(prompt, responses[i], responses[j], **labeller) for i, j in pairs]
     chosen = _text(row, "chosen", where, chat_allowed)
     rejected = _text(row, "rejected", where, chat_allowed)
     _same_form(prompt, {"chosen": chosen, "rejected": rejected}, where)
     if chosen == rejected:
         raise DataError(f"{where}: columns 'chosen' and 'rejected' are the same response")
-    return [PreferencePair(prompt, chosen, rejected)]
+    return [PreferencePair(prompt, chosen, rejected, **labeller)]
 
 
 def parse_labelled(row: dict, where: str, chat_allowed: bool = True) -> list[Record]:
@@ -260,3 +283,64 @@ def split_by_prompt(records: list[Any], eval_fraction: float) -> tuple[list[Any]
     train = [r for r in records if prompt_bucket(r.prompt) >= eval_fraction]
     held_out = [r for r in records if prompt_bucket(r.prompt) < eval_fraction]
     return train, held_out
+
+
+# ---------------------------------------------------------------------------------------------
+# Agreement between labellers
+
+
+def _comparison(pair: PreferencePair) -> tuple[str, str]:
+    """(key of the prompt and the unordered answer pair, key of the winner)."""
+    prompt, chosen, rejected = (
+        json.dumps(t, sort_keys=True) for t in (pair.prompt, pair.chosen, pair.rejected)
+    )
+    return json.dumps([prompt, sorted([chosen, rejected])]), chosen
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How often two labels of the same comparison pick the same winner."""
+
+    label_pairs: int
+    """Pairs of labels compared (each of a different labeller group, same comparison)."""
+    agreeing: int
+
+    @property
+    def share(self) -> float | None:
+        """agreeing / label_pairs; None when nothing could be compared."""
+        return self.agreeing / self.label_pairs if self.label_pairs else None
+
+
+def label_agreement(
+    pairs: list[PreferencePair], group: Callable[[PreferencePair], str | None]
+) -> Agreement:
+    """Agreement of labels from different groups on the same (prompt, unordered answer pair).
+
+    `group` names each pair's labeller group (None: left out). Every two labels of one comparison
+    whose groups differ are one label pair; they agree when they pick the same winner. E.g.
+    `group=lambda p: p.cohort if p.source == "human" else None` is inter-cohort agreement.
+    """
+    by_comparison: dict[str, list[tuple[str, str]]] = {}
+    for pair in pairs:
+        name = group(pair)
+        if name is not None:
+            key, winner = _comparison(pair)
+            by_comparison.setdefault(key, []).append((name, winner))
+    label_pairs = agreeing = 0
+    for labels in by_comparison.values():
+        for (group_a, winner_a), (group_b, winner_b) in itertools.combinations(labels, 2):
+            if group_a != group_b:
+                label_pairs += 1
+                agreeing += winner_a == winner_b
+    return Agreement(label_pairs, agreeing)
+
+
+def human_cohort(pair: PreferencePair) -> str | None:
+    """Inter-cohort agreement's groups: the cohort of a human label (AI labels and labels of
+    unknown cohort left out)."""
+    return pair.cohort if pair.source == "human" and pair.cohort else None
+
+
+def source_of(pair: PreferencePair) -> str:
+    """Judge-human agreement's groups: `ai` against `human`."""
+    return pair.source

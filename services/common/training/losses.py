@@ -4,7 +4,7 @@ Each returns `(loss, metrics)`, metrics a dict of namespaced floats (`sft/tokens
 `rewards/margin`). A stage looks its loss up in `LOSSES`; it never branches on the name.
 tests/unit/common/training/test_losses.py checks each against a slow, obvious Python reference.
 
-Shapes: `B` batch, `T` tokens, `V` vocabulary, `P` preference pairs.
+Shapes: `B` batch, `T` tokens, `V` vocabulary, `P` preference pairs, `M` ensemble members.
 Sequence log-probabilities (`*_logps`, shape (B,) or (P,)) are sums over completion tokens.
 """
 
@@ -22,6 +22,7 @@ Metrics = dict[str, float]
 class LossName(str, Enum):
     SFT = "sft"
     BRADLEY_TERRY = "bradley_terry"
+    BRADLEY_TERRY_ENSEMBLE = "bradley_terry_ensemble"
     DPO = "dpo"
     IPO = "ipo"
     KTO = "kto"
@@ -80,6 +81,43 @@ def bradley_terry_loss(
         "reward/accuracy": (margin > 0).float().mean().item(),
         "reward/margin": margin.mean().item(),
     }
+
+
+@register_loss(LossName.BRADLEY_TERRY_ENSEMBLE)
+def ensemble_bradley_terry_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    pair_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Bradley-Terry per ensemble member, each a weighted mean over pairs; mean over members.
+
+    rewards (P, M): member j's reward of each pair's chosen / rejected response.
+    pair_weights (P, M): member j's weight of pair i (a bootstrap count times the pair's source
+    weight); None is 1 everywhere. Member j's loss is sum_i w_ij * l_ij / sum_i w_ij, so a pair of
+    weight 0 changes nothing and a batch whose weights are all 0 for a member adds 0 for it.
+    Metrics: `reward/accuracy` and `reward/margin` of the ensemble mean (a tie counts as wrong),
+    `reward/spread` the mean over responses of the members' population std, and
+    `reward/member_<j>/accuracy`. With M = 1 and no weights this is `bradley_terry_loss`.
+    """
+    margin = chosen_rewards.float() - rejected_rewards.float()  # (P, M)
+    losses = -F.logsigmoid(margin)  # (P, M)
+    if pair_weights is None:
+        member_losses = losses.mean(dim=0)  # (M,)
+    else:
+        weights = pair_weights.to(losses.dtype)  # (P, M)
+        member_losses = (losses * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-12)
+    loss = member_losses.mean()
+    mean_margin = margin.mean(dim=-1)  # (P,) margin of the ensemble mean
+    both = torch.cat([chosen_rewards, rejected_rewards]).detach().float()  # (2P, M)
+    metrics = {
+        "reward/loss": loss.item(),
+        "reward/accuracy": (mean_margin > 0).float().mean().item(),
+        "reward/margin": mean_margin.mean().item(),
+        "reward/spread": both.std(dim=-1, unbiased=False).mean().item(),
+    }
+    for j, correct in enumerate((margin > 0).float().mean(dim=0).tolist()):
+        metrics[f"reward/member_{j}/accuracy"] = correct
+    return loss, metrics
 
 
 def _implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):

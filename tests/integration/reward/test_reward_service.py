@@ -75,6 +75,9 @@ def test_scores_equal_in_process_scoring_and_name_the_version(stub, tiny_rm_dir)
     np.testing.assert_allclose(
         reply.scores, in_process_scores(tiny_rm_dir, PAIRS, 64), rtol=0, atol=1e-4
     )
+    # One head: no ensemble, zero spreads, no member scores.
+    assert reply.ensemble_size == 1 and list(reply.spreads) == [0.0] * len(PAIRS)
+    assert list(reply.member_scores) == []
 
 
 def test_chat_prompts_are_scored_as_role_content_lines(stub, tiny_rm_dir):
