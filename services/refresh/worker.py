@@ -42,6 +42,7 @@ Shapes: `P` preference pairs.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
@@ -67,6 +68,7 @@ from services.common.training.reward import (
     agreement_report,
     fit_reward,
     saved_heads,
+    source_weights,
 )
 from services.common.training.stage import make_runtime
 from services.common.versions import manifest, write_published
@@ -270,11 +272,12 @@ class RefreshWorker:
             replay_sample(self.store.trained_seqs(), len(new), self.settings.replay_ratio, rng)
         )
         held_out = self.store.held_out_pairs(self.settings.max_held_out)
-        # a. fine-tune, b. evaluate before and after
         config = self.training_config(current)
-        candidate = fit_reward(
-            config, [p for _, p in new] + replay, held_out, make_runtime(config), rng
-        )
+        train = [p for _, p in new] + replay
+        if not bool((source_weights(train, config) > 0).any()):
+            return self._nothing_to_learn(current, new, replay, held_out, started)
+        # a. fine-tune, b. evaluate before and after
+        candidate = fit_reward(config, train, held_out, make_runtime(config), rng)
         before, after = candidate.before["accuracy"], candidate.after["accuracy"]
         decision = publish_decision(before, after, self.settings.tolerance)
         agreement = agreement_report(self.store.all_pairs())
@@ -325,6 +328,33 @@ class RefreshWorker:
         )
         self.metrics.duration.observe(result.seconds)
         log.info("refresh", extra={"fields": dict(result.__dict__)})
+        return result
+
+    def _nothing_to_learn(self, current, new, replay, held_out, started) -> RefreshResult:
+        """Every pair of this refresh has weight 0 (only AI labels, with ai_weight 0, say): the
+        pairs are marked trained, so that the next refresh waits for new data instead of
+        failing on the same ones again; nothing is published."""
+        s = self.settings
+        self.store.mark_trained(new[-1][0])
+        self.store.commit()
+        self.metrics.rejected.inc()
+        reason = (
+            f"all {len(new) + len(replay)} pairs have weight 0 "
+            f"(human_weight={s.human_weight}, ai_weight={s.ai_weight}): nothing to learn"
+        )
+        result = RefreshResult(
+            False,
+            current.version,
+            math.nan,
+            math.nan,
+            len(new),
+            len(replay),
+            len(held_out),
+            0,
+            time.monotonic() - started,
+            reason,
+        )
+        log.warning("refresh skipped", extra={"fields": dict(result.__dict__)})
         return result
 
     def _reload(self) -> bool | None:

@@ -135,3 +135,30 @@ def test_cohort_figures_and_agreements_become_gauges_and_stale_cohorts_go(tmp_pa
     report_cohorts(worker.metrics, {"z": dict(cohorts["x"])}, agreement)
     assert registry_value("rlhf_refresh_cohort_pairs", {"cohort": "x"}) is None
     assert registry_value("rlhf_refresh_cohort_pairs", {"cohort": "z"}) == 4
+
+
+def test_a_refresh_whose_pairs_all_weigh_nothing_is_skipped_once(tmp_path, tiny_rm_dir):
+    """Only AI labels and ai_weight 0: no training (which would refuse), the pairs are marked
+    trained so the next refresh waits for new data, nothing is published."""
+    store = PairStore(tmp_path / "store")
+    for i in range(3):
+        store.add_pair(f"id-{i}", PreferencePair(f"p{i}", "a", "b", source="ai"), held_out=False)
+    store.commit()
+    settings = RefreshSettings(
+        base_model_dir=tiny_rm_dir, versions_root=tmp_path / "v", ai_weight=0.0
+    )
+    worker = SimpleNamespace(
+        settings=settings,
+        store=store,
+        base=CurrentVersion(1, tiny_rm_dir, {}, False),
+        metrics=refresh.RefreshMetrics(CollectorRegistry()),
+    )
+    worker.training_config = lambda current: refresh.RefreshWorker.training_config(worker, current)
+    worker._nothing_to_learn = lambda *a: refresh.RefreshWorker._nothing_to_learn(worker, *a)
+
+    result = refresh.RefreshWorker.refresh(worker)
+
+    assert not result.published and result.steps == 0 and "weight 0" in result.reason
+    assert result.version == 1 and result.new_pairs == 3
+    assert store.new_training_pairs() == []  # marked trained: not retried
+    assert not (tmp_path / "v").exists() or not any((tmp_path / "v").iterdir())
