@@ -75,6 +75,18 @@ class RolloutSettings(BaseSettings):
         "(a rule, a judge); when set, each round's mean is exported as rlhf_rollout_gold_mean "
         "beside rlhf_rollout_reward_mean: reward rising while gold does not is reward hacking.",
     )
+    annotation_min_disagreement: float | None = Field(
+        None,
+        le=0.5,
+        description="Offer a group to people (rlhf.annotation-queue.v1) when the reward ensemble "
+        "disagrees on ordering it by at least this much: the largest over answer pairs of the "
+        "members' std of sigmoid(s_i - s_j), in [0, 0.5] (services/common/disagreement.py). "
+        "Unset or negative: off. 0.1 is a sensible start (members differing by ~0.2 in P(i "
+        "better than j) on some pair); 0 offers every group. Needs an ensemble reward model.",
+    )
+    annotation_topic: str = Field(
+        topics.ANNOTATION_QUEUE, description="Topic annotation candidates go to."
+    )
     max_rollouts: int = Field(0, ge=0, description="Stop after this many rollouts; 0 runs forever.")
     epochs: int = Field(0, ge=0, description="Passes over the dataset; 0 loops forever.")
     seed: int = Field(0, description="Seed of prompt order and sampling.")

@@ -7,15 +7,22 @@ One round, in order:
   1. pick prompts: from the dataset file, and a share from recent live generations;
   2. wait while backpressure says so (below);
   3. Generate: n samples per prompt with the behaviour log-probs and weights version;
-  4. Score (reward) and ComputeLogprobs (reference) at the same time;
+  4. Score (reward) and ComputeLogprobs (reference) at the same time; each sample gets its
+     reward-ensemble spread (0 from a single-head reward model) and, with a gold annotator, its
+     gold score (reported beside the reward, never trained on);
   5. produce one Rollout per sample (idempotent, acks=all), keyed by rollout id; all samples
      of a prompt share a group id and go to one partition (crc32(group id)), so a trainer rank
-     always holds whole groups.
+     always holds whole groups;
+  6. with an ensemble (ensemble_size > 1) and `annotation_min_disagreement` set: each group the
+     members disagree on at least that much (services/common/disagreement.py) goes to
+     `rlhf.annotation-queue.v1` as an AnnotationCandidate, after its rollouts are acknowledged,
+     for people to rank (the gateway's GET /v1/annotation-queue).
 Backpressure: a rollout produced now is used once the trainer has worked through its backlog,
 at version trainer_version + backlog / rollouts_per_version, so its staleness then is that minus
 the policy's version. The worker pauses while that exceeds `max_staleness` (the trainer would
 only drop what it makes). The trainer's version comes from `rlhf.weights.v1`, its backlog from
-its consumer group's committed offsets.
+its consumer group's committed offsets. A record of either tailed topic that does not decode is
+dead-lettered to `<topic>.dlq` (services/common/dead_letters.py), counted, and skipped.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.annotator import load_annotator
 from services.common.channels import replica_channel
+from services.common.dead_letters import DeadLetters
 from services.common.grpc_server import message_size_options
 from services.common.kafka import decode, make_consumer, make_producer
 from services.common.logging import configure_logging
@@ -51,6 +59,7 @@ from services.genproto.rlhf.v1 import (
     reward_pb2,
     reward_pb2_grpc,
 )
+from services.rollout.candidates import annotation_candidates
 from services.rollout.dataset import load_prompts
 from services.rollout.settings import RolloutSettings
 
@@ -75,10 +84,13 @@ def build_rollouts(
     reference: list[list[float]],
     prompts: list[common_pb2.Prompt] | None = None,
     reward_model_version: int = 0,
+    spreads: list[float] | None = None,
+    gold: list[float] | None = None,
 ) -> list[events_pb2.Rollout]:
-    """One Rollout per sample; `scores` and `reference` are in sample order across completions.
-    With `prompts` (indexed by each completion's prompt_index) the rollout carries its prompt and
-    response text, so that a reader can judge it without the tokenizer."""
+    """One Rollout per sample; `scores`, `reference`, `spreads` (else 0) and `gold` (else unset)
+    are in sample order across completions. With `prompts` (indexed by each completion's
+    prompt_index) the rollout carries its prompt and response text, so that a reader can judge
+    it without the tokenizer."""
     now = Timestamp()
     now.GetCurrentTime()
     rollouts, k = [], 0
@@ -105,20 +117,40 @@ def build_rollouts(
                     reward_model_version=reward_model_version,
                     prompt=prompts[completion.prompt_index] if prompts is not None else None,
                     response_text=sample.text,
+                    reward_spread=spreads[k] if spreads else 0.0,
+                    gold_score=gold[k] if gold is not None else None,
                 )
             )
             k += 1
     return rollouts
 
 
-class TopicTail:
-    """Follows a topic from a thread without a consumer group and hands each value to `on_value`."""
+def check_score_response(scored: reward_pb2.ScoreResponse, pairs: int) -> None:
+    """Raises RuntimeError when the reward service's reply does not fit the request."""
+    if len(scored.scores) != pairs:
+        raise RuntimeError(f"asked for {pairs} scores, got {len(scored.scores)}")
+    if scored.spreads and len(scored.spreads) != pairs:
+        raise RuntimeError(f"asked for {pairs} scores, got {len(scored.spreads)} spreads")
+    if scored.ensemble_size > 1 and len(scored.member_scores) != pairs * scored.ensemble_size:
+        raise RuntimeError(
+            f"{pairs} pairs x {scored.ensemble_size} members, "
+            f"got {len(scored.member_scores)} member scores"
+        )
 
-    def __init__(self, settings, topic: str, on_value, from_beginning: bool):
+
+class TopicTail:
+    """Follows a topic from a thread without a consumer group and hands each value to `on_value`;
+    a record `on_value` cannot use goes to `dead_letters` (counted) and the tail goes on. Nothing
+    is committed, so a restarted worker may dead-letter the same record again: its dlq.source.*
+    headers identify it."""
+
+    def __init__(
+        self, settings, topic: str, on_value, from_beginning: bool, dead_letters: DeadLetters
+    ):
         self.consumer = make_consumer(
             settings, group_id=None, auto_offset_reset="earliest" if from_beginning else "latest"
         )
-        self.topic, self.on_value = topic, on_value
+        self.topic, self.on_value, self.dead_letters = topic, on_value, dead_letters
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"tail-{topic}", daemon=True)
         self._thread.start()
@@ -131,8 +163,16 @@ class TopicTail:
                 for record in records:
                     try:
                         self.on_value(record.key, record.value)
-                    except Exception:  # noqa: BLE001 - one bad record must not stop the tail
-                        log.warning("unreadable record", extra={"fields": {"topic": self.topic}})
+                    except Exception as err:  # noqa: BLE001 - one bad record must not stop it
+                        self._dead_letter(record, err)
+
+    def _dead_letter(self, record, error: Exception) -> None:
+        try:
+            self.dead_letters.send_record(record, error)
+        except Exception:  # the broker is down: logged, and the tail goes on
+            log.exception(
+                "could not dead-letter a %s record at offset %s", self.topic, record.offset
+            )
 
     def stop(self) -> None:
         self._stop.set()
@@ -165,15 +205,21 @@ class RolloutWorker:
         self.offsets = make_consumer(s.kafka, group_id=s.trainer_group)
         self.trainer_version: int | None = None
         self.live: deque[common_pb2.Prompt] = deque(maxlen=s.live_prompt_buffer)
-        self.tails = [TopicTail(s.kafka, s.weights_topic, self._on_weights, from_beginning=True)]
+        r = self.registry = registry or CollectorRegistry()
+        self.dead_letters = DeadLetters(s.kafka, "rollout-worker", r, producer=self.producer)
+        self.tails = [
+            TopicTail(s.kafka, s.weights_topic, self._on_weights, True, self.dead_letters)
+        ]
         if s.live_prompt_fraction > 0:
             self.tails.append(
-                TopicTail(s.kafka, s.generations_topic, self._on_generation, from_beginning=False)
+                TopicTail(
+                    s.kafka, s.generations_topic, self._on_generation, False, self.dead_letters
+                )
             )
         self.random = random.Random(s.seed)
         self.stop_requested = threading.Event()
         self.produced = 0
-        r = self.registry = registry or CollectorRegistry()
+        self.candidates = 0
         self.m_rollouts = Counter("rlhf_rollout_rollouts_total", "Rollouts produced.", registry=r)
         self.m_round = Histogram(
             "rlhf_rollout_round_duration_seconds",
@@ -190,6 +236,16 @@ class RolloutWorker:
         self.m_gold = Gauge(
             "rlhf_rollout_gold_mean",
             "Mean score of the last round by the independent gold annotator (when configured).",
+            registry=r,
+        )
+        self.m_spread = Gauge(
+            "rlhf_rollout_reward_spread_mean",
+            "Mean reward-ensemble spread of the last round (0 with a single-head reward model).",
+            registry=r,
+        )
+        self.m_candidates = Counter(
+            "rlhf_rollout_annotation_candidates_total",
+            "Groups the reward ensemble disagreed on, offered on the annotation queue.",
             registry=r,
         )
         self.m_staleness = Gauge(
@@ -254,7 +310,11 @@ class RolloutWorker:
         self.m_paused.inc(time.monotonic() - started)
 
     # -- one round ----------------------------------------------------------------------------
-    def make_rollouts(self, prompts: list[common_pb2.Prompt]) -> list[events_pb2.Rollout]:
+    def make_rollouts(
+        self, prompts: list[common_pb2.Prompt]
+    ) -> tuple[list[events_pb2.Rollout], list[events_pb2.AnnotationCandidate]]:
+        """One round (steps 3-4 and the choice of step 6): its rollouts and the annotation
+        candidates among their groups."""
         s = self.settings
         sampling = policy_pb2.SamplingParams(
             n=s.samples_per_prompt,
@@ -289,15 +349,33 @@ class RolloutWorker:
             reference_pb2.ComputeLogprobsRequest(sequences=sequences), timeout=s.timeout_s
         )
         scored = score_call.result()
-        scores = list(scored.scores)
         reference = [list(r.logprobs) for r in ref_call.result().results]
-        if len(scores) != len(pairs) or len(reference) != len(sequences):
-            raise RuntimeError(
-                f"asked for {len(pairs)} scores/log-probs, got {len(scores)}/{len(reference)}"
-            )
-        return build_rollouts(completions, scores, reference, prompts, scored.reward_model_version)
+        check_score_response(scored, len(pairs))
+        if len(reference) != len(sequences):
+            raise RuntimeError(f"asked for {len(sequences)} log-probs, got {len(reference)}")
+        gold = None
+        if self.gold is not None:
+            gold = [self.gold(render_prompt(pair.prompt), pair.response) for pair in pairs]
+        rollouts = build_rollouts(
+            completions,
+            list(scored.scores),
+            reference,
+            prompts,
+            scored.reward_model_version,
+            spreads=list(scored.spreads),
+            gold=gold,
+        )
+        threshold = s.annotation_min_disagreement
+        if threshold is None or threshold < 0:
+            return rollouts, []
+        return rollouts, annotation_candidates(rollouts, scored, threshold)
 
-    def publish(self, rollouts: list[events_pb2.Rollout]) -> None:
+    def publish(
+        self,
+        rollouts: list[events_pb2.Rollout],
+        candidates: list[events_pb2.AnnotationCandidate] = (),
+    ) -> None:
+        """Steps 5 and 6: the rollouts, then (once acknowledged) the candidates naming them."""
         topic = self.settings.rollouts_topic
         futures = [
             self.producer.send(
@@ -314,9 +392,18 @@ class RolloutWorker:
         self.m_rollouts.inc(len(rollouts))
         if rollouts:
             self.m_reward.set(sum(r.reward for r in rollouts) / len(rollouts))
-        if self.gold is not None and rollouts:
-            gold = [self.gold(render_prompt(r.prompt), r.response_text) for r in rollouts]
+            self.m_spread.set(sum(r.reward_spread for r in rollouts) / len(rollouts))
+        gold = [r.gold_score for r in rollouts if r.HasField("gold_score")]
+        if gold:
             self.m_gold.set(sum(gold) / len(gold))
+        futures = [
+            self.producer.send(self.settings.annotation_topic, key=c.candidate_id, value=c)
+            for c in candidates
+        ]
+        for f in futures:
+            f.get(timeout=60)
+        self.candidates += len(candidates)
+        self.m_candidates.inc(len(candidates))
 
     def run(self) -> int:
         s = self.settings
@@ -331,7 +418,7 @@ class RolloutWorker:
             if self.stop_requested.is_set():
                 break
             started = time.perf_counter()
-            self.publish(self.make_rollouts(prompts))
+            self.publish(*self.make_rollouts(prompts))
             self.m_round.observe(time.perf_counter() - started)
         return self.produced
 

@@ -54,6 +54,19 @@ class LearnerConfig:
     """Adaptive controller: target sequence KL (nats, summed over the response)."""
     kl_horizon: float = 10_000.0
     """Adaptive controller: horizon in samples over which the coefficient adapts."""
+    kl_budget: float | None = None
+    """Hard KL budget (nats per token, mean over the batch's response tokens, policy after the
+    step vs the rollouts' reference log-probs): a step that ends over it is undone (parameters,
+    optimizer and scheduler restored) and counted. None: no budget."""
+    kl_budget_estimator: str = "k3"
+    """Per-token KL estimator the budget is measured with (k3: non-negative, low variance)."""
+    uncertainty_penalty: float = 0.0
+    """k: the learner optimises reward - k * reward_spread (the ensemble's disagreement)."""
+    length_penalty: float = 0.0
+    """Subtracted from the reward per response token (after `length_normalise`)."""
+    length_normalise: bool = False
+    """Divide the reward by the response's token count (a per-token reward); with negative
+    rewards this favours long answers, so prefer `length_penalty` there."""
     gamma: float = 1.0
     """GAE discount."""
     lam: float = 0.95
@@ -90,6 +103,9 @@ class LearnerConfig:
             raise ValueError(f"unknown kl_mode {self.kl_mode!r}; known: {', '.join(modes)}")
         if self.kl_estimator is not None:
             KL_ESTIMATORS.get(self.kl_estimator)
+        KL_ESTIMATORS.get(self.kl_budget_estimator)
+        if self.kl_budget is not None and not self.kl_budget > 0:
+            raise ValueError(f"kl_budget must be > 0 or None, got {self.kl_budget}")
         positive = {"lr": self.lr, "temperature": self.temperature, "ppo_epochs": self.ppo_epochs}
         for name, value in positive.items():
             if not value > 0:
@@ -101,6 +117,8 @@ class LearnerConfig:
             "kl_coef": self.kl_coef,
             "max_grad_norm": self.max_grad_norm,
             "lr_warmup_steps": self.lr_warmup_steps,
+            "uncertainty_penalty": self.uncertainty_penalty,
+            "length_penalty": self.length_penalty,
         }
         for name, value in non_negative.items():
             if value < 0:

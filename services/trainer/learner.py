@@ -12,13 +12,17 @@ batch of scored rollouts. The Kafka loop (loop.py) feeds it rollouts converted f
 One step, in order:
   1. collate: left-padded prompts, right-padded responses (shapes below);
   2. values of the sampled states from the value head before the update (PPO's critic);
-  3. token-level rewards: the reward model's score at the last response token, minus
-     beta * KL per token when KL sits in the reward;
+  3. token-level rewards: the reward model's score, shaped by the reward-hacking guards
+     (minus k * ensemble spread, length control: algorithms/guards.py), at the last response
+     token, minus beta * KL per token when KL sits in the reward;
   4. advantages from the algorithm's registered estimator (GAE, GRPO, RLOO), optionally whitened;
   5. `ppo_epochs` passes of minibatches: registered policy loss (importance ratio against the
      BEHAVIOUR log-probs recorded at generation) + value loss + beta * KL loss when KL sits in
      the loss - entropy bonus; gradients averaged across torch.distributed ranks; clip; step;
-  6. the KL controller sees the batch's KL (averaged across ranks).
+  6. the hard KL budget, when set: the policy's per-token KL to the reference on this batch is
+     measured before and after step 5; a step that ends over the budget and above where it
+     started is undone (parameters, optimizer and scheduler restored bit for bit) and counted;
+  7. the KL controller sees the batch's KL (averaged across ranks).
 
 With torch.distributed initialised, every rank must call `step` with the same number of
 samples (so all ranks take the same number of optimizer steps); ranks start from rank 0's
@@ -34,6 +38,7 @@ Tests: tests/unit/trainer/test_learner.py, test_learning.py and test_distributed
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -57,9 +62,12 @@ from services.trainer.algorithms import (
     entropy_from_logits,
     kl_loss,
     kl_penalized_rewards,
+    length_reward_correlation,
     masked_mean,
     masked_sum,
     masked_whiten,
+    shaped_scores,
+    token_mean_kl,
 )
 from services.trainer.config import LearnerConfig
 from services.trainer.rollouts import (  # noqa: F401 - re-exported: the learner's inputs
@@ -137,6 +145,7 @@ class Learner:
         )
         self.generator = torch.Generator().manual_seed(config.seed)  # minibatch shuffles
         self.global_step = 0
+        self.kl_budget_skips = 0
         # Every rank starts from rank 0's weights (and value head).
         distributed.broadcast_parameters(self._parameters())
 
@@ -162,11 +171,21 @@ class Learner:
             with torch.no_grad():
                 _, _, old_values = self._forward(batch, need_entropy=False)  # (B, A)
 
-        # 3. Token-level rewards.
+        # 3. Token-level rewards, from the scores the guards shaped.
+        lengths = batch.response_mask.sum(dim=-1)  # (B,)
+        scores, guard_metrics = shaped_scores(
+            batch.scores,
+            batch.reward_spreads,
+            lengths,
+            uncertainty_penalty=cfg.uncertainty_penalty,
+            length_penalty=cfg.length_penalty,
+            length_normalise=cfg.length_normalise,
+        )  # (B,)
+        metrics.update(guard_metrics)
         beta = self.kl_controller.value
         reward_beta, loss_beta = (beta * m for m in KL_PLACEMENT[self.kl_mode])
         token_rewards, kl_metrics = kl_penalized_rewards(
-            batch.scores,
+            scores,
             batch.behaviour_logprobs,
             batch.reference_logprobs,
             batch.response_mask,
@@ -191,7 +210,8 @@ class Learner:
         metrics["advantages/abs_mean"] = float(masked_mean(advantages.abs(), batch.response_mask))
         metrics["returns/mean"] = float(masked_mean(returns, batch.response_mask))
 
-        # 5. Epochs of minibatch updates.
+        # 5. Epochs of minibatch updates (with a KL budget, from a snapshot to fall back on).
+        before = self._snapshot_and_kl(batch) if cfg.kl_budget is not None else None
         size = batch.size
         minibatch = cfg.minibatch_size or size
         sums: dict[str, float] = defaultdict(float)
@@ -206,7 +226,11 @@ class Learner:
                 updates += 1
         metrics.update({key: value / updates for key, value in sums.items()})
 
-        # 6. KL controller from the batch's sequence KL (k1, behaviour vs reference).
+        # 6. The hard KL budget.
+        if before is not None:
+            metrics.update(self._enforce_kl_budget(batch, *before))
+
+        # 7. KL controller from the batch's sequence KL (k1, behaviour vs reference).
         sequence_kl = masked_sum(
             batch.behaviour_logprobs - batch.reference_logprobs, batch.response_mask, dim=-1
         )
@@ -217,7 +241,11 @@ class Learner:
         self.kl_controller.update(float(observed[0]), n_steps=samples_seen)
         self.global_step += 1
 
-        lengths = batch.response_mask.sum(dim=-1)
+        metrics.update(length_reward_correlation(lengths, batch.scores))
+        gold = batch.gold_scores[~torch.isnan(batch.gold_scores)]
+        if gold.numel():
+            metrics["gold/mean"] = float(gold.mean())
+            metrics["gold/count"] = float(gold.numel())
         metrics.update(
             {
                 "reward/mean": float(batch.scores.mean()),
@@ -294,6 +322,59 @@ class Learner:
         totals["optim/grad_norm"] = float(grad_norm)
         return totals
 
+    # ---- the hard KL budget -----------------------------------------------------------------
+
+    def _policy_ref_kl(self, batch: RolloutBatch) -> float:
+        """Per-token KL of the current policy to the reference on `batch` (all ranks' tokens)."""
+        micro = self.config.micro_batch_size or batch.size
+        totals = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            for begin in range(0, batch.size, micro):
+                rows = torch.arange(begin, min(begin + micro, batch.size), device=self.device)
+                part = batch.select(rows)
+                logprobs, _, _ = self._forward(part, need_entropy=False)  # (b, A)
+                kl_sum, tokens = token_mean_kl(
+                    logprobs, part.reference_logprobs, part.response_mask,
+                    self.config.kl_budget_estimator,
+                )  # fmt: skip
+                totals += torch.stack([kl_sum, tokens]).double().cpu()
+        # The mean over ranks of (sum, count) has the ratio of the sums over ranks.
+        totals = distributed.mean_over_ranks(totals)
+        return float(totals[0] / totals[1].clamp(min=1.0))
+
+    def _snapshot_and_kl(self, batch: RolloutBatch) -> tuple[dict, float]:
+        """What an undone step restores (copies, not views), and the KL before the step."""
+        snapshot = {
+            "parameters": [p.detach().clone() for p in self._parameters()],
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "scheduler": copy.deepcopy(self.scheduler.state_dict()),
+        }
+        return snapshot, self._policy_ref_kl(batch)
+
+    def _enforce_kl_budget(
+        self, batch: RolloutBatch, snapshot: dict, kl_before: float
+    ) -> dict[str, float]:
+        """Undoes the step just taken if it ended over the budget and above where it started (a
+        step that brings an over-budget policy back towards the reference is kept). Every rank
+        measured the same all-rank KL, so every rank makes the same choice."""
+        kl_after = self._policy_ref_kl(batch)
+        skipped = kl_after > self.config.kl_budget and kl_after > kl_before
+        if skipped:
+            with torch.no_grad():
+                for param, saved in zip(self._parameters(), snapshot["parameters"]):
+                    param.copy_(saved)
+            self.optimizer.load_state_dict(snapshot["optimizer"])
+            self.scheduler.load_state_dict(snapshot["scheduler"])
+            self.kl_budget_skips += 1
+        return {
+            "kl/policy_ref_before": kl_before,
+            "kl/policy_ref_after": kl_after,
+            "kl/policy_ref": kl_before if skipped else kl_after,
+            "kl/budget": float(self.config.kl_budget),
+            "guard/kl_budget_skipped": float(skipped),
+            "guard/kl_budget_skips": float(self.kl_budget_skips),
+        }
+
     def _forward(self, part: RolloutBatch, need_entropy: bool):
         """Log-probs of the response tokens, their entropies and values: each (b, A) or None."""
         with torch.autocast(
@@ -335,6 +416,7 @@ class Learner:
             "kl_controller": self.kl_controller.state_dict(),
             "rng": rng,
             "global_step": self.global_step,
+            "kl_budget_skips": self.kl_budget_skips,
             "algorithm": self.config.algorithm,
         }
 
@@ -357,6 +439,7 @@ class Learner:
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.global_step = int(state["global_step"])
+        self.kl_budget_skips = int(state.get("kl_budget_skips", 0))
 
     def policy_state_dict(self) -> dict[str, torch.Tensor]:
         """The policy's weights as CPU tensors, each storage once: tied weights (lm_head =

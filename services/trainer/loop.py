@@ -64,6 +64,8 @@ def to_sample(rollout) -> RolloutSample:
         group_id=rollout.group_id or rollout.rollout_id,
         weights_version=int(rollout.weights_version),
         rollout_id=rollout.rollout_id,
+        reward_spread=float(rollout.reward_spread),
+        gold_score=float(rollout.gold_score) if rollout.HasField("gold_score") else None,
     )
     sample.validate()
     return sample

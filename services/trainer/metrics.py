@@ -32,6 +32,29 @@ LEARNER_GAUGES = {
     "advantages/mean": ("advantages_mean", "Mean advantage of the last batch."),
     "advantages/abs_mean": ("advantages_abs_mean", "Mean absolute advantage of the last batch."),
     "kl/coef": ("kl_coef", "Current KL coefficient beta."),
+    # The reward-hacking watch (services/trainer/algorithms/guards.py): the reward model's mean
+    # beside the gold annotator's, the ensemble's disagreement, and what length buys.
+    "gold/mean": (
+        "gold_mean",
+        "Mean gold-annotator score of the last batch (rollouts with gold_score only).",
+    ),
+    "reward/spread_mean": (
+        "reward_spread_mean",
+        "Mean reward-ensemble spread (disagreement) of the last batch; 0 with one head.",
+    ),
+    "reward/shaped_mean": (
+        "reward_shaped_mean",
+        "Mean reward after the uncertainty penalty and length control: what was optimised.",
+    ),
+    "reward/length_corr": (
+        "length_reward_correlation",
+        "Pearson correlation of response length and reward-model score in the last batch.",
+    ),
+    "response/length_mean": ("response_length_tokens", "Mean response length in the last batch."),
+    "kl/policy_ref": (
+        "kl_policy_ref_per_token",
+        "Per-token KL of the policy to the reference after the last update (with a KL budget).",
+    ),
 }
 
 
@@ -73,6 +96,11 @@ class TrainerMetrics:
             "Replica pushes refused or failed.",
             registry=r,
         )
+        self.kl_budget_skips = Counter(
+            "rlhf_trainer_kl_budget_skips_total",
+            "Updates undone because they would have pushed the policy over the KL budget.",
+            registry=r,
+        )
         self.learner = {
             key: Gauge(f"rlhf_trainer_{name}", doc, registry=r)
             for key, (name, doc) in LEARNER_GAUGES.items()
@@ -86,6 +114,8 @@ class TrainerMetrics:
         self.step_time.observe(seconds)
         for s in staleness:
             self.staleness.observe(s)
+        if learner_metrics.get("guard/kl_budget_skipped"):
+            self.kl_budget_skips.inc()
         for key, gauge in self.learner.items():
             if key in learner_metrics:
                 gauge.set(learner_metrics[key])

@@ -34,6 +34,10 @@ class RolloutSample:
     """Policy weights version that generated the sample."""
     rollout_id: str = ""
     """Unique id of the rollout (de-duplication happens upstream, in the Kafka trainer)."""
+    reward_spread: float = 0.0
+    """The reward ensemble's standard deviation for this sample (0 with one head)."""
+    gold_score: float | None = None
+    """An independent gold annotator's score, reported beside the reward; never trained on."""
 
     def validate(self) -> None:
         """Raises ValueError saying what is wrong with this sample."""
@@ -50,6 +54,10 @@ class RolloutSample:
             raise ValueError(f"{name}: negative token id")
         if not math.isfinite(self.reward):
             raise ValueError(f"{name}: reward {self.reward} is not finite")
+        if not (math.isfinite(self.reward_spread) and self.reward_spread >= 0):
+            raise ValueError(f"{name}: reward spread {self.reward_spread} must be finite and >= 0")
+        if self.gold_score is not None and not math.isfinite(self.gold_score):
+            raise ValueError(f"{name}: gold score {self.gold_score} is not finite")
         for label, values in (
             ("behaviour", self.behaviour_logprobs),
             ("reference", self.reference_logprobs),
@@ -70,6 +78,8 @@ class RolloutBatch:
     behaviour_logprobs: torch.Tensor  # (B, A) float32, 0 on padding
     reference_logprobs: torch.Tensor  # (B, A) float32, 0 on padding
     scores: torch.Tensor  # (B,) float32, the reward model's score
+    reward_spreads: torch.Tensor  # (B,) float32, the reward ensemble's spread (0: one head)
+    gold_scores: torch.Tensor  # (B,) float32, the gold annotator's score, NaN where none
     group_index: torch.Tensor  # (B,) long, the group of each sample, numbered from 0
     weights_version: torch.Tensor  # (B,) long
 
@@ -115,6 +125,11 @@ def collate(samples: list[RolloutSample], pad_id: int) -> RolloutBatch:
         behaviour_logprobs=behaviour,
         reference_logprobs=reference,
         scores=torch.tensor([float(s.reward) for s in samples], dtype=torch.float32),
+        reward_spreads=torch.tensor([float(s.reward_spread) for s in samples], dtype=torch.float32),
+        gold_scores=torch.tensor(
+            [math.nan if s.gold_score is None else float(s.gold_score) for s in samples],
+            dtype=torch.float32,
+        ),
         group_index=torch.tensor([groups[s.group_id] for s in samples], dtype=torch.long),
         weights_version=torch.tensor([int(s.weights_version) for s in samples], dtype=torch.long),
     )

@@ -28,7 +28,10 @@ class TrainerSettings(BaseSettings):
     model_name: str = Field("policy", description="Model name: the Kafka key of weights events.")
     algorithm: str = Field("grpo", description="RL algorithm name (ppo, grpo, rloo).")
     learner: dict = Field(
-        default_factory=dict, description="Extra LearnerConfig fields (JSON), e.g. lr, kl_coef."
+        default_factory=dict,
+        description="Extra LearnerConfig fields (JSON), e.g. lr, kl_coef; the reward-hacking "
+        "guards, all off by default: kl_budget, uncertainty_penalty, length_penalty, "
+        "length_normalise.",
     )
     batch_size: int = Field(8, ge=1, description="Rollouts per update and rank (whole groups).")
     max_staleness: int = Field(

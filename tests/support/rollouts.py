@@ -22,6 +22,8 @@ def sample_rollouts(
     max_new_tokens: int,
     reward_fn: Callable[[list[int], list[int]], float],
     eos_token_id: int | None,
+    spread_fn: Callable[[list[int], list[int]], float] | None = None,
+    gold_fn: Callable[[list[int], list[int]], float] | None = None,
     pad_id: int,
     temperature: float = 1.0,
     seed: int = 0,
@@ -32,7 +34,8 @@ def sample_rollouts(
     log-probs of the sampled tokens, scores them with `reward_fn(prompt_ids, response_ids)` and
     adds reference log-probs from the frozen `reference`: what the rollout worker does with
     the policy, reward and reference services, in one process, through the policy's decoding
-    loop (services.policy.generation).
+    loop (services.policy.generation). `spread_fn` gives each sample its reward-ensemble spread
+    (else 0) and `gold_fn` its gold score (else none), as the worker records them.
     """
     prompt_rows = [list(p) for p in prompts for _ in range(samples_per_prompt)]
     # The policy service's own decoding loop, each row with its own seeded generator.
@@ -63,6 +66,8 @@ def sample_rollouts(
                 group_id=f"{group_prefix}{group}",
                 weights_version=weights_version,
                 rollout_id=f"{group_prefix}{group}-{i % samples_per_prompt}",
+                reward_spread=float(spread_fn(prompt, row.tokens)) if spread_fn else 0.0,
+                gold_score=float(gold_fn(prompt, row.tokens)) if gold_fn else None,
             )
         )
     batch = collate(samples, pad_id).to(next(reference.parameters()).device)

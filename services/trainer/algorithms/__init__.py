@@ -1,5 +1,7 @@
 """RL math for the trainer: KL estimators, advantage estimators, policy and value losses and KL
-controllers, each a pure function (or small class) of tensors registered under a `str` Enum name.
+controllers, each a pure function (or small class) of tensors registered under a `str` Enum name;
+and the reward-hacking guards (guards.py: score shaping, length correlation, the KL budget's
+measure), plain functions of tensors.
 
     from services.trainer.algorithms import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, ALGORITHMS
     spec = ALGORITHMS.get("grpo")
@@ -15,6 +17,12 @@ from services.trainer.algorithms.advantages import (
     gae_advantages,
     grpo_advantages,
     rloo_advantages,
+)
+from services.trainer.algorithms.guards import (
+    length_reward_correlation,
+    pearson,
+    shaped_scores,
+    token_mean_kl,
 )
 from services.trainer.algorithms.kl import (
     DEFAULT_KL_ESTIMATOR,
@@ -81,10 +89,14 @@ __all__ = [
     "kl_loss",
     "kl_penalized_rewards",
     "last_token_index",
+    "length_reward_correlation",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "pearson",
     "ppo_clip_loss",
     "rloo_advantages",
+    "shaped_scores",
+    "token_mean_kl",
 ]

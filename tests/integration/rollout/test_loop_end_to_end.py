@@ -1,7 +1,9 @@
 """The online loop on the real broker and Triton: rollout worker -> Kafka -> trainer -> weights
 push -> the policy serves version 2, and generations after it carry version 2. Also: pushes with
 a wrong checksum or a wrong shape are refused and the old version keeps serving; live prompts
-from rlhf.generations.v1 become rollouts; the worker waits while the trainer is behind."""
+from rlhf.generations.v1 become rollouts (with their gold scores); the worker waits while the
+trainer is behind; against a reward ensemble, rollouts carry its spread and the groups it is
+unsure of reach the annotation queue."""
 
 from __future__ import annotations
 
@@ -16,9 +18,18 @@ import torch
 from kafka import TopicPartition
 
 from services.common.annotator import load_annotator
-from services.common.kafka import commit, decode, make_consumer
+from services.common.disagreement import member_matrix, pairwise_disagreement
+from services.common.kafka import commit, decode, ensure_topics, make_consumer
 from services.common.prompts import render_prompt
-from services.genproto.rlhf.v1 import common_pb2, events_pb2, policy_pb2, policy_pb2_grpc
+from services.common.topics import TopicSpec
+from services.genproto.rlhf.v1 import (
+    common_pb2,
+    events_pb2,
+    policy_pb2,
+    policy_pb2_grpc,
+    reward_pb2,
+    reward_pb2_grpc,
+)
 from services.rollout.settings import RolloutSettings
 from services.rollout.worker import RolloutWorker
 from services.trainer.loop import TrainerService
@@ -26,7 +37,11 @@ from services.trainer.settings import TrainerSettings
 from services.trainer.weights_push import build_manifest, push, sha256_file, write_version
 from tests.integration.trainer.helpers import private_topic, produce_groups, synthetic_group
 from tests.support.policy_stack import policy_stack
-from tests.support.scoring_stacks import reference_stack, reward_stack
+from tests.support.scoring_stacks import (
+    reference_stack,
+    reward_stack,
+    tiny_ensemble_reward_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +174,8 @@ def test_rollouts_through_kafka_train_and_the_policy_serves_version_2(
         assert all(lp <= 0 for lp in r.reference_logprobs)
         assert r.prompt.text in ("Say hi.", "Count to three.") and r.response_text
         assert r.reward_model_version >= 1  # the version the reward service said it scored with
+        assert r.reward_spread == 0.0  # a single-head reward model
+        assert not r.HasField("gold_score")  # no gold annotator configured
 
     # 2. The trainer: one GRPO update on those 8, then version 2 pushed and announced.
     settings = TrainerSettings(
@@ -241,6 +258,7 @@ def test_live_prompts_from_the_generations_topic_become_rollouts(stacks, kafka_s
     expected = [gold.score(render_prompt(r.prompt), r.response_text) for r in rollouts]
     value = worker.registry.get_sample_value
     assert value("rlhf_rollout_gold_mean") == pytest.approx(sum(expected) / 4)
+    assert [r.gold_score for r in rollouts] == pytest.approx(expected)  # recorded per rollout
     assert value("rlhf_rollout_reward_mean") == pytest.approx(sum(r.reward for r in rollouts) / 4)
 
 
@@ -285,3 +303,73 @@ def test_the_worker_waits_while_the_trainer_is_behind(stacks, kafka_settings, tm
     assert worker.produced == 2
     assert worker.registry.get_sample_value("rlhf_rollout_backpressure_seconds_total") >= 4
     assert len(_read_rollouts(kafka_settings, topic, 10)) == 8 + 2
+
+
+def test_an_ensemble_reward_model_gives_spreads_and_annotation_candidates(
+    stacks, triton_server, kafka_settings, tmp_path
+):
+    """The worker against a real 3-head reward model on Triton: every rollout carries the
+    ensemble's spread, and every group of answers goes to the annotation queue (threshold 0)
+    with the disagreement of the members' scores, computed again here from a direct Score call."""
+    policy, _, reference = stacks
+    topic, queue = private_topic(kafka_settings), f"test.annotation-queue.{uuid.uuid4().hex[:8]}"
+    ensure_topics(kafka_settings, [TopicSpec(queue, 1)])
+    dataset = tmp_path / "prompts.jsonl"
+    dataset.write_text("\n".join(json.dumps({"prompt": p}) for p in ["Say hi.", "Count to three."]))
+    ensemble_dir = tiny_ensemble_reward_model(tmp_path / "ensemble-rm", heads=3)
+    with reward_stack(triton_server, ensemble_dir) as ensemble:
+        worker = RolloutWorker(RolloutSettings(
+            dataset=dataset, policy_address=policy.address, reward_address=ensemble.address,
+            reference_address=reference.address, model_name=policy.model_name,
+            rollouts_topic=topic, trainer_group=f"trainer-{topic}", kafka=kafka_settings,
+            samples_per_prompt=3, prompts_per_call=2, max_new_tokens=4, max_rollouts=6,
+            annotation_topic=queue, annotation_min_disagreement=0.0,
+        ))  # fmt: skip
+        try:
+            assert worker.run() == 6
+        finally:
+            worker.close()
+        rollouts = {r.rollout_id: r for r in _read_rollouts(kafka_settings, topic, 6)}
+        candidates = [
+            decode(events_pb2.AnnotationCandidate, r.value)
+            for r in _read_records(kafka_settings, queue, 2)
+        ]
+        assert len(candidates) == 2 == worker.candidates
+        stub = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(ensemble.address))
+        for candidate in candidates:
+            pairs = [
+                reward_pb2.ScoredPair(prompt=candidate.prompt, response=text)
+                for text in candidate.responses
+            ]
+            reply = stub.Score(reward_pb2.ScoreRequest(pairs=pairs), timeout=60)
+            assert reply.ensemble_size == 3 and len(reply.member_scores) == 3 * 3
+            members = member_matrix(reply.member_scores, 3, 0, 3)
+            assert candidate.disagreement == pytest.approx(
+                pairwise_disagreement(members), rel=1e-3, abs=1e-6
+            )
+            assert candidate.disagreement > 0  # random heads do not agree exactly
+            assert candidate.reason == "ensemble" and candidate.reward_model_version == 1
+            group = [rollouts[i] for i in candidate.response_ids]
+            assert len(group) == 3 and len({r.group_id for r in group}) == 1
+            assert candidate.candidate_id == group[0].group_id
+            assert [r.response_text for r in group] == list(candidate.responses)
+            assert [r.reward_spread for r in group] == pytest.approx(
+                list(reply.spreads), rel=1e-3, abs=1e-6
+            )
+            assert all(r.reward_spread > 0 for r in group)
+    value = worker.registry.get_sample_value
+    assert value("rlhf_rollout_annotation_candidates_total") == 2
+    assert value("rlhf_rollout_reward_spread_mean") == pytest.approx(
+        sum(r.reward_spread for r in rollouts.values()) / 6
+    )
+
+
+def _read_records(kafka_settings, topic: str, count: int) -> list:
+    consumer = make_consumer(kafka_settings, None, [topic], auto_offset_reset="earliest")
+    records: list = []
+    for _ in range(60):
+        records += [r for rs in consumer.poll(timeout_ms=500).values() for r in rs]
+        if len(records) >= count:
+            break
+    consumer.close()
+    return records

@@ -90,3 +90,42 @@ def test_two_ranks_hold_identical_weights(small_vocab_policy_dir, tmp_path):
         )
     assert "outside the policy's vocabulary" in (tmp_path / "rank1-refusal.txt").read_text()
     assert "another rank refused" in (tmp_path / "rank0-refusal.txt").read_text()
+
+
+def _budget_rank(rank: int, world: int, policy_dir: str, out_dir: str) -> None:
+    from services.common.models import load_causal_lm
+    from tests.unit.trainer.rl_loop import random_prompts, rollouts
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world
+    )
+    try:
+        reference = load_causal_lm(Path(policy_dir), torch.device("cpu"), torch.float32)
+        generator = torch.Generator().manual_seed(200 + rank)  # each rank its own rollouts
+        results = {}
+        for name, budget in (("tight", 1e-6), ("loose", 10.0)):
+            learner = Learner(replace(CONFIG, algorithm="grpo", kl_budget=budget), policy_dir)
+            samples = rollouts(learner, reference, random_prompts(generator, 4), seed=rank)
+            metrics = learner.step(samples)
+            torch.save(_flat(learner), f"{out_dir}/rank{rank}-{name}.pt")
+            results[name] = [metrics["guard/kl_budget_skipped"], metrics["kl/policy_ref_after"]]
+        Path(f"{out_dir}/rank{rank}-budget.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_take_the_same_kl_budget_decision(small_vocab_policy_dir, tmp_path):
+    """The budget is measured over every rank's tokens, so ranks with different rollouts measure
+    the same KL and all undo (or all keep) the step: their weights never diverge."""
+    mp.spawn(
+        _budget_rank, args=(2, str(small_vocab_policy_dir), str(tmp_path)), nprocs=2, join=True
+    )
+    results = [json.loads((tmp_path / f"rank{r}-budget.json").read_text()) for r in range(2)]
+    assert results[0] == results[1]
+    assert results[0]["tight"][0] == 1.0 and results[0]["loose"][0] == 0.0
+    initial = _flat(Learner(replace(CONFIG, algorithm="grpo"), small_vocab_policy_dir))
+    tight = [torch.load(tmp_path / f"rank{r}-tight.pt", weights_only=True) for r in range(2)]
+    loose = [torch.load(tmp_path / f"rank{r}-loose.pt", weights_only=True) for r in range(2)]
+    assert torch.equal(tight[0], initial) and torch.equal(tight[1], initial)
+    assert torch.equal(loose[0], loose[1]) and not torch.equal(loose[0], initial)
