@@ -8,6 +8,11 @@ For each feedback event (thumb or rating) whose generation is known:
 The label is emitted even when a pair follows: records are append-only, the pair may arrive
 hours later, and KTO and Bradley-Terry consumers each take the kind they train on.
 
+Cohorts: a label carries the cohort of its feedback (FeedbackEvent.cohort). A pair joins two
+judgements; it carries their cohort when both came from the same one, and is left without one
+(empty) when they differ: it is no one cohort's preference, and per-cohort agreement must not
+count it for either.
+
 Feedback whose generation is not known yet waits in the store (bounded in count per partition and
 in age) and is joined when the generation arrives. Feedback ids joined before are skipped.
 """
@@ -130,36 +135,42 @@ def on_feedback(
     prompt, key, response, asked = generation
     conversation = common_pb2.Prompt.FromString(asked) if asked else None
     rid = feedback.response_id
-    out = [
-        label_record(
-            prompt,
-            response,
-            desirable,
-            LIVE,
-            [feedback.feedback_id, rid],
-            derived_id("label", feedback.feedback_id),
-            conversation,
-        )
-    ]
-    store.add_judged(key, rid, desirable, response, now)
-    for other_rid, other_response in store.opposite_answers(key, rid, desirable, limits.max_pairs):
+    label = label_record(
+        prompt,
+        response,
+        desirable,
+        LIVE,
+        [feedback.feedback_id, rid],
+        derived_id("label", feedback.feedback_id),
+        conversation,
+    )
+    label.cohort = feedback.cohort
+    out = [label]
+    store.add_judged(key, rid, desirable, response, now, feedback.cohort)
+    opposite = store.opposite_answers(key, rid, desirable, limits.max_pairs)
+    for other_rid, other_response, other_cohort in opposite:
         if other_response == response:
             continue  # two ids, one text: no preference between them
         chosen, rejected = ((rid, response), (other_rid, other_response))[:: 1 if desirable else -1]
         pair_id = derived_id("pair-live", chosen[0], rejected[0])
         if store.mark_emitted(pair_id, now):
-            out.append(
-                pair_record(
-                    prompt,
-                    chosen[1],
-                    rejected[1],
-                    LIVE,
-                    [chosen[0], rejected[0]],
-                    pair_id,
-                    conversation,
-                )
+            pair = pair_record(
+                prompt,
+                chosen[1],
+                rejected[1],
+                LIVE,
+                [chosen[0], rejected[0]],
+                pair_id,
+                conversation,
             )
+            pair.cohort = pair_cohort(feedback.cohort, other_cohort)
+            out.append(pair)
     return out
+
+
+def pair_cohort(cohort: str, other: str) -> str:
+    """The cohort of a pair made of two judgements: theirs when they share it, else none."""
+    return cohort if cohort == other else ""
 
 
 def expire_waiting(store: JoinStore, now: float, limits: JoinLimits, counts: JoinCounts) -> None:

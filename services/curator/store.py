@@ -26,7 +26,7 @@ CREATE INDEX IF NOT EXISTS pending_age ON pending(partition, arrived_at);
 CREATE TABLE IF NOT EXISTS joined (feedback_id TEXT PRIMARY KEY, seen_at REAL);
 CREATE TABLE IF NOT EXISTS judged (
   prompt_key TEXT, response_id TEXT, desirable INTEGER, response TEXT, seen_at REAL,
-  PRIMARY KEY (prompt_key, response_id, desirable));
+  cohort TEXT NOT NULL DEFAULT '', PRIMARY KEY (prompt_key, response_id, desirable));
 CREATE TABLE IF NOT EXISTS emitted (preference_id TEXT PRIMARY KEY, seen_at REAL);
 """
 
@@ -36,9 +36,14 @@ class JoinStore(DurableStore):
 
     def __init__(self, state_dir: Path):
         super().__init__(state_dir, "curator.sqlite", SCHEMA)
-        columns = {row[1] for row in self.db.execute("PRAGMA table_info(generations)")}
-        if "conversation" not in columns:  # a store written before records carried it
-            self.db.execute("ALTER TABLE generations ADD COLUMN conversation BLOB")
+        self._add_column("generations", "conversation", "BLOB")
+        self._add_column("judged", "cohort", "TEXT NOT NULL DEFAULT ''")
+
+    def _add_column(self, table: str, column: str, declaration: str) -> None:
+        """Brings a store written before `column` existed up to the schema."""
+        columns = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+        if column not in columns:
+            self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
             self.db.commit()
 
     # ----- generations -----
@@ -128,19 +133,28 @@ class JoinStore(DurableStore):
 
     # ----- judged answers, for pairing -----
     def add_judged(
-        self, prompt_key: str, response_id: str, desirable: bool, response: str, now: float
+        self,
+        prompt_key: str,
+        response_id: str,
+        desirable: bool,
+        response: str,
+        now: float,
+        cohort: str = "",
     ) -> None:
+        """`cohort` is the annotator cohort of the judgement (FeedbackEvent.cohort)."""
         self.db.execute(
-            "INSERT OR IGNORE INTO judged VALUES (?,?,?,?,?)",
-            (prompt_key, response_id, int(desirable), response, now),
+            "INSERT OR IGNORE INTO judged"
+            " (prompt_key, response_id, desirable, response, seen_at, cohort)"
+            " VALUES (?,?,?,?,?,?)",
+            (prompt_key, response_id, int(desirable), response, now, cohort),
         )
 
     def opposite_answers(
         self, prompt_key: str, response_id: str, desirable: bool, limit: int
-    ) -> list[tuple[str, str]]:
-        """(response_id, response) of other answers to the prompt judged the other way."""
+    ) -> list[tuple[str, str, str]]:
+        """(response_id, response, cohort) of other answers to the prompt judged the other way."""
         rows = self.db.execute(
-            "SELECT response_id, response FROM judged WHERE prompt_key=? AND desirable=? "
+            "SELECT response_id, response, cohort FROM judged WHERE prompt_key=? AND desirable=? "
             "AND response_id<>? ORDER BY seen_at LIMIT ?",
             (prompt_key, int(not desirable), response_id, limit),
         ).fetchall()

@@ -7,15 +7,18 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from services.common.prompts import render_prompt
 from services.gateway.auth import ApiKey, authenticate
 from services.gateway.events import Event, feedback_event, preference_event, ranking_event
 from services.gateway.protocol import (
     Accepted,
+    AnnotationQueueResponse,
     FeedbackRequest,
     PreferenceRequest,
+    QueuedCandidate,
     RankingRequest,
 )
 from services.gateway.publisher import PublishUnavailable
@@ -90,9 +93,11 @@ async def post_feedback(body: FeedbackRequest, request: Request, caller: Caller)
     summary="A chosen/rejected pair for one prompt",
 )
 async def post_preference(body: PreferenceRequest, request: Request, caller: Caller) -> Accepted:
-    return await _accept(
+    accepted = await _accept(
         request, "preference", preference_event(body, caller), caller, body.idempotency_key
     )
+    _answered(request, body.candidate_id)
+    return accepted
 
 
 @api.post(
@@ -103,8 +108,45 @@ async def post_preference(body: PreferenceRequest, request: Request, caller: Cal
     summary="K responses to one prompt, best first: stored as K(K-1)/2 pairs",
 )
 async def post_ranking(body: RankingRequest, request: Request, caller: Caller) -> Accepted:
-    return await _accept(
+    accepted = await _accept(
         request, "ranking", ranking_event(body, caller), caller, body.idempotency_key
+    )
+    _answered(request, body.candidate_id)
+    return accepted
+
+
+def _answered(request: Request, candidate_id: str | None) -> None:
+    """This replica drops the candidate at once; the others learn it from the preferences."""
+    if candidate_id is not None:
+        request.app.state.annotation_queue.answer([candidate_id])
+
+
+@api.get(
+    "/annotation-queue",
+    response_model=AnnotationQueueResponse,
+    responses=_ERRORS,
+    summary="Answers the reward model is least sure how to order, highest disagreement first",
+)
+async def annotation_queue(
+    request: Request,
+    caller: Caller,
+    limit: Annotated[int, Query(ge=1, le=100, description="Candidates to return.")] = 10,
+) -> AnnotationQueueResponse:
+    queue = request.app.state.annotation_queue
+    return AnnotationQueueResponse(
+        candidates=[
+            QueuedCandidate(
+                candidate_id=c.candidate_id,
+                prompt=c.prompt_text or render_prompt(c.prompt),
+                responses=list(c.responses),
+                response_ids=list(c.response_ids),
+                disagreement=c.disagreement,
+                reason=c.reason,
+                reward_model_version=c.reward_model_version,
+            )
+            for c in queue.top(limit)
+        ],
+        queued=len(queue),
     )
 
 

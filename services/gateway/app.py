@@ -6,6 +6,7 @@
     POST /v1/feedback           thumbs / 1-5 rating of a response id  -> rlhf.feedback.v1
     POST /v1/preferences        prompt, chosen, rejected              -> rlhf.preferences.v1
     POST /v1/rankings           prompt, K responses best first        -> K(K-1)/2 pairs
+    GET  /v1/annotation-queue   what the reward model is least sure of (rlhf.annotation-queue.v1)
     GET  /healthz /readyz /metrics /docs      and the chat page at /
 
 An event is answered 202 only after Kafka acknowledged it (acks=all), else 503 with Retry-After.
@@ -16,6 +17,7 @@ Run it (settings in `services/gateway/settings.py`):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,9 +29,12 @@ from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
 
+from services.common.dead_letters import DeadLetters
 from services.common.logging import configure_logging
+from services.gateway.annotation_queue import AnnotationQueue, QueueTail
 from services.gateway.api_router import api, bench, ops
 from services.gateway.auth import ApiKeyVerifier, TokenBucket
+from services.gateway.best_of import RewardClient
 from services.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from services.gateway.openai_router import drop_validation_responses, openai_api
 from services.gateway.publisher import EventPublisher, RecentEvents, make_producer
@@ -49,16 +54,31 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         )
         state.policy = PolicyClient(settings.policy_url, settings.policy_timeout_s)
         state.models = ServedModels(state.policy, settings.model_aliases)
+        if settings.reward_url is not None:
+            state.reward = RewardClient(settings.reward_url, settings.reward_timeout_s)
+        dead_letters = DeadLetters(settings.kafka, "gateway", state.metrics.registry)
+        tail = QueueTail(
+            settings.kafka, state.annotation_queue, dead_letters, settings.annotation_lookback_s
+        )
+        tail.start()
         log.info(
             "gateway ready",
             extra={
-                "fields": {"kafka": settings.kafka.bootstrap_servers, "policy": settings.policy_url}
+                "fields": {
+                    "kafka": settings.kafka.bootstrap_servers,
+                    "policy": settings.policy_url,
+                    "reward": settings.reward_url,
+                }
             },
         )
         try:
             yield
         finally:
+            await asyncio.to_thread(tail.stop)
+            dead_letters.close()
             await state.policy.close()
+            if state.reward is not None:
+                await state.reward.close()
             state.publisher.close(timeout_s=settings.publish_timeout_s)
 
     app = FastAPI(
@@ -72,6 +92,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.verifier = ApiKeyVerifier(settings.api_key_sha256)
     app.state.rate_limiter = TokenBucket(settings.rate_limit_per_s, settings.rate_limit_burst)
     app.state.recent = RecentEvents(settings.idempotency_cache_size)
+    app.state.reward = None  # a RewardClient when reward_url is set (best_of)
+    app.state.annotation_queue = AnnotationQueue(
+        settings.annotation_queue_size, settings.annotation_answered_memory
+    )
 
     app.include_router(openai_api)
     app.include_router(api)

@@ -9,12 +9,11 @@ handle a product posts feedback with.
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import AsyncIterator
 
 import grpc
 
+from services.gateway import best_of
 from services.gateway.openai_errors import OpenAIError
 from services.gateway.openai_protocol import (
     ChatChoice,
@@ -23,16 +22,22 @@ from services.gateway.openai_protocol import (
     ChatMessageOut,
     ChoiceLogprobs,
     TokenLogprob,
-    Usage,
     message_text,
 )
 from services.gateway.serving import (
+    DONE,
     PolicyClient,
     chat_logprobs,
     finish_reason,
+    generate,
     log_user,
     policy_error,
+    response_tail,
     sampling_params,
+    sse,
+    start_stream,
+    stream_end,
+    stream_head,
 )
 from services.genproto.rlhf.v1 import common_pb2, policy_pb2
 
@@ -51,16 +56,20 @@ def to_prompt(request: ChatCompletionRequest) -> common_pb2.Prompt:
 def to_generate_request(
     request: ChatCompletionRequest, model: str, limit: int
 ) -> policy_pb2.GenerateRequest:
-    return policy_pb2.GenerateRequest(
-        model=model, prompts=[to_prompt(request)], sampling=sampling_params(request, limit)
-    )
+    sampling = sampling_params(request, limit)
+    sampling.n = best_of.samples_to_draw(request)
+    return policy_pb2.GenerateRequest(model=model, prompts=[to_prompt(request)], sampling=sampling)
 
 
 def to_completion(
-    reply: policy_pb2.GenerateResponse, request: ChatCompletionRequest
+    reply: policy_pb2.GenerateResponse,
+    request: ChatCompletionRequest,
+    ranked: list[tuple[policy_pb2.Sample, float]] | None = None,
 ) -> ChatCompletionResponse:
-    completion = reply.completions[0]
-    samples = list(completion.samples)
+    """The answer; with `ranked` ((sample, reward), best first: best_of) its choices are those,
+    else the policy's samples in order. Usage counts every sample the policy drew."""
+    samples = list(reply.completions[0].samples)
+    chosen = ranked if ranked is not None else [(s, None) for s in samples]
     choices = [
         ChatChoice(
             index=i,
@@ -72,60 +81,49 @@ def to_completion(
             if request.logprobs
             else None,
             response_id=s.response_id,
+            reward=reward,
         )
-        for i, s in enumerate(samples)
+        for i, (s, reward) in enumerate(chosen)
     ]
-    generated = sum(len(s.token_ids) for s in samples)
-    prompt_tokens = len(completion.prompt_token_ids)
     return ChatCompletionResponse(
-        id=samples[0].response_id,
-        created=int(time.time()),
-        model=reply.model or request.model,
-        choices=choices,
-        usage=Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=generated,
-            total_tokens=prompt_tokens + generated,
-        ),
-        system_fingerprint=f"weights-v{reply.weights_version}",
+        id=choices[0].response_id, choices=choices, **response_tail(reply, request.model, samples)
     )
 
 
 async def complete(
-    client: PolicyClient, request: ChatCompletionRequest, model: str, limit: int
+    client: PolicyClient,
+    request: ChatCompletionRequest,
+    model: str,
+    limit: int,
+    reward: best_of.RewardClient | None = None,
 ) -> ChatCompletionResponse:
+    """One Generate call; with `best_of`, its samples ranked by `reward` (best_of.py)."""
     message = to_generate_request(request, model, limit)
     try:
-        reply = await client.stub.Generate(message, timeout=client.timeout_s)
-    except grpc.aio.AioRpcError as error:
-        raise policy_error(error, request) from error
-    if not reply.completions or not reply.completions[0].samples:
-        raise OpenAIError(502, "policy returned no sample")
-    return to_completion(reply, request)
-
-
-def sse(payload: dict) -> bytes:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
-
-
-DONE = b"data: [DONE]\n\n"
+        reply = await generate(client, message, request)
+    except OpenAIError as error:
+        if request.best_of is not None and error.param == "n":  # n was best_of's
+            error.param = "best_of"
+        raise
+    if request.best_of is None:
+        return to_completion(reply, request)
+    ranked, version = await best_of.rank(
+        reward, message.prompts[0], list(reply.completions[0].samples), request.n or 1
+    )
+    completion = to_completion(reply, request, ranked)
+    completion.reward_model_version = version
+    return completion
 
 
 async def open_stream(
     client: PolicyClient, request: ChatCompletionRequest, model: str, served: str, limit: int
 ) -> AsyncIterator[bytes]:
-    """Starts the gRPC stream and waits for its first chunk, so that a policy error is still an
-    HTTP status; returns the SSE body iterator."""
+    """Starts the gRPC stream (a policy error before the first chunk is an HTTP status);
+    returns the SSE body iterator."""
     message = policy_pb2.GenerateStreamRequest(
         model=model, prompt=to_prompt(request), sampling=sampling_params(request, limit)
     )
-    call = client.stub.GenerateStream(message, timeout=client.timeout_s)
-    try:
-        first = await call.read()
-    except grpc.aio.AioRpcError as error:
-        raise policy_error(error, request) from error
-    if first is grpc.aio.EOF:
-        raise OpenAIError(502, "policy stream ended before its first chunk")
+    call, first = await start_stream(client, message, request)
     return stream_chunks(call, first, request, served)
 
 
@@ -137,16 +135,7 @@ async def stream_chunks(
     a last chunk with `usage` and no choices, then `data: [DONE]`. Errors end the stream with
     an `error` event (the status line is already sent)."""
     n = request.n or 1
-    include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    head = {
-        "id": first.response_id,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "system_fingerprint": f"weights-v{first.weights_version}",
-    }
-    if include_usage:
-        head["usage"] = None
+    head = stream_head(first, "chat.completion.chunk", model, request)
     ids: dict[int, str] = {first.sample_index: first.response_id}
     log_user(request, first.response_id)
     completion_tokens, prompt_tokens = 0, first.prompt_tokens
@@ -190,11 +179,5 @@ async def stream_chunks(
         call.cancel()  # a client that went away stops the generation
     if len(role_sent) < n:  # only when the policy sent fewer samples than asked
         yield sse(OpenAIError(502, f"policy streamed {len(role_sent)} of {n} choices").body())
-    if include_usage:
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
-        yield sse({**head, "choices": [], "usage": usage})
-    yield DONE
+    for end in stream_end(head, request, prompt_tokens, completion_tokens):
+        yield end

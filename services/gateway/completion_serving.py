@@ -4,27 +4,30 @@ is the number of alternatives per position (0 to 5)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 
 import grpc
 
-from services.gateway.chat_serving import DONE, sse
-from services.gateway.openai_errors import OpenAIError
 from services.gateway.openai_protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    Usage,
 )
 from services.gateway.serving import (
+    DONE,
     PolicyClient,
     finish_reason,
+    generate,
     legacy_logprobs,
     log_user,
     policy_error,
+    response_tail,
     sampling_params,
+    sse,
+    start_stream,
+    stream_end,
+    stream_head,
 )
 from services.genproto.rlhf.v1 import common_pb2, policy_pb2
 
@@ -33,34 +36,21 @@ def to_completion(
     reply: policy_pb2.GenerateResponse, request: CompletionRequest
 ) -> CompletionResponse:
     """Choices in OpenAI's order: prompt-major, choice `index` = prompt * n + sample."""
-    choices, prompt_tokens, generated = [], 0, 0
-    for completion in reply.completions:
-        prompt_tokens += len(completion.prompt_token_ids)
-        for s in completion.samples:
-            generated += len(s.token_ids)
-            logprobs = None
-            if request.logprobs is not None:
-                logprobs = CompletionLogprobs(**legacy_logprobs(s.token_logprobs))
-            choices.append(
-                CompletionChoice(
-                    index=len(choices),
-                    text=s.text,
-                    finish_reason=finish_reason(s.finish_reason),
-                    logprobs=logprobs,
-                    response_id=s.response_id,
-                )
-            )
+    samples = [s for completion in reply.completions for s in completion.samples]
+    choices = [
+        CompletionChoice(
+            index=i,
+            text=s.text,
+            finish_reason=finish_reason(s.finish_reason),
+            logprobs=CompletionLogprobs(**legacy_logprobs(s.token_logprobs))
+            if request.logprobs is not None
+            else None,
+            response_id=s.response_id,
+        )
+        for i, s in enumerate(samples)
+    ]
     return CompletionResponse(
-        id=choices[0].response_id,
-        created=int(time.time()),
-        model=reply.model or request.model,
-        choices=choices,
-        usage=Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=generated,
-            total_tokens=prompt_tokens + generated,
-        ),
-        system_fingerprint=f"weights-v{reply.weights_version}",
+        id=choices[0].response_id, choices=choices, **response_tail(reply, request.model, samples)
     )
 
 
@@ -72,13 +62,7 @@ async def complete(
         prompts=[common_pb2.Prompt(text=p) for p in request.prompts],
         sampling=sampling_params(request, limit),
     )
-    try:
-        reply = await client.stub.Generate(message, timeout=client.timeout_s)
-    except grpc.aio.AioRpcError as error:
-        raise policy_error(error, request) from error
-    if not reply.completions or not any(c.samples for c in reply.completions):
-        raise OpenAIError(502, "policy returned no sample")
-    return to_completion(reply, request)
+    return to_completion(await generate(client, message, request), request)
 
 
 async def open_stream(
@@ -89,13 +73,7 @@ async def open_stream(
         prompt=common_pb2.Prompt(text=request.prompts[0]),
         sampling=sampling_params(request, limit),
     )
-    call = client.stub.GenerateStream(message, timeout=client.timeout_s)
-    try:
-        first = await call.read()
-    except grpc.aio.AioRpcError as error:
-        raise policy_error(error, request) from error
-    if first is grpc.aio.EOF:
-        raise OpenAIError(502, "policy stream ended before its first chunk")
+    call, first = await start_stream(client, message, request)
     return stream_chunks(call, first, request, served)
 
 
@@ -104,16 +82,7 @@ async def stream_chunks(
 ) -> AsyncIterator[bytes]:
     """`text_completion` events (the same object as the unary answer, one choice each), the
     usage chunk when asked, then `data: [DONE]`."""
-    include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    head = {
-        "id": first.response_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "system_fingerprint": f"weights-v{first.weights_version}",
-    }
-    if include_usage:
-        head["usage"] = None
+    head = stream_head(first, "text_completion", model, request)
     offsets: dict[int, int] = {}  # characters of token text so far, by choice
     log_user(request, first.response_id)
     completion_tokens, prompt_tokens = 0, first.prompt_tokens
@@ -143,11 +112,5 @@ async def stream_chunks(
         return
     finally:
         call.cancel()
-    if include_usage:
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
-        yield sse({**head, "choices": [], "usage": usage})
-    yield DONE
+    for end in stream_end(head, request, prompt_tokens, completion_tokens):
+        yield end

@@ -70,6 +70,7 @@ def feedback_event(request: FeedbackRequest, api_key: ApiKey) -> Event:
         user_id=request.user_id or "",
         idempotency_key=request.idempotency_key or "",
         created_at=created,
+        cohort=request.cohort or "",
     )
     return Event(feedback_id, [OutgoingRecord(topics.FEEDBACK, request.response_id, value)])
 
@@ -84,6 +85,7 @@ def preference_event(request: PreferenceRequest, api_key: ApiKey) -> Event:
         [pref_id],
         derived_id("pair", pref_id, "0", "1"),
     )
+    _annotate(record, request)
     key = prompt_hash(request.prompt)
     return Event(pref_id, [OutgoingRecord(topics.PREFERENCES, key, record)])
 
@@ -92,4 +94,16 @@ def ranking_event(request: RankingRequest, api_key: ApiKey) -> Event:
     rank_id = event_id("rank", api_key, request.idempotency_key)
     key = prompt_hash(request.prompt)
     records = ranking_pairs(request.prompt, request.responses, rank_id)
+    for record in records:
+        _annotate(record, request)
     return Event(rank_id, [OutgoingRecord(topics.PREFERENCES, key, r) for r in records])
+
+
+def _annotate(
+    record: events_pb2.PreferenceRecord, request: PreferenceRequest | RankingRequest
+) -> None:
+    """The person's cohort, and the annotation-queue candidate answered (after the event id in
+    `derived_from`: every gateway replica drops an answered candidate from its queue by it)."""
+    record.cohort = request.cohort or ""
+    if request.candidate_id is not None:
+        record.derived_from.append(request.candidate_id)

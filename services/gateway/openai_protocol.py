@@ -211,6 +211,14 @@ class ChatCompletionRequest(SamplingFields):
     prompt_cache_retention: str | None = Field(None, max_length=32, description="Ignored.")
     prompt_cache_options: Loose | None = Field(None, description="Ignored.")
     safety_identifier: str | None = Field(None, max_length=256, description="Ignored.")
+    best_of: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_N,
+        description="Extension (OpenAI has it on legacy completions only): sample this many "
+        "answers (>= n) and return the n of highest reward, best first, each with its `reward`. "
+        "Needs the gateway's reward service; not with `stream` when above n.",
+    )
 
     @property
     def max_new_tokens(self) -> tuple[str, int | None]:
@@ -225,6 +233,10 @@ class ChatCompletionRequest(SamplingFields):
             found += message_refusals(f"messages[{i}]", message)
         if self.top_logprobs is not None and not self.logprobs:
             found.append(("top_logprobs", "`top_logprobs` needs `logprobs` set to true"))
+        if self.best_of is not None and self.best_of < (self.n or 1):
+            found.append(("best_of", "`best_of` must be at least `n`"))
+        elif self.best_of is not None and self.best_of > (self.n or 1) and self.stream:
+            found.append(("best_of", "`best_of` above `n` cannot be streamed"))
         kind = self.response_format.type if self.response_format else "text"
         if kind != "text":
             why = f"response_format {kind!r} is not supported: no constrained decoding here"
@@ -363,6 +375,9 @@ class ChatChoice(BaseModel):
     finish_reason: str | None
     logprobs: ChoiceLogprobs | None = None
     response_id: str = Field(description="This sample's id: post feedback about it with this id.")
+    reward: float | None = Field(
+        None, description="Extension: the reward model's score of this choice (with `best_of`)."
+    )
 
 
 class Usage(BaseModel):
@@ -381,6 +396,9 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str = Field(description="`weights-v<N>`: the policy weights that answered.")
+    reward_model_version: int | None = Field(
+        None, description="Extension: the reward model that ranked the choices (with `best_of`)."
+    )
 
 
 class CompletionLogprobs(BaseModel):

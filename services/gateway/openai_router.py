@@ -4,12 +4,13 @@ error of these routes is OpenAI's error object (`openai_errors.OpenAIRoute`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from services.gateway import chat_serving, completion_serving, serving
+from services.gateway import best_of, chat_serving, completion_serving, serving
 from services.gateway.auth import ApiKey, authenticate
 from services.gateway.openai_errors import OpenAIRoute, register_fields
 from services.gateway.openai_protocol import (
@@ -56,17 +57,10 @@ openai_api = APIRouter(prefix="/v1", route_class=OpenAIRoute, tags=["OpenAI-comp
     summary="OpenAI chat completions from the policy (stream: true -> server-sent events)",
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request, caller: Caller):
-    state = request.app.state
-    limit = state.settings.max_new_tokens_limit
-    serving.check_request(body)
-    serving.sampling_params(body, limit)  # 400 for a max_tokens above the limit, first
-    model, served = await state.models.resolve(body.model)
-    if body.stream:
-        chunks = await chat_serving.open_stream(state.policy, body, model, served, limit)
-        return _sse(chunks)
-    completion = await chat_serving.complete(state.policy, body, model, limit)
-    serving.log_user(body, completion.id)
-    return completion
+    reward = request.app.state.reward
+    return await _serve(
+        body, request, chat_serving, lambda: best_of.check_best_of(body, reward), reward=reward
+    )
 
 
 @openai_api.post(
@@ -76,15 +70,28 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, caller
     summary="OpenAI legacy text completions: the prompt as is, no chat template",
 )
 async def completions(body: CompletionRequest, request: Request, caller: Caller):
+    return await _serve(body, request, completion_serving)
+
+
+async def _serve(
+    body: ChatCompletionRequest | CompletionRequest,
+    request: Request,
+    endpoint,
+    check: Callable[[], None] = lambda: None,
+    **options,
+):
+    """Both generation routes: the checks of `serving` in their order (refusals, the route's
+    own `check`, the length limit, the model), then `endpoint`'s stream or unary answer
+    (`options` go to its `complete`)."""
     state = request.app.state
     limit = state.settings.max_new_tokens_limit
     serving.check_request(body)
-    serving.sampling_params(body, limit)
+    check()
+    serving.sampling_params(body, limit)  # 400 for a max_tokens above the limit, first
     model, served = await state.models.resolve(body.model)
     if body.stream:
-        chunks = await completion_serving.open_stream(state.policy, body, model, served, limit)
-        return _sse(chunks)
-    completion = await completion_serving.complete(state.policy, body, model, limit)
+        return _sse(await endpoint.open_stream(state.policy, body, model, served, limit))
+    completion = await endpoint.complete(state.policy, body, model, limit, **options)
     serving.log_user(body, completion.id)
     return completion
 

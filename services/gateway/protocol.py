@@ -17,6 +17,27 @@ ID_PATTERN = r"^[A-Za-z0-9_.:\-]+$"
 
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
 Category = Annotated[str, Field(min_length=1, max_length=64)]
+Cohort = Annotated[
+    str | None,
+    Field(
+        min_length=1,
+        max_length=64,
+        pattern=ID_PATTERN,
+        description="The annotator cohort of the person judging (a locale, a customer tier, a "
+        "labelling vendor: 1-64 of A-Z a-z 0-9 _ . : -); the reward trainer reports agreement "
+        "and accuracy per cohort.",
+    ),
+]
+CandidateId = Annotated[
+    str | None,
+    Field(
+        min_length=1,
+        max_length=128,
+        pattern=ID_PATTERN,
+        description="The `candidate_id` of the GET /v1/annotation-queue entry this answers: "
+        "the records' `derived_from` names it, and it leaves the queue.",
+    ),
+]
 
 
 class Strict(BaseModel):
@@ -44,6 +65,7 @@ class FeedbackRequest(Strict):
         description="Tags such as `helpful`, `unsafe` (each 1-64 chars).",
     )
     user_id: str | None = Field(None, max_length=128, description="The product's user id.")
+    cohort: Cohort = None
     idempotency_key: str | None = Field(
         None,
         min_length=1,
@@ -66,6 +88,8 @@ class PreferenceRequest(Strict):
     prompt: str = Field(min_length=1, max_length=MAX_TEXT, description="The prompt both answer.")
     chosen: str = Field(min_length=1, max_length=MAX_TEXT, description="The better response.")
     rejected: str = Field(min_length=1, max_length=MAX_TEXT, description="The worse response.")
+    cohort: Cohort = None
+    candidate_id: CandidateId = None
     idempotency_key: str | None = Field(None, min_length=1, max_length=128, pattern=ID_PATTERN)
 
     @field_validator("rejected")
@@ -81,6 +105,8 @@ class RankingRequest(Strict):
     responses: list[Text] = Field(
         min_length=2, max_length=16, description="K responses ranked best first (2 <= K <= 16)."
     )
+    cohort: Cohort = None
+    candidate_id: CandidateId = None
     idempotency_key: str | None = Field(None, min_length=1, max_length=128, pattern=ID_PATTERN)
 
     @field_validator("responses")
@@ -89,6 +115,26 @@ class RankingRequest(Strict):
         if len(set(responses)) != len(responses):
             raise ValueError("the ranked responses must be distinct")
         return responses
+
+
+class QueuedCandidate(BaseModel):
+    """One AnnotationCandidate (protos/rlhf/v1/events.proto) as GET /v1/annotation-queue gives
+    it: rank its `responses` with POST /v1/rankings, passing `prompt` and `candidate_id`."""
+
+    candidate_id: str
+    prompt: str = Field(description="The prompt as text, as the reward model scored it.")
+    responses: list[str]
+    response_ids: list[str] = Field(description="One per response when known, else empty.")
+    disagreement: float = Field(
+        description="How unsure the reward model's ensemble is about their order (higher first)."
+    )
+    reason: str = Field(description="`ensemble` or `judge`: who was unsure.")
+    reward_model_version: int
+
+
+class AnnotationQueueResponse(BaseModel):
+    candidates: list[QueuedCandidate] = Field(description="Highest disagreement first.")
+    queued: int = Field(description="Candidates this replica holds in all.")
 
 
 class Accepted(BaseModel):

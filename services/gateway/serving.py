@@ -10,6 +10,7 @@ the policy's SamplingParams (in one place), and policy errors as OpenAI errors.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -24,6 +25,7 @@ from services.gateway.openai_protocol import (
     ModelCard,
     ModelList,
     SamplingFields,
+    Usage,
 )
 from services.genproto.rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 
@@ -204,6 +206,106 @@ def sampling_params(
         top_logprobs=top_logprobs,
         token_logprobs=token_logprobs,
     )
+
+
+async def generate(
+    client: PolicyClient,
+    message: policy_pb2.GenerateRequest,
+    request: ChatCompletionRequest | CompletionRequest,
+) -> policy_pb2.GenerateResponse:
+    """4. The unary Generate call of both endpoints: a gRPC error is an OpenAI error, and a
+    reply without a single sample is a 502 (the policy broke its contract)."""
+    try:
+        reply = await client.stub.Generate(message, timeout=client.timeout_s)
+    except grpc.aio.AioRpcError as error:
+        raise policy_error(error, request) from error
+    if not any(c.samples for c in reply.completions):
+        raise OpenAIError(502, "policy returned no sample")
+    return reply
+
+
+async def start_stream(
+    client: PolicyClient,
+    message: policy_pb2.GenerateStreamRequest,
+    request: ChatCompletionRequest | CompletionRequest,
+):
+    """4. Starts the GenerateStream call and waits for its first chunk, so that a policy error
+    is still an HTTP status; returns (call, first chunk)."""
+    call = client.stub.GenerateStream(message, timeout=client.timeout_s)
+    try:
+        first = await call.read()
+    except grpc.aio.AioRpcError as error:
+        raise policy_error(error, request) from error
+    if first is grpc.aio.EOF:
+        raise OpenAIError(502, "policy stream ended before its first chunk")
+    return call, first
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def fingerprint(weights_version: int) -> str:
+    """`system_fingerprint`: the policy weights that answered."""
+    return f"weights-v{weights_version}"
+
+
+def response_tail(
+    reply: policy_pb2.GenerateResponse, requested_model: str, samples
+) -> dict[str, object]:
+    """What a unary answer of either endpoint carries besides its choices: `created`, `model`
+    (the policy's name, or the one asked for), `usage` over every completion's prompt and the
+    given `samples`, and `system_fingerprint`."""
+    prompt_tokens = sum(len(c.prompt_token_ids) for c in reply.completions)
+    return {
+        "created": int(time.time()),
+        "model": reply.model or requested_model,
+        "usage": usage(prompt_tokens, sum(len(s.token_ids) for s in samples)),
+        "system_fingerprint": fingerprint(reply.weights_version),
+    }
+
+
+def stream_head(
+    first: policy_pb2.GenerateStreamResponse,
+    kind: str,
+    model: str,
+    request: ChatCompletionRequest | CompletionRequest,
+) -> dict[str, object]:
+    """The fields every streamed chunk of either endpoint repeats (`object` is `kind`); with
+    `stream_options.include_usage`, `usage: null` until the last chunk."""
+    head: dict[str, object] = {
+        "id": first.response_id,
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": fingerprint(first.weights_version),
+    }
+    if include_usage(request):
+        head["usage"] = None
+    return head
+
+
+def include_usage(request: SamplingFields) -> bool:
+    return bool(request.stream_options and request.stream_options.include_usage)
+
+
+def sse(payload: dict) -> bytes:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def stream_end(head: dict, request: SamplingFields, prompt_tokens: int, completion_tokens: int):
+    """The last events of a stream: the usage chunk (no choices) when asked, then `[DONE]`."""
+    if include_usage(request):
+        totals = usage(prompt_tokens, completion_tokens).model_dump()
+        yield sse({**head, "choices": [], "usage": totals})
+    yield DONE
 
 
 def finish_reason(value: int) -> str | None:

@@ -54,6 +54,13 @@ class GatewaySettings(BaseSettings):
         "replica) or a comma-separated list.",
     )
     policy_timeout_s: float = Field(120.0, gt=0, description="Deadline of one generation call.")
+    reward_url: str | None = Field(
+        None,
+        min_length=1,
+        description="RewardService gRPC endpoint, as policy_url (TLS the same way): set, chat "
+        "completions take `best_of` and rank their samples by reward; unset, `best_of` is a 400.",
+    )
+    reward_timeout_s: float = Field(30.0, gt=0, description="Deadline of one Score call.")
     max_new_tokens_limit: int = Field(
         1024, ge=1, description="Largest `max_tokens` a request may ask."
     )
@@ -83,6 +90,25 @@ class GatewaySettings(BaseSettings):
     bench_noop_endpoint: bool = Field(
         False,
         description="Expose POST /v1/bench/noop, the benchmark's baseline (same auth and body).",
+    )
+    annotation_queue_size: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="Annotation candidates a replica keeps for GET /v1/annotation-queue: the "
+        "highest-disagreement ones.",
+    )
+    annotation_answered_memory: int = Field(
+        100_000,
+        ge=1,
+        description="Answered candidate ids a replica remembers, so that a candidate read after "
+        "its answer is not offered again.",
+    )
+    annotation_lookback_s: float = Field(
+        7 * 24 * 3600.0,
+        gt=0,
+        description="How far back rlhf.preferences.v1 is read for answered candidates: the "
+        "retention of rlhf.annotation-queue.v1 (no older answer can match a kept candidate).",
     )
     log_level: str = Field("INFO", description="Root log level.")
     kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="Kafka connection.")

@@ -3,7 +3,8 @@ NetworkPolicies, ingress and egress, one per component, built from one table of 
 flows (../../../../shared/DESIGN.md, "Services"): who calls whose gRPC port, who talks to Kafka.
 Everything a policy does not admit is refused, in both directions.
 
-  rlhf.grpcFlows      "from>to" pairs: the callers of each gRPC service
+  rlhf.grpcFlows      "from>to" pairs: the callers of each gRPC service (gateway>reward only
+                      with gateway.bestOf.enabled: the gateway ranks best_of samples)
   rlhf.kafkaClients   the components that produce to or consume from Kafka
   rlhf.networkPolicy  the NetworkPolicy of one component: (dict "root" $ "component" "policy"
                       "annotations" (dict ...))
@@ -11,6 +12,7 @@ Everything a policy does not admit is refused, in both directions.
 
 {{- define "rlhf.grpcFlows" -}}
 gateway>policy trainer>policy rollout>policy rollout>reward rollout>reference refresh>reward
+{{- if .Values.gateway.bestOf.enabled }} gateway>reward{{ end -}}
 {{- end -}}
 
 {{- define "rlhf.kafkaClients" -}}

@@ -1,7 +1,8 @@
 """Thumbs posted over HTTP to the real gateway end up, joined with their generations, as
 preference records in the real Kafka; feedback that arrives before its generation waits for it;
 a restarted curator (same state folder and group) emits nothing twice, even when the same
-idempotency key reaches Kafka a second time through another gateway replica."""
+idempotency key reaches Kafka a second time through another gateway replica. The annotator
+cohort posted with the thumbs is on the records derived from them."""
 
 from __future__ import annotations
 
@@ -65,11 +66,13 @@ def test_live_thumbs_become_pairs_and_labels_once(kafka_settings, gateway_factor
         {
             "response_id": good.response_id,
             "thumb": "up",
+            "cohort": "vendor-a",
             "idempotency_key": f"k-{good.response_id}",
         },
         {
             "response_id": bad.response_id,
             "thumb": "down",
+            "cohort": "vendor-a",
             "idempotency_key": f"k-{bad.response_id}",
         },
     ]
@@ -104,6 +107,8 @@ def test_live_thumbs_become_pairs_and_labels_once(kafka_settings, gateway_factor
     pair = next(r for r in stored if r.prompt == prompt and r.WhichOneof("kind") == "pair")
     assert list(pair.derived_from) == [good.response_id, bad.response_id]
     assert pair.source == events_pb2.PREFERENCE_SOURCE_LIVE_FEEDBACK
+    # Both thumbs came from one cohort: every record derived from them carries it.
+    assert {r.cohort for r in stored if r.prompt == prompt} == {"vendor-a"}
 
     # The same idempotency keys again, through a fresh gateway replica (no shared cache): the
     # events reach Kafka a second time with the same feedback ids. A restarted curator (same

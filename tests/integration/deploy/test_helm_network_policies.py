@@ -3,7 +3,8 @@
 The rendered policies are evaluated the way Kubernetes does: a connection from pod A to pod B on
 a port is allowed when A's egress allows it (or no policy of A's has Egress) and B's ingress
 allows it (or no policy of B's has Ingress). Each design flow must be allowed, and flows the
-design does not have (gateway -> reward, reward -> Kafka, ...) must be refused. One test also
+design does not have (gateway -> reward, reward -> Kafka, ...) must be refused; gateway ->
+reward is admitted only when the gateway ranks best_of samples (gateway.bestOf.enabled). One test also
 reads the rules themselves (selectors, ports, direction), and the evaluator is checked against
 hand-made policies first.
 """
@@ -14,7 +15,19 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.integration.test_helm_chart import EXAMPLES, PRODUCTION, SECRET, find, render
+from tests.integration.test_helm_chart import (
+    CHART,
+    EXAMPLES,
+    KUBE_VERSION,
+    PRODUCTION,
+    SECRET,
+    container,
+    env_of,
+    find,
+    pod_specs,
+    render,
+    run,
+)
 
 NAMESPACE = "rlhf"
 PREFIX = "rlhf-rlhf-platform-"
@@ -206,6 +219,36 @@ def test_the_design_grpc_flows_are_admitted_and_no_other(production, dev_cluster
             assert not allowed(policies, pod(src), pod(dst), GRPC), f"{src} -> {dst} admitted"
         # A pod of another namespace wearing the gateway's component label is not the gateway.
         assert not allowed(policies, OTHER_NAMESPACE, pod("policy"), GRPC)
+
+
+def test_best_of_admits_gateway_to_reward_and_nothing_more():
+    docs = render("-f", str(PRODUCTION), "--set", "gateway.bestOf.enabled=true")
+    policies = policies_of(docs)
+    assert allowed(policies, pod("gateway"), pod("reward"), GRPC)
+    assert not allowed(policies, pod("gateway"), pod("reward"), GRPC + 1)
+    for src, dst in DESIGN_GRPC:
+        assert allowed(policies, pod(src), pod(dst), GRPC), f"{src} -> {dst}"
+    for src, dst in NOT_IN_THE_DESIGN:
+        if (src, dst) != ("gateway", "reward"):
+            assert not allowed(policies, pod(src), pod(dst), GRPC), f"{src} -> {dst} admitted"
+    gateway = container(pod_specs(docs)[PREFIX + "gateway"], "gateway")
+    assert env_of(gateway)["RLHF_GATEWAY_REWARD_URL"] == (
+        f"{PREFIX}reward-headless.{NAMESPACE}.svc.cluster.local:{GRPC}"
+    )
+
+
+def test_best_of_is_off_by_default_and_needs_the_reward_service(production):
+    docs = render("-f", str(PRODUCTION))
+    gateway = container(pod_specs(docs)[PREFIX + "gateway"], "gateway")
+    assert "RLHF_GATEWAY_REWARD_URL" not in env_of(gateway)
+    assert not allowed(production, pod("gateway"), pod("reward"), GRPC)
+    failed = run(
+        ["helm", "template", "rlhf", str(CHART), "--kube-version", KUBE_VERSION]
+        + ["-f", str(PRODUCTION), "--set", "gateway.bestOf.enabled=true"]
+        + ["--set", "reward.enabled=false"],
+        check=False,
+    )
+    assert failed.returncode != 0 and "reward.enabled=true" in failed.stderr
 
 
 def test_trainer_ranks_reach_each_other_on_any_port_and_nobody_else_does(production):

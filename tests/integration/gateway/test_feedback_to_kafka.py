@@ -20,6 +20,7 @@ def test_thumb_is_in_kafka_when_acknowledged_and_stored_once_per_key(gateway, ka
         "thumb": "up",
         "comment": "clear",
         "categories": ["helpful"],
+        "cohort": "de-DE",
         "idempotency_key": f"idem-{rid}",
     }
     first = httpx.post(f"{gateway.url}/v1/feedback", json=body, headers=gateway.headers, timeout=10)
@@ -49,11 +50,13 @@ def test_thumb_is_in_kafka_when_acknowledged_and_stored_once_per_key(gateway, ka
         ]
     )
     up = next(e for e in mine if e.thumb == events_pb2.THUMB_UP)
-    assert (up.comment, list(up.categories), up.idempotency_key) == (
+    assert (up.comment, list(up.categories), up.idempotency_key, up.cohort) == (
         "clear",
         ["helpful"],
         f"idem-{rid}",
+        "de-DE",
     )
+    assert next(e for e in mine if e.rating == 2).cohort == ""
 
 
 def test_ranking_of_four_is_six_pairs_in_kafka(gateway, kafka_settings):
@@ -61,7 +64,7 @@ def test_ranking_of_four_is_six_pairs_in_kafka(gateway, kafka_settings):
     ranked = ["7", "9 (no: 3x3)", "twelve", "banana"]
     response = httpx.post(
         f"{gateway.url}/v1/rankings",
-        json={"prompt": prompt, "responses": ranked},
+        json={"prompt": prompt, "responses": ranked, "cohort": "vendor-7"},
         headers=gateway.headers,
         timeout=10,
     )
@@ -88,6 +91,7 @@ def test_ranking_of_four_is_six_pairs_in_kafka(gateway, kafka_settings):
     assert ranking_pairs == {(ranked[i], ranked[j]) for i in range(4) for j in range(i + 1, 4)}
     assert ("2", "4") in {(r.pair.chosen, r.pair.rejected) for r in mine}
     assert len(mine) == 7
+    assert sorted(r.cohort for r in mine) == [""] + ["vendor-7"] * 6
 
 
 def test_auth_over_http(kafka_settings, run_dir):

@@ -174,3 +174,46 @@ def test_a_store_written_before_conversations_existed_still_joins(tmp_path: Path
         assert records[0].conversation == common_pb2.Prompt(text="hi")
     finally:
         s.close()
+
+
+def test_labels_carry_their_cohort_and_a_pair_only_a_shared_one(store):
+    c = JoinCounts()
+    for rid, response in (("a", "4"), ("b", "5"), ("c", "22")):
+        on_generation(store, 0, gen(rid, "2+2?", response), 0.0, LIMITS, c)
+    up = fb("f1", "a", UP)
+    up.cohort = "vendor-a"
+    (label,) = on_feedback(store, 0, up, 1.0, LIMITS, c)
+    assert label.cohort == "vendor-a"
+    same = fb("f2", "b", DOWN)
+    same.cohort = "vendor-a"
+    label_b, pair_ab = on_feedback(store, 0, same, 2.0, LIMITS, c)
+    assert (label_b.cohort, pair_ab.cohort) == ("vendor-a", "vendor-a")
+    other = fb("f3", "c", DOWN)
+    other.cohort = "de-DE"
+    label_c, pair_ac = on_feedback(store, 0, other, 3.0, LIMITS, c)
+    assert summary([pair_ac]) == [("pair", "2+2?", "4", "22")]
+    assert (label_c.cohort, pair_ac.cohort) == ("de-DE", "")  # two cohorts: none
+
+
+def test_a_store_written_before_cohorts_existed_pairs_with_no_cohort(tmp_path: Path):
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "curator.sqlite")
+    db.execute(
+        "CREATE TABLE judged (prompt_key TEXT, response_id TEXT, desirable INTEGER,"
+        " response TEXT, seen_at REAL, PRIMARY KEY (prompt_key, response_id, desirable))"
+    )
+    db.commit()
+    db.close()
+    s = JoinStore(tmp_path)
+    try:
+        c = JoinCounts()
+        on_generation(s, 0, gen("a", "p", "good"), 0.0, LIMITS, c)
+        on_generation(s, 0, gen("b", "p", "bad"), 0.0, LIMITS, c)
+        on_feedback(s, 0, fb("f1", "a", UP), 1.0, LIMITS, c)
+        down = fb("f2", "b", DOWN)
+        down.cohort = "tier-1"
+        _, pair = on_feedback(s, 0, down, 2.0, LIMITS, c)
+        assert (pair.pair.chosen, pair.cohort) == ("good", "")
+    finally:
+        s.close()

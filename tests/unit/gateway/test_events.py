@@ -65,6 +65,33 @@ def test_preference_event_is_one_pair():
     assert record.value.source == events_pb2.PREFERENCE_SOURCE_ANNOTATION
 
 
+def test_cohort_and_answered_candidate_are_on_every_record():
+    (feedback,) = feedback_event(
+        FeedbackRequest(response_id="r", thumb="up", cohort="de-DE"), CALLER
+    ).records
+    assert feedback.value.cohort == "de-DE"
+    assert (
+        feedback_event(FeedbackRequest(response_id="r", rating=1), CALLER).records[0].value.cohort
+        == ""
+    )
+    ranking = ranking_event(
+        RankingRequest(
+            prompt="Q?", responses=["a", "b", "c"], cohort="vendor-7", candidate_id="cand-1"
+        ),
+        CALLER,
+    )
+    assert [r.value.cohort for r in ranking.records] == ["vendor-7"] * 3
+    assert [list(r.value.derived_from) for r in ranking.records] == [
+        [ranking.event_id, "cand-1"]
+    ] * 3
+    pref = preference_event(
+        PreferenceRequest(prompt="p", chosen="a", rejected="b", candidate_id="cand-2"), CALLER
+    )
+    (record,) = pref.records
+    assert list(record.value.derived_from) == [pref.event_id, "cand-2"]
+    assert record.value.cohort == ""
+
+
 def test_recent_events_write_once_and_share_in_flight_writes():
     async def scenario():
         recent = RecentEvents(capacity=2)

@@ -57,6 +57,21 @@ def _fields(response) -> set[str]:
         ("/v1/rankings", {"prompt": "p", "responses": ["a", "a"]}, "responses"),
         ("/v1/rankings", {"prompt": "p", "responses": ["a", ""]}, "responses.1"),
         ("/v1/rankings", {"prompt": "p", "responses": [str(i) for i in range(17)]}, "responses"),
+        ("/v1/feedback", {"response_id": "r1", "thumb": "up", "cohort": "a b"}, "cohort"),
+        ("/v1/feedback", {"response_id": "r1", "thumb": "up", "cohort": "c" * 65}, "cohort"),
+        ("/v1/feedback", {"response_id": "r1", "thumb": "up", "cohort": ""}, "cohort"),
+        ("/v1/preferences", {"prompt": "p", "chosen": "a", "rejected": "b", "cohort": 7}, "cohort"),
+        ("/v1/rankings", {"prompt": "p", "responses": ["a", "b"], "cohort": "x/y"}, "cohort"),
+        (
+            "/v1/rankings",
+            {"prompt": "p", "responses": ["a", "b"], "candidate_id": "no spaces"},
+            "candidate_id",
+        ),
+        (
+            "/v1/preferences",
+            {"prompt": "p", "chosen": "a", "rejected": "b", "candidate_id": "k" * 129},
+            "candidate_id",
+        ),
     ],
 )
 def test_bad_input_is_422_naming_the_field(client, path, body, field):
