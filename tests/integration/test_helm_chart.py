@@ -389,6 +389,24 @@ def test_only_the_control_plane_gets_the_control_token_as_a_read_only_file(
         assert {p.removeprefix("rlhf-rlhf-platform-") for p in specs} >= set(CONTROL_CONTAINERS)
 
 
+def test_allowed_client_identities_reach_the_services_that_check_them(monkeypatch):
+    docs = render(*SECRET, "--set", "controlPlane.allowedIdentities={trainer,refresh}")
+    specs = pod_specs(docs)
+    for component in ("policy", "reward"):
+        env = env_of(container(specs[f"rlhf-rlhf-platform-{component}"], "service"))
+        assert env["RLHF_CONTROL_ALLOWED_IDENTITIES"] == "trainer,refresh", component
+        monkeypatch.setenv(
+            "RLHF_CONTROL_ALLOWED_IDENTITIES", env["RLHF_CONTROL_ALLOWED_IDENTITIES"]
+        )
+        assert ControlSettings().allowed_identities == ("trainer", "refresh")
+    result = run(
+        ["helm", "template", "rlhf", str(CHART), "--kube-version", KUBE_VERSION, *SECRET]
+        + ["--set", "controlPlane.allowedIdentities={a b}"],
+        check=False,
+    )
+    assert result.returncode != 0 and "/controlPlane/allowedIdentities/0" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

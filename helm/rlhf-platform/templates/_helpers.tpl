@@ -313,6 +313,10 @@ rlhf.controlTokenVolumeMount, and its pod's volumes rlhf.controlTokenVolume; eac
 {{- define "rlhf.controlTokenEnv" -}}
 - name: RLHF_CONTROL_TOKEN_FILE
   value: {{ include "rlhf.controlTokenDir" . }}/token
+{{- with .Values.controlPlane.allowedIdentities }}
+- name: RLHF_CONTROL_ALLOWED_IDENTITIES
+  value: {{ join "," . | quote }}
+{{- end }}
 {{- end -}}
 
 {{- define "rlhf.controlTokenVolumeMount" -}}
