@@ -219,7 +219,8 @@ def run(seed: int, train_prompts: int, eval_prompts: int, max_new_tokens: int) -
         )
         evaluated = rlhf("eval", [*common, "--output", str(WORK / "eval")], WORK / "eval.log")
         report["eval_polite_rule"] = evaluated["metrics"]
-        report["eval_constitution_judge"] = {**judged["metrics"], **judged["judge"]}
+        judge_summary = json.loads((WORK / "eval-judge" / "eval.json").read_text())["judge"]
+        report["eval_constitution_judge"] = {**judged["metrics"], **judge_summary}
         j = report["eval_constitution_judge"]
         console.line(
             f"win-rate of CAI-SFT over the base, constitution judge: {j['win_rate']:.3f} "

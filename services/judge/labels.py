@@ -60,6 +60,34 @@ def ai_record(
     return record
 
 
+def unsure_candidate(
+    conversation: common_pb2.Prompt | None,
+    pair: Pair,
+    verdict: Verdict,
+    response_ids: list[str],
+    max_confidence: float,
+) -> events_pb2.AnnotationCandidate | None:
+    """The pair as an annotation candidate when the judge is at most `max_confidence` sure of
+    it (None otherwise, or when that setting is off). Its `disagreement` is 1 - confidence:
+    the queue sorts judge and ensemble candidates on one scale, most unsure first."""
+    if max_confidence < 0 or verdict.confidence > max_confidence:
+        return None
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    now = Timestamp()
+    now.GetCurrentTime()
+    return events_pb2.AnnotationCandidate(
+        candidate_id=derived_id("judge-unsure", pair.question, pair.answer_a, pair.answer_b),
+        prompt=conversation if conversation is not None else common_pb2.Prompt(text=pair.question),
+        prompt_text=pair.question,
+        responses=[pair.answer_a, pair.answer_b],
+        response_ids=list(response_ids) if all(response_ids) else [],
+        disagreement=1.0 - verdict.confidence,
+        reason="judge",
+        created_at=now,
+    )
+
+
 class LabelPublisher:
     """A producer opened at the first publish (a judge that never publishes needs no Kafka)."""
 
@@ -83,6 +111,18 @@ class LabelPublisher:
         producer = self.producer()
         sent = [
             producer.send(topics.PREFERENCES, key=prompt_hash(r.prompt), value=r) for r in records
+        ]
+        for future in sent:
+            future.get(timeout=SEND_TIMEOUT_S)
+        return len(sent)
+
+    def offer(self, candidates: list[events_pb2.AnnotationCandidate]) -> int:
+        """Sends annotation candidates to the queue topic and waits for every ack."""
+        if not candidates:
+            return 0
+        producer = self.producer()
+        sent = [
+            producer.send(topics.ANNOTATION_QUEUE, key=c.candidate_id, value=c) for c in candidates
         ]
         for future in sent:
             future.get(timeout=SEND_TIMEOUT_S)

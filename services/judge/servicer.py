@@ -18,7 +18,7 @@ from services.common.prompts import render_prompt
 from services.common.rpc import FieldError, abort_for, remaining_s
 from services.genproto.rlhf.v1 import judge_pb2, judge_pb2_grpc
 from services.judge.judges import Judge, Pair, compare
-from services.judge.labels import LabelPublisher, ai_record
+from services.judge.labels import LabelPublisher, ai_record, unsure_candidate
 from services.judge.settings import JudgeSettings
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,11 @@ class JudgeMetrics:
             "rlhf_judge_verdicts_total",
             "Verdicts given, by the answer preferred (a, b or tie).",
             ["winner"],
+            registry=registry,
+        )
+        self.offered = Counter(
+            "rlhf_judge_annotation_candidates_total",
+            "Pairs the judge was unsure of, offered to people on the annotation queue.",
             registry=registry,
         )
         self.published = Counter(
@@ -109,6 +114,20 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
             abort_for(context, error, "judge")
         ids = [""] * len(pairs)
         if request.publish or self.settings.publish:
+            unsure = [
+                c
+                for wire, pair, verdict in zip(request.pairs, pairs, verdicts)
+                if (
+                    c := unsure_candidate(
+                        wire.prompt if wire.HasField("prompt") else None,
+                        pair,
+                        verdict,
+                        [wire.response_id_a, wire.response_id_b],
+                        self.settings.annotation_max_confidence,
+                    )
+                )
+                is not None
+            ]
             records = {}
             for i, (wire, pair, verdict) in enumerate(zip(request.pairs, pairs, verdicts)):
                 record = ai_record(
@@ -124,6 +143,7 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
                     records[i] = record
             try:
                 self.publisher.publish(list(records.values()))
+                self.metrics.offered.inc(self.publisher.offer(unsure))
             except KafkaError as error:
                 log.error("publishing AI labels failed", extra={"fields": {"error": repr(error)}})
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"publishing the labels failed: {error}")

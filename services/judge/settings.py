@@ -67,6 +67,13 @@ class JudgeSettings(ModelServiceSettings):
         description="Verdicts are published only when their confidence is above this (a tie, "
         "confidence 0, never is).",
     )
+    annotation_max_confidence: float = Field(
+        -1.0,
+        lt=1.0,
+        description="Pairs the judge is this unsure of or less (confidence <= it) go to the "
+        "annotation queue (rlhf.annotation-queue.v1, reason judge) for people to rank, on "
+        "calls that publish; negative: off. 0.2 is a start.",
+    )
     max_pairs: int = Field(64, ge=1, description="Pairs one Compare request may hold.")
     max_text_chars: int = Field(
         8_000, ge=1, description="Characters a rendered prompt or an answer may hold."
