@@ -56,6 +56,9 @@ def start_judge(stack: Stack, model_dir: Path) -> str:
             "RLHF_JUDGE_DTYPE": stack.dtype,
             "RLHF_JUDGE_GRPC_PORT": str(port),
             "RLHF_JUDGE_GRPC_METRICS_PORT": str(free_port()),
+            # A batch of 16 pairs is 32 long prompts (constitution, question, two answers) through
+            # the judge's model: minutes on a busy CPU, more than an inference's default 60 s.
+            "RLHF_TRITON_TIMEOUT_S": "600",
         },
     )
     stack.wait_serving(("judge",))
