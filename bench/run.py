@@ -34,6 +34,10 @@ HEADLINES: dict[str, list[tuple[str, float, str, str]]] = {
         ("errors", 0, "max", "chat completions not answered 200 in the soak (gateway + policy)"),
         ("rss_growth_pct_max", 10.0, "max", "largest RSS growth of gateway/policy/Triton, %"),
     ],
+    "trainer_vs_trl": [
+        ("learner_ratio_vs_trl", 1.0, "min", "TRL GRPO update s/sample / our learner's"),
+        ("ratio_vs_trl", 1.0, "min", "deployed pipeline samples/s / TRL GRPOTrainer's"),
+    ],
 }
 
 
