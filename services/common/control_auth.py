@@ -31,7 +31,7 @@ import grpc
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from services.common.rpc import wrap_handler
+from services.common.rpc import gate_handler
 
 HEADER = "authorization"
 
@@ -130,35 +130,17 @@ class ControlAuthInterceptor(grpc.ServerInterceptor):
         identities = self.identities
         message = f"{method} needs the control token or an allowed client certificate"
 
-        def by_identity(behavior, streaming: bool):
-            def check(context) -> None:
-                if not identities & peer_identities(context):
-                    context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        def by_identity(context) -> None:
+            if not identities & peer_identities(context):
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-            def unary(request, context):
-                check(context)
-                return behavior(request, context)
-
-            def stream(request, context):
-                check(context)
-                yield from behavior(request, context)
-
-            return stream if streaming else unary
-
-        return wrap_handler(handler, by_identity)
+        return gate_handler(handler, by_identity)
 
 
 def _refusal(handler, code: grpc.StatusCode, message: str):
-    """A handler of the same shape as `handler` that ends the call with `code`."""
+    """A handler of the same shape as `handler` that ends every call with `code`."""
 
-    def refusing(_behavior, streaming: bool):
-        def unary(_request, context):
-            context.abort(code, message)
+    def refuse(context) -> None:
+        context.abort(code, message)
 
-        def stream(_request, context):
-            context.abort(code, message)
-            yield  # pragma: no cover - abort raises; this makes it a generator
-
-        return stream if streaming else unary
-
-    return wrap_handler(handler, refusing)
+    return gate_handler(handler, refuse)

@@ -28,7 +28,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.control_auth import ControlAuthInterceptor
 from services.common.metrics import RpcMetrics
-from services.common.rpc import wrap_handler
+from services.common.rpc import gate_handler, wrap_handler
 
 log = logging.getLogger(__name__)
 
@@ -173,24 +173,11 @@ class ReadinessInterceptor(grpc.ServerInterceptor):
             return handler
         ready = self.ready
 
-        def gated(behavior, streaming: bool):
-            def check(context) -> None:
-                if not ready.is_set():
-                    context.abort(
-                        grpc.StatusCode.UNAVAILABLE, "the model is not ready (Triton down)"
-                    )
+        def check(context) -> None:
+            if not ready.is_set():
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the model is not ready (Triton down)")
 
-            def unary(request, context):
-                check(context)
-                return behavior(request, context)
-
-            def stream(request, context):
-                check(context)
-                yield from behavior(request, context)
-
-            return stream if streaming else unary
-
-        return wrap_handler(handler, gated)
+        return gate_handler(handler, check)
 
 
 class ModelServer:

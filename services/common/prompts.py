@@ -14,7 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from services.common.rpc import FieldError
 from services.genproto.rlhf.v1 import common_pb2
+
+ROLES = ("system", "user", "assistant")
+"""The chat roles a scoring service (reward, judge) reads."""
 
 
 def render_messages(messages: Sequence[tuple[str, str]]) -> str:
@@ -29,3 +33,19 @@ def render_prompt(prompt: common_pb2.Prompt) -> str:
     if prompt.WhichOneof("kind") == "messages":
         return render_messages([(m.role, m.content) for m in prompt.messages.messages])
     return prompt.text
+
+
+def checked_prompt_text(prompt: common_pb2.Prompt, where: str) -> str:
+    """The text of a request's prompt (render_prompt), after its chat messages are checked:
+    at least one, each of ROLES; FieldError names `<where>.prompt...` otherwise. An empty text
+    is the caller's to judge (its message differs by what the prompt is for)."""
+    if prompt.WhichOneof("kind") == "messages":
+        if not prompt.messages.messages:
+            raise FieldError(f"{where}.prompt.messages", "empty prompt: no messages")
+        for j, message in enumerate(prompt.messages.messages):
+            if message.role not in ROLES:
+                raise FieldError(
+                    f"{where}.prompt.messages[{j}].role",
+                    f"{message.role!r} is not one of {ROLES}",
+                )
+    return render_prompt(prompt)

@@ -98,3 +98,21 @@ def wrap_handler(handler, wrap: Callable[[Behavior, bool], Behavior]):
         if behavior:
             return handler._replace(**{kind: wrap(behavior, streaming)})
     return handler
+
+
+def gate_handler(handler, check: Callable[[grpc.ServicerContext], None]):
+    """`handler` with `check(context)` run before its behaviour on every call; `check` ends the
+    call by raising (context.abort) when it must not proceed."""
+
+    def gated(behavior: Behavior, streaming: bool) -> Behavior:
+        def unary(request, context):
+            check(context)
+            return behavior(request, context)
+
+        def stream(request, context):
+            check(context)
+            yield from behavior(request, context)
+
+        return stream if streaming else unary
+
+    return wrap_handler(handler, gated)

@@ -14,7 +14,7 @@ from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from services.common.metrics import BATCH_BUCKETS
-from services.common.prompts import render_prompt
+from services.common.prompts import checked_prompt_text
 from services.common.rpc import FieldError, abort_for, remaining_s
 from services.genproto.rlhf.v1 import judge_pb2, judge_pb2_grpc
 from services.judge.judges import Judge, Pair, compare
@@ -22,7 +22,6 @@ from services.judge.labels import LabelPublisher, ai_record, unsure_candidate
 from services.judge.settings import JudgeSettings
 
 log = logging.getLogger(__name__)
-ROLES = ("system", "user", "assistant")
 
 
 class JudgeMetrics:
@@ -64,16 +63,7 @@ def checked_pairs(request: judge_pb2.CompareRequest, settings: JudgeSettings) ->
     pairs = []
     for i, pair in enumerate(request.pairs):
         where = f"pairs[{i}]"
-        if pair.prompt.WhichOneof("kind") == "messages":
-            if not pair.prompt.messages.messages:
-                raise FieldError(f"{where}.prompt.messages", "empty prompt: no messages")
-            for j, message in enumerate(pair.prompt.messages.messages):
-                if message.role not in ROLES:
-                    raise FieldError(
-                        f"{where}.prompt.messages[{j}].role",
-                        f"{message.role!r} is not one of {ROLES}",
-                    )
-        question = render_prompt(pair.prompt)
+        question = checked_prompt_text(pair.prompt, where)
         texts = {"prompt": question, "answer_a": pair.answer_a, "answer_b": pair.answer_b}
         for name, text in texts.items():
             if not text.strip():

@@ -14,14 +14,13 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.metrics import BATCH_BUCKETS
+from services.common.prompts import checked_prompt_text
 from services.common.rpc import FieldError, Forbidden, abort_for, remaining_s
 from services.genproto.rlhf.v1 import reward_pb2, reward_pb2_grpc
-from services.reward.encoding import render_prompt
 from services.reward.scorer import RewardScorer, ScoredBatch
 from services.reward.settings import RewardSettings
 
 log = logging.getLogger(__name__)
-ROLES = ("system", "user", "assistant")
 SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
@@ -68,16 +67,7 @@ def checked_pairs(
     prompts, responses = [], []
     for i, pair in enumerate(request.pairs):
         where = f"pairs[{i}]"
-        if pair.prompt.WhichOneof("kind") == "messages":
-            if not pair.prompt.messages.messages:
-                raise FieldError(f"{where}.prompt.messages", "empty prompt: no messages")
-            for j, message in enumerate(pair.prompt.messages.messages):
-                if message.role not in ROLES:
-                    raise FieldError(
-                        f"{where}.prompt.messages[{j}].role",
-                        f"{message.role!r} is not one of {ROLES}",
-                    )
-        prompt = render_prompt(pair.prompt)
+        prompt = checked_prompt_text(pair.prompt, where)
         if not prompt.strip():
             raise FieldError(f"{where}.prompt", "empty prompt")
         if len(prompt) > settings.max_text_chars:
