@@ -166,10 +166,10 @@ class Learner:
         metrics: dict[str, float] = {}
 
         # 2. Values of the sampled states before the update (the value clipping anchors on them).
-        old_values = None
+        old_values = old_logprobs = None
         if self.value_head is not None:
             with torch.no_grad():
-                _, _, old_values = self._forward(batch, need_entropy=False)  # (B, A)
+                old_logprobs, _, old_values = self._forward(batch, need_entropy=False)  # (B, A)
 
         # 3. Token-level rewards, from the scores the guards shaped.
         lengths = batch.response_mask.sum(dim=-1)  # (B,)
@@ -211,7 +211,8 @@ class Learner:
         metrics["returns/mean"] = float(masked_mean(returns, batch.response_mask))
 
         # 5. Epochs of minibatch updates (with a KL budget, from a snapshot to fall back on).
-        before = self._snapshot_and_kl(batch) if cfg.kl_budget is not None else None
+        # (PPO's value pass above already gave the log-probs the KL before the step needs.)
+        before = self._snapshot_and_kl(batch, old_logprobs) if cfg.kl_budget is not None else None
         size = batch.size
         minibatch = cfg.minibatch_size or size
         sums: dict[str, float] = defaultdict(float)
@@ -324,32 +325,40 @@ class Learner:
 
     # ---- the hard KL budget -----------------------------------------------------------------
 
-    def _policy_ref_kl(self, batch: RolloutBatch) -> float:
-        """Per-token KL of the current policy to the reference on `batch` (all ranks' tokens)."""
-        micro = self.config.micro_batch_size or batch.size
+    def _policy_ref_kl(self, batch: RolloutBatch, logprobs: torch.Tensor | None = None) -> float:
+        """Per-token KL of the current policy to the reference on `batch` (all ranks' tokens),
+        from the policy's log-probs (B, A) when the caller has them, else from a forward pass."""
         totals = torch.zeros(2, dtype=torch.float64)
-        with torch.no_grad():
-            for begin in range(0, batch.size, micro):
-                rows = torch.arange(begin, min(begin + micro, batch.size), device=self.device)
-                part = batch.select(rows)
-                logprobs, _, _ = self._forward(part, need_entropy=False)  # (b, A)
-                kl_sum, tokens = token_mean_kl(
-                    logprobs, part.reference_logprobs, part.response_mask,
-                    self.config.kl_budget_estimator,
-                )  # fmt: skip
-                totals += torch.stack([kl_sum, tokens]).double().cpu()
+        parts = [(batch, logprobs)] if logprobs is not None else self._policy_logprobs(batch)
+        for part, part_logprobs in parts:
+            kl_sum, tokens = token_mean_kl(
+                part_logprobs, part.reference_logprobs, part.response_mask,
+                self.config.kl_budget_estimator,
+            )  # fmt: skip
+            totals += torch.stack([kl_sum, tokens]).double().cpu()
         # The mean over ranks of (sum, count) has the ratio of the sums over ranks.
         totals = distributed.mean_over_ranks(totals)
         return float(totals[0] / totals[1].clamp(min=1.0))
 
-    def _snapshot_and_kl(self, batch: RolloutBatch) -> tuple[dict, float]:
+    def _policy_logprobs(self, batch: RolloutBatch):
+        """(micro-batch, its response log-probs (b, A)) pairs of the current policy, no grad."""
+        micro = self.config.micro_batch_size or batch.size
+        with torch.no_grad():
+            for begin in range(0, batch.size, micro):
+                rows = torch.arange(begin, min(begin + micro, batch.size), device=self.device)
+                part = batch.select(rows)
+                yield part, self._forward(part, need_entropy=False)[0]
+
+    def _snapshot_and_kl(
+        self, batch: RolloutBatch, logprobs: torch.Tensor | None = None
+    ) -> tuple[dict, float]:
         """What an undone step restores (copies, not views), and the KL before the step."""
         snapshot = {
             "parameters": [p.detach().clone() for p in self._parameters()],
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "scheduler": copy.deepcopy(self.scheduler.state_dict()),
         }
-        return snapshot, self._policy_ref_kl(batch)
+        return snapshot, self._policy_ref_kl(batch, logprobs)
 
     def _enforce_kl_budget(
         self, batch: RolloutBatch, snapshot: dict, kl_before: float

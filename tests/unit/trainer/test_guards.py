@@ -292,3 +292,27 @@ def test_the_guard_metrics_reach_prometheus():
     assert value("rlhf_trainer_length_reward_correlation") == 0.8
     assert value("rlhf_trainer_response_length_tokens") == 7.5
     assert value("rlhf_trainer_kl_policy_ref_per_token") == 0.04
+
+
+def test_ppo_measures_the_kl_before_the_step_from_its_value_pass(
+    small_vocab_policy_dir, batch_of_rollouts
+):
+    """With a value head the learner already ran the policy over the batch before the update;
+    the KL before the step comes from those log-probs, equal to a pass of its own, and an
+    over-budget PPO step is still undone bit for bit."""
+    learner = Learner(LearnerConfig(algorithm="ppo", lr=5e-2, seed=0), small_vocab_policy_dir)
+    learner.step(batch_of_rollouts)  # moments to restore, and a policy away from the reference
+    batch = collate(batch_of_rollouts, pad_id=learner._pad_id()).to(learner.device)
+    with torch.no_grad():
+        logprobs, _, _ = learner._forward(batch, need_entropy=False)
+    own_pass = learner._policy_ref_kl(batch)
+    assert own_pass > 0
+    assert learner._policy_ref_kl(batch, logprobs) == pytest.approx(own_pass, rel=1e-5)
+    learner.config.kl_budget = 1e-6
+    params, optimizer = _params(learner), _optimizer_state(learner)
+    metrics = learner.step(batch_of_rollouts)
+    assert metrics["guard/kl_budget_skipped"] == 1.0
+    assert metrics["kl/policy_ref_before"] == pytest.approx(own_pass, rel=1e-5)
+    for a, b in zip(params, _params(learner), strict=True):
+        assert torch.equal(a, b)
+    _assert_same_state(optimizer, _optimizer_state(learner))
