@@ -4,41 +4,14 @@ rlhf.annotation-queue.v1 (reason "judge", disagreement 1 - confidence), and only
 
 from __future__ import annotations
 
-import time
 import uuid
-
-from kafka import KafkaConsumer, TopicPartition
 
 from services.common import topics
 from services.genproto.rlhf.v1 import common_pb2, events_pb2, judge_pb2
+from tests.integration.gateway.gateway_process import read_topic
 from tests.integration.judge.judge_stack import judge_stack
 
 RULE = "tests.integration.judge.rules:longer"  # equal lengths: a tie, confidence 0
-
-
-def read_candidates(kafka_settings, start: int, want: int, timeout_s: float = 60) -> list:
-    consumer = KafkaConsumer(bootstrap_servers=kafka_settings.servers, enable_auto_commit=False)
-    tp = TopicPartition(topics.ANNOTATION_QUEUE, 0)
-    found = []
-    try:
-        consumer.assign([tp])
-        consumer.seek(tp, start)
-        deadline = time.monotonic() + timeout_s
-        while len(found) < want and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=500).values():
-                found += [events_pb2.AnnotationCandidate.FromString(r.value) for r in batch]
-    finally:
-        consumer.close()
-    return found
-
-
-def end_offset(kafka_settings) -> int:
-    consumer = KafkaConsumer(bootstrap_servers=kafka_settings.servers)
-    try:
-        tp = TopicPartition(topics.ANNOTATION_QUEUE, 0)
-        return consumer.end_offsets([tp])[tp]
-    finally:
-        consumer.close()
 
 
 def test_the_pairs_the_judge_is_unsure_of_go_to_the_queue(kafka_settings):
@@ -46,7 +19,6 @@ def test_the_pairs_the_judge_is_unsure_of_go_to_the_queue(kafka_settings):
 
     ensure_topics(kafka_settings, [t for t in topics.TOPICS if t.name == topics.ANNOTATION_QUEUE])
     tag = uuid.uuid4().hex[:6]
-    start = end_offset(kafka_settings)
     pairs = [
         judge_pb2.JudgedPair(
             prompt=common_pb2.Prompt(text=f"q1 {tag}"), answer_a="same", answer_b="sane",
@@ -64,7 +36,14 @@ def test_the_pairs_the_judge_is_unsure_of_go_to_the_queue(kafka_settings):
         )
         assert [v.confidence for v in reply.verdicts] == [0.0, 1.0]
         assert judge.metric("rlhf_judge_annotation_candidates_total") == 1.0
-    (candidate,) = [c for c in read_candidates(kafka_settings, start, 1) if tag in c.prompt_text]
+    found = read_topic(
+        kafka_settings,
+        topics.ANNOTATION_QUEUE,
+        events_pb2.AnnotationCandidate,
+        done=lambda found: any(tag in c.prompt_text for c in found),
+        timeout_s=60,
+    )
+    (candidate,) = [c for c in found if tag in c.prompt_text]
     assert candidate.reason == "judge" and candidate.disagreement == 1.0
     assert list(candidate.responses) == ["same", "sane"]
     assert list(candidate.response_ids) == ["r1", "r2"]
