@@ -2,8 +2,10 @@
 # Checks the Helm chart offline: the values table of its README is current (helm/values_table.py
 # --check: every value has a comment), helm lint, helm template with the minimal install's values,
 # a production-like values file (GPU, 3 policy replicas, ingress, HPA, NetworkPolicy,
-# ServiceMonitor) and each example of examples/ (CPU dev cluster with the local Kafka, one shared
-# GPU, a GPU pool with the policy's HPA), then strict schema validation of every rendered manifest
+# ServiceMonitor), the same with the judge of its own model (a constitution, publishing), the
+# minimal values with the judge through the policy and NetworkPolicies, and each example of
+# examples/ (CPU dev cluster with the local Kafka, one shared GPU, a GPU pool with the policy's
+# HPA), then strict schema validation of every rendered manifest
 # with kubeconform against schemas exported from the kubernetes-validate package
 # (helm/k8s_schemas.py) and the Prometheus Operator's ServiceMonitor and PrometheusRule CRDs (from
 # its Go module). The renders that expect the Prometheus Operator pass
@@ -56,10 +58,18 @@ GATEWAY=(--set gateway.apiKeys.existingSecret=rlhf-gateway-keys)
 MINIMAL=("${CONTROL[@]}" "${GATEWAY[@]}")
 OPERATOR=(--api-versions monitoring.coreos.com/v1)
 PRODUCTION=(-f "$CHART/ci/production-values.yaml")
+# The judge (off by default): its own model in a Triton sidecar, or through the policy (no sidecar).
+# --set-json: `--set` would pass the confidences as strings, which the schema refuses.
+JUDGE_MODEL=(--set judge.enabled=true --set judge.rubricFile=services/judge/constitutions/v1.yaml
+  --set judge.publish=true --set-json judge.publishMinConfidence=0.5
+  --set-json judge.annotationMaxConfidence=0.2)
+JUDGE_POLICY=(--set judge.enabled=true,judge.throughPolicy=true,networkPolicy.enabled=true)
 EXAMPLES=("$CHART"/examples/values-*.yaml)
 [ "${#EXAMPLES[@]}" -eq 3 ] || { echo "check.sh: expected 3 examples, found ${EXAMPLES[*]}" >&2; exit 1; }
 helm lint --strict "$CHART" --kube-version "${KUBE_VERSIONS##* }" "${MINIMAL[@]}"
 helm lint --strict "$CHART" --kube-version "${KUBE_VERSIONS##* }" "${PRODUCTION[@]}"
+helm lint --strict "$CHART" --kube-version "${KUBE_VERSIONS##* }" "${PRODUCTION[@]}" "${JUDGE_MODEL[@]}"
+helm lint --strict "$CHART" --kube-version "${KUBE_VERSIONS##* }" "${MINIMAL[@]}" "${JUDGE_POLICY[@]}"
 for example in "${EXAMPLES[@]}"; do
   helm lint --strict "$CHART" --kube-version "${KUBE_VERSIONS##* }" -f "$example" "${MINIMAL[@]}"
 done
@@ -67,6 +77,13 @@ done
 echo ">> helm template"
 render minimal "${MINIMAL[@]}"
 render production "${PRODUCTION[@]}" "${OPERATOR[@]}"
+render judge-model "${PRODUCTION[@]}" "${JUDGE_MODEL[@]}" "${OPERATOR[@]}"
+render judge-policy "${MINIMAL[@]}" "${JUDGE_POLICY[@]}"
+grep -q "name: rlhf-rlhf-platform-judge$" "$OUT/judge-model.yaml" \
+  || { echo "check.sh: judge.enabled=true rendered no judge" >&2; exit 1; }
+if grep -q "rlhf-rlhf-platform-judge" "$OUT/production.yaml"; then
+  echo "check.sh: the judge rendered while judge.enabled=false" >&2; exit 1
+fi
 render image-models "${MINIMAL[@]}" --set models.source=image --set gateway.enabled=true \
   --set serviceMonitor.enabled=true --set networkPolicy.enabled=true "${OPERATOR[@]}"
 for example in "${EXAMPLES[@]}"; do

@@ -22,8 +22,10 @@ from pydantic import ValidationError
 
 from services.common.control_auth import ControlSettings
 from services.common.settings import KafkaSettings
+from services.common.topics import ANNOTATION_QUEUE, PREFERENCES, TOPICS
 from services.curator.settings import CuratorSettings
 from services.gateway.settings import GatewaySettings
+from services.judge.settings import JudgeSettings
 from services.policy.settings import PolicySettings
 from services.reference.settings import ReferenceSettings
 from services.refresh.settings import RefreshSettings
@@ -42,6 +44,14 @@ GATEWAY_SECRET = ["--set", "gateway.apiKeys.existingSecret=rlhf-gateway-keys"]
 SECRET = CONTROL_SECRET + GATEWAY_SECRET  # the Secrets an install must name
 OPERATOR = ["--api-versions", "monitoring.coreos.com/v1"]
 MODEL_SERVICES = ("policy", "reward", "reference")
+# The judge (off by default), as helm/check.sh renders it: its own model in a Triton sidecar, a
+# constitution, publishing (with the production values: GPUs, NetworkPolicies); or through the
+# policy, with no sidecar. --set-json: `--set` would pass the confidences as strings.
+JUDGE_MODEL = ["--set", "judge.enabled=true"]
+JUDGE_MODEL += ["--set", "judge.rubricFile=services/judge/constitutions/v1.yaml"]
+JUDGE_MODEL += ["--set", "judge.publish=true", "--set-json", "judge.publishMinConfidence=0.5"]
+JUDGE_MODEL += ["--set-json", "judge.annotationMaxConfidence=0.2"]
+JUDGE_POLICY = ["--set", "judge.enabled=true,judge.throughPolicy=true,networkPolicy.enabled=true"]
 WORKLOADS = ("Deployment", "StatefulSet", "Job")
 LONG_RUNNING = ("Deployment", "StatefulSet")
 
@@ -123,15 +133,25 @@ def production() -> list[dict]:
     return render("-f", str(PRODUCTION), *OPERATOR)
 
 
+@pytest.fixture(scope="module")
+def judge_model() -> list[dict]:
+    return render("-f", str(PRODUCTION), *JUDGE_MODEL, *OPERATOR)
+
+
+@pytest.fixture(scope="module")
+def judge_policy() -> list[dict]:
+    return render(*SECRET, *JUDGE_POLICY)
+
+
 def test_check_script_lints_renders_and_validates_strictly(check_sh):
     assert check_sh.returncode == 0, check_sh.stdout + check_sh.stderr
-    # Six renders (minimal, production, image models and the three examples) validated against two
-    # Kubernetes versions, every resource valid and none skipped for want of a schema (the
-    # ServiceMonitor and PrometheusRule included).
+    # Eight renders (minimal, production, the judge of its own model and through the policy, image
+    # models and the three examples) validated against two Kubernetes versions, every resource
+    # valid and none skipped for want of a schema (the ServiceMonitor and PrometheusRule included).
     summaries = [l for l in check_sh.stdout.splitlines() if l.startswith("Summary:")]
     assert len(summaries) == 2, check_sh.stdout
     for line in summaries:
-        assert "in 6 files" in line and "Invalid: 0, Errors: 0, Skipped: 0" in line, line
+        assert "in 8 files" in line and "Invalid: 0, Errors: 0, Skipped: 0" in line, line
     assert ">> values table" in check_sh.stdout
 
 
@@ -216,11 +236,14 @@ def test_refresh_publishes_to_a_shared_volume_every_reward_replica_follows(minim
     )
 
 
-def test_every_container_has_resources_probes_and_a_locked_down_context(minimal, production):
-    for docs in (minimal, production):
+def test_every_container_has_resources_probes_and_a_locked_down_context(
+    minimal, production, judge_model, judge_policy
+):
+    # policy reward reference rollout trainer gateway curator refresh, and the topics Job; and the
+    # judge where it is enabled
+    for docs, pods in ((minimal, 9), (production, 9), (judge_model, 10), (judge_policy, 10)):
         specs = pod_specs(docs)
-        # policy reward reference rollout trainer gateway curator refresh, and the topics Job
-        assert len(specs) == 9
+        assert len(specs) == pods
         for name, spec in specs.items():
             assert spec["securityContext"]["runAsNonRoot"] is True, name
             assert spec["automountServiceAccountToken"] is False, name
@@ -352,15 +375,16 @@ def uses_secret(spec: dict, secret: str) -> list[str]:
 
 @pytest.mark.parametrize("key", ["token", "control-token"])
 def test_only_the_control_plane_gets_the_control_token_as_a_read_only_file(
-    key, minimal, production, monkeypatch
+    key, minimal, production, judge_model, judge_policy, monkeypatch
 ):
-    renders = (minimal, production) if key == "token" else ()
+    # The judge calls no control method: it gets no token, in either mode.
+    renders = (minimal, production, judge_model, judge_policy) if key == "token" else ()
     renders += (render(*SECRET, "--set", f"controlPlane.key={key}"),)
     for docs in renders:
         specs = pod_specs(docs)
         for pod, spec in specs.items():
             component = pod.removeprefix("rlhf-rlhf-platform-")
-            if component not in CONTROL_CONTAINERS:  # reference, rollout, gateway, curator, topics
+            if component not in CONTROL_CONTAINERS:  # reference, rollout, ..., topics, judge
                 assert uses_secret(spec, "rlhf-control") == [], pod
                 for c in spec["containers"] + spec.get("initContainers", []):
                     assert not [k for k in env_of(c) if k.startswith("RLHF_CONTROL_")], pod
@@ -526,6 +550,7 @@ ENTRY_POINT_SETTINGS = {
     "services.curator": CuratorSettings,
     "services.refresh": RefreshSettings,
     "services.cli": KafkaSettings,  # the topics hook: `python -m services.cli topics ensure`
+    "services.judge": JudgeSettings,  # only where judge.enabled
 }
 # Entry points whose processes also read the control plane's settings (the token), beside their
 # own: the policy and reward check it, the trainer and the refresh send it.
@@ -585,7 +610,9 @@ def readers(module: str) -> list[type]:
     return [ENTRY_POINT_SETTINGS[module], *extra]
 
 
-def test_every_setting_the_chart_passes_is_one_its_service_reads(minimal, production, monkeypatch):
+def test_every_setting_the_chart_passes_is_one_its_service_reads(
+    minimal, production, judge_model, judge_policy, monkeypatch
+):
     """The services' settings ignore variables they do not know (extra="ignore"), so a misspelt or
     stale name in the chart would be dropped in silence: each one is checked on the settings
     class itself. And each container's whole environment must build its settings: every required
@@ -594,9 +621,15 @@ def test_every_setting_the_chart_passes_is_one_its_service_reads(minimal, produc
     `ControlSettings` (services/common/control_auth.py: the control token)."""
     shared = {"RLHF_KAFKA_BOOTSTRAP_SERVERS", "RLHF_KAFKA_CLIENT_ID"}
     checked, shared_readers, control = 0, {key: set() for key in shared}, set()
-    for docs in (minimal, production):
+    without_judge = set(ENTRY_POINT_SETTINGS) - {"services.judge"}
+    for docs, modules in (
+        (minimal, without_judge),
+        (production, without_judge),
+        (judge_model, set(ENTRY_POINT_SETTINGS)),
+        (judge_policy, set(ENTRY_POINT_SETTINGS)),
+    ):
         containers = python_containers(docs)
-        assert {module for _, module, _ in containers} == set(ENTRY_POINT_SETTINGS)
+        assert {module for _, module, _ in containers} == modules
         for where, module, env in containers:
             for settings_class in readers(module):
                 build(monkeypatch, settings_class, env)  # raises when a field is missing or bad
@@ -781,3 +814,153 @@ def test_kafka_tls_files_are_mounted_where_the_kafka_settings_are(monkeypatch, t
     base = ["helm", "template", "rlhf", str(CHART), "--kube-version", KUBE_VERSION, *SECRET]
     result = run([*base, "--set", "kafka.tls.existingSecret=kafka-tls"], check=False)
     assert result.returncode != 0 and "uses no TLS" in result.stderr
+
+
+JUDGE = "rlhf-rlhf-platform-judge"
+POLICY_HEADLESS = "rlhf-rlhf-platform-policy-headless.rlhf.svc.cluster.local:50051"
+
+
+def judge_settings(monkeypatch, docs: list[dict], name: str = "service") -> JudgeSettings:
+    """The judge container's settings, built by pydantic from its rendered environment."""
+    (env,) = [env for where, _, env in python_containers(docs) if where == f"{JUDGE}/{name}"]
+    return build(monkeypatch, JudgeSettings, env)
+
+
+def test_the_judge_renders_only_when_enabled(minimal, production, judge_model, judge_policy):
+    for docs in (minimal, production):
+        assert not [d for d in docs if "judge" in d["metadata"]["name"]]
+    for docs in (judge_model, judge_policy):
+        judge = {
+            (d["kind"], d["metadata"]["name"]) for d in docs if "judge" in d["metadata"]["name"]
+        }
+        assert judge == {
+            ("Deployment", JUDGE),
+            ("Service", JUDGE),
+            ("PodDisruptionBudget", JUDGE),
+            ("NetworkPolicy", JUDGE),
+        }
+        service = find(docs, "Service", JUDGE)["spec"]
+        assert service["selector"]["app.kubernetes.io/component"] == "judge"
+        assert service["ports"][0] == {
+            "name": "grpc",
+            "port": 50051,
+            "targetPort": "grpc",
+            "protocol": "TCP",
+            "appProtocol": "grpc",
+        }
+        assert find(docs, "Service", JUDGE)["metadata"]["labels"]["rlhf-platform/metrics"] == "true"
+    headless = render(*SECRET, "--set", "judge.enabled=true,judge.headlessService=true")
+    assert find(headless, "Service", f"{JUDGE}-headless")["spec"]["clusterIP"] == "None"
+
+
+def test_the_judge_of_its_own_model_runs_it_in_triton_with_its_settings(judge_model, monkeypatch):
+    spec = pod_specs(judge_model)[JUDGE]
+    assert [c["name"] for c in spec["initContainers"]] == ["model-repository"]
+    assert [c["name"] for c in spec["containers"]] == ["service", "triton"]
+    init, service, triton = (container(spec, n) for n in ("model-repository", "service", "triton"))
+    assert init["command"] == ["python", "-m", "services.judge", "repository"]
+    assert service["command"] == ["python", "-m", "services.judge"]
+    assert "--load-model=judge" in triton["args"]  # JudgeSettings.triton_model
+    # Its model costs a GPU, like the other model services' (production values: gpu.enabled).
+    assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu" not in service["resources"]["limits"]
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    repository = judge_settings(monkeypatch, judge_model, "model-repository")
+    assert str(repository.model_repository) == "/model-repository"
+    settings = judge_settings(monkeypatch, judge_model)
+    assert settings.mode == "model" and settings.policy_address == ""
+    assert str(settings.model_dir) == str(repository.model_dir) == "/models/judge"
+    assert (settings.device, settings.dtype) == ("gpu", "bfloat16")
+    assert settings.triton.url == "127.0.0.1:8001"
+    assert str(settings.rubric_file) == "services/judge/constitutions/v1.yaml"
+    assert (ROOT / settings.rubric_file).is_file()  # a path inside the image's /app
+    assert settings.publish is True
+    assert settings.publish_min_confidence == 0.5
+    assert settings.annotation_max_confidence == 0.2
+    assert (settings.grpc.port, settings.grpc.metrics_port) == (50051, 9090)
+    assert settings.kafka.bootstrap_servers.count(":9092") == 3
+    ports = [p["name"] for p in find(judge_model, "Service", JUDGE)["spec"]["ports"]]
+    assert ports == ["grpc", "metrics", "triton-metrics"]
+
+
+def test_the_judge_defaults_are_the_services_defaults(monkeypatch):
+    """Left at its values' defaults, the chart changes none of the judge's behaviour: the built-in
+    rubric (no RLHF_JUDGE_RUBRIC_FILE), nothing published, no annotation queue."""
+    docs = render(*SECRET, "--set", "judge.enabled=true")
+    env = env_of(container(pod_specs(docs)[JUDGE], "service"))
+    assert "RLHF_JUDGE_RUBRIC_FILE" not in env and "RLHF_JUDGE_POLICY_ADDRESS" not in env
+    settings = judge_settings(monkeypatch, docs)
+    defaults = build(monkeypatch, JudgeSettings, {})
+    assert settings.rubric_file == defaults.rubric_file
+    assert (settings.publish, settings.publish_min_confidence) == (False, 0.0)
+    assert settings.annotation_max_confidence == defaults.annotation_max_confidence == -1.0
+    assert (settings.device, settings.dtype) == ("cpu", "float32")
+
+
+def test_the_judge_through_the_policy_is_the_service_alone(judge_policy, monkeypatch):
+    """No model of its own: no init container, no Triton, no model-repository or shm volume, no
+    Triton metrics port; it asks the policy's headless Service and reads the policy's tokenizer."""
+    spec = pod_specs(judge_policy)[JUDGE]
+    assert "initContainers" not in spec
+    assert [c["name"] for c in spec["containers"]] == ["service"]
+    assert {v["name"] for v in spec["volumes"]} == {"tmp", "models"}
+    env = env_of(spec["containers"][0])
+    assert "RLHF_TRITON_URL" not in env
+    settings = judge_settings(monkeypatch, judge_policy)
+    assert settings.mode == "policy"
+    assert settings.policy_address == POLICY_HEADLESS
+    assert str(settings.model_dir) == "/models/policy"
+    ports = [p["name"] for p in find(judge_policy, "Service", JUDGE)["spec"]["ports"]]
+    assert ports == ["grpc", "metrics"]
+    # With GPUs on, the pod still asks for none and is not pinned to GPU nodes.
+    gpu = pod_specs(
+        render("-f", str(PRODUCTION), "--set", "judge.enabled=true,judge.throughPolicy=true")
+    )
+    assert "nvidia.com/gpu" not in gpu[JUDGE]["containers"][0]["resources"]["limits"]
+    assert "nodeSelector" not in gpu[JUDGE]
+    # Another release's PolicyService: its address as given, the tokenizer from judge.modelPath.
+    other = render(*SECRET, "--set", "judge.enabled=true,judge.policyAddress=policy.other:50051")
+    assert [c["name"] for c in pod_specs(other)[JUDGE]["containers"]] == ["service"]
+    settings = judge_settings(monkeypatch, other)
+    assert (settings.mode, settings.policy_address) == ("policy", "policy.other:50051")
+    assert str(settings.model_dir) == "/models/judge"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            ["--set", "judge.throughPolicy=true,judge.policyAddress=p:50051"],
+            "judge.throughPolicy (this release's policy) or judge.policyAddress",
+        ),
+        (
+            ["--set", "judge.throughPolicy=true,policy.enabled=false"],
+            "judge.throughPolicy needs policy.enabled=true",
+        ),
+        (["--set-json", "judge.publishMinConfidence=1"], "/judge/publishMinConfidence"),
+        (["--set", "judge.publishMinConfidence=0.5"], "/judge/publishMinConfidence"),  # a string
+        (["--set-json", "judge.annotationMaxConfidence=1.5"], "/judge/annotationMaxConfidence"),
+        (["--set", "judge.policyAddress=no-port"], "/judge/policyAddress"),
+        (["--set", "judge.modelPath=relative"], "/judge/modelPath"),
+        (["--set", "judge.extraEnv.PATH=/tmp"], "invalid propertyName 'PATH'"),
+    ],
+)
+def test_the_judge_values_are_refused_when_they_make_no_sense(override, message):
+    result = run(
+        ["helm", "template", "rlhf", str(CHART), "--kube-version", KUBE_VERSION, *SECRET]
+        + ["--set", "judge.enabled=true", *override],
+        check=False,
+    )
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+def test_the_topics_hook_creates_the_judges_topics(judge_model):
+    """The judge publishes AI labels to rlhf.preferences.v1 and unsure pairs to
+    rlhf.annotation-queue.v1; both come from the one table the hook's command ensures."""
+    job = find(judge_model, "Job", "rlhf-rlhf-platform-topics")
+    topics = container(job["spec"]["template"]["spec"], "topics")
+    assert topics["command"] == ["python", "-m", "services.cli", "topics", "ensure"]
+    names = {t.name for t in TOPICS}
+    assert {PREFERENCES, ANNOTATION_QUEUE} <= names
+    assert f"{ANNOTATION_QUEUE}.dlq" in names

@@ -1,7 +1,7 @@
 {{/*
 Shared pieces of the chart: names, labels, images, the settings every service reads, security
-contexts and volumes. A component is one of: policy reward reference rollout trainer gateway
-curator refresh topics kafka.
+contexts and volumes. A component is one of: policy reward reference judge rollout trainer
+gateway curator refresh topics kafka.
 */}}
 
 {{- define "rlhf.name" -}}
@@ -288,6 +288,29 @@ otherwise. Call with (dict "root" $ "component" "policy").
 {{- printf "%s-headless.%s.svc.cluster.local:%v" $name .root.Release.Namespace $port -}}
 {{- else -}}
 {{- printf "%s:%v" $name $port -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The PolicyService the judge asks for its verdicts (RLHF_JUDGE_POLICY_ADDRESS), empty when the
+judge runs its own model in its Triton sidecar (model mode): judge.policyAddress as given, or
+with judge.throughPolicy this release's policy (rlhf.modelServiceAddress). Only the judge has it;
+call with (dict "root" $ "component" "judge"). Setting both, or throughPolicy without the
+policy, is refused rather than guessed at.
+*/}}
+{{- define "rlhf.judgePolicyAddress" -}}
+{{- if eq .component "judge" -}}
+{{- $judge := .root.Values.judge -}}
+{{- if and $judge.throughPolicy $judge.policyAddress -}}
+{{- fail "judge: set judge.throughPolicy (this release's policy) or judge.policyAddress (another PolicyService), not both" -}}
+{{- else if $judge.throughPolicy -}}
+{{- if not .root.Values.policy.enabled -}}
+{{- fail "judge.throughPolicy needs policy.enabled=true (or name another PolicyService in judge.policyAddress)" -}}
+{{- end -}}
+{{- include "rlhf.modelServiceAddress" (dict "root" .root "component" "policy") -}}
+{{- else -}}
+{{- $judge.policyAddress -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 

@@ -4,7 +4,10 @@ flows (../../../../shared/DESIGN.md, "Services"): who calls whose gRPC port, who
 Everything a policy does not admit is refused, in both directions.
 
   rlhf.grpcFlows      "from>to" pairs: the callers of each gRPC service (gateway>reward only
-                      with gateway.bestOf.enabled: the gateway ranks best_of samples)
+                      with gateway.bestOf.enabled: the gateway ranks best_of samples;
+                      judge>policy only with judge.throughPolicy: the judge asks the policy).
+                      The judge's own callers are people and jobs outside the release
+                      (`rlhf label-ai --judge`, `rlhf eval --judge`): networkPolicy.judgeIngressFrom
   rlhf.kafkaClients   the components that produce to or consume from Kafka
   rlhf.networkPolicy  the NetworkPolicy of one component: (dict "root" $ "component" "policy"
                       "annotations" (dict ...))
@@ -13,10 +16,11 @@ Everything a policy does not admit is refused, in both directions.
 {{- define "rlhf.grpcFlows" -}}
 gateway>policy trainer>policy rollout>policy rollout>reward rollout>reference refresh>reward
 {{- if .Values.gateway.bestOf.enabled }} gateway>reward{{ end -}}
+{{- if .Values.judge.throughPolicy }} judge>policy{{ end -}}
 {{- end -}}
 
 {{- define "rlhf.kafkaClients" -}}
-policy gateway rollout trainer curator refresh topics
+policy gateway rollout trainer curator refresh topics judge
 {{- end -}}
 
 {{/* "true" when the component renders pods in this release, else "". */}}
@@ -40,6 +44,9 @@ policy gateway rollout trainer curator refresh topics
 {{- $ports := list -}}
 {{- if has .component (list "policy" "reward" "reference") -}}
 {{- $ports = list (index $v .component).metricsPort $v.triton.metricsPort -}}
+{{- else if eq .component "judge" -}}{{/* Triton's port only where it runs its own model */}}
+{{- $ports = list $v.judge.metricsPort -}}
+{{- if not (include "rlhf.judgePolicyAddress" .) }}{{ $ports = append $ports $v.triton.metricsPort }}{{ end -}}
 {{- else if eq .component "gateway" -}}
 {{- $ports = list $v.gateway.port -}}{{/* /metrics is on the HTTP port */}}
 {{- else if has .component (list "rollout" "trainer" "curator" "refresh") -}}
@@ -141,6 +148,16 @@ policy gateway rollout trainer curator refresh topics
 {{- $rule := dict "ports" (fromJsonArray (include "rlhf.tcpPorts" (list $v.gateway.port))) -}}
 {{- with $v.networkPolicy.ingressFrom }}{{ $_ := set $rule "from" . }}{{ end -}}
 {{- $ingress = append $ingress $rule -}}
+{{- end -}}
+{{- /* The judge's callers; and another release's PolicyService (judge.policyAddress), at any
+address on its port, as for external Kafka brokers. */ -}}
+{{- if eq $me "judge" -}}
+{{- $rule := dict "ports" (fromJsonArray (include "rlhf.tcpPorts" (list $v.judge.grpcPort))) -}}
+{{- with $v.networkPolicy.judgeIngressFrom }}{{ $_ := set $rule "from" . }}{{ end -}}
+{{- $ingress = append $ingress $rule -}}
+{{- with $v.judge.policyAddress -}}
+{{- $egress = append $egress (dict "ports" (fromJsonArray (include "rlhf.tcpPorts" (list (regexFind "[0-9]+$" . | int))))) -}}
+{{- end -}}
 {{- end -}}
 {{- /* Prometheus. */ -}}
 {{- $metrics := fromJsonArray (include "rlhf.metricsPorts" $ctx) -}}

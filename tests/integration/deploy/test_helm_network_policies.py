@@ -4,7 +4,8 @@ The rendered policies are evaluated the way Kubernetes does: a connection from p
 a port is allowed when A's egress allows it (or no policy of A's has Egress) and B's ingress
 allows it (or no policy of B's has Ingress). Each design flow must be allowed, and flows the
 design does not have (gateway -> reward, reward -> Kafka, ...) must be refused; gateway ->
-reward is admitted only when the gateway ranks best_of samples (gateway.bestOf.enabled). One test also
+reward is admitted only when the gateway ranks best_of samples (gateway.bestOf.enabled), and the
+judge -> policy only when the judge asks the policy (judge.throughPolicy). One test also
 reads the rules themselves (selectors, ports, direction), and the evaluator is checked against
 hand-made policies first.
 """
@@ -18,6 +19,7 @@ import pytest
 from tests.integration.test_helm_chart import (
     CHART,
     EXAMPLES,
+    JUDGE_MODEL,
     KUBE_VERSION,
     PRODUCTION,
     SECRET,
@@ -362,3 +364,99 @@ def test_strimzi_brokers_are_selected_by_their_cluster_label():
     assert allowed(policies, pod("curator"), broker, 9092)
     assert not allowed(policies, pod("curator"), other_cluster, 9092)
     assert not allowed(policies, pod("curator"), EXTERNAL_KAFKA, 9092)
+
+
+# The judge (judge.enabled): its callers are people and jobs outside the release (`rlhf label-ai
+# --judge`, `rlhf eval --judge`), admitted by networkPolicy.judgeIngressFrom.
+LABELLER = Endpoint("label-ai", {"app": "rlhf-label-ai"})
+STRANGER = Endpoint("stranger", {"app": "curl"})
+LABELLERS = [
+    "--set-json",
+    'networkPolicy.judgeIngressFrom=[{"podSelector": {"matchLabels": {"app": "rlhf-label-ai"}}}]',
+]
+THROUGH_POLICY = ["--set", "judge.enabled=true,judge.throughPolicy=true"]
+
+
+@pytest.fixture(scope="module")
+def judge_model() -> list[dict]:
+    """Production with the judge of its own model, reachable by the labelling jobs only."""
+    return policies_of(render("-f", str(PRODUCTION), *JUDGE_MODEL, *LABELLERS))
+
+
+@pytest.fixture(scope="module")
+def judge_policy() -> list[dict]:
+    """Production with the judge through the policy, open to every caller (the default)."""
+    return policies_of(render("-f", str(PRODUCTION), *THROUGH_POLICY))
+
+
+def test_the_judge_has_a_policy_and_reaches_kafka(judge_model, judge_policy):
+    for policies in (judge_model, judge_policy):
+        names = {p["metadata"]["name"] for p in policies}
+        assert names == {PREFIX + c for c in COMPONENTS + ("judge",)}
+        judge = find(policies, "NetworkPolicy", PREFIX + "judge")["spec"]
+        assert judge["policyTypes"] == ["Ingress", "Egress"]
+        assert allowed(policies, pod("judge"), EXTERNAL_KAFKA, 9092)  # AI labels, unsure pairs
+        assert not allowed(policies, pod("judge"), INTERNET, 443)
+        assert allowed(policies, pod("judge"), DNS, 53, "UDP")
+    # The local broker admits the judge among its clients.
+    dev = policies_of(
+        render(
+            "-f",
+            str(EXAMPLES["values-cpu-dev"]),
+            *SECRET,
+            *THROUGH_POLICY,
+            "--set",
+            "networkPolicy.enabled=true",
+        )
+    )
+    assert allowed(dev, pod("judge"), pod("kafka"), 9092)
+    assert not allowed(dev, pod("judge"), pod("kafka"), 9093)
+    assert allowed(dev, pod("judge"), pod("policy"), GRPC)
+
+
+def test_the_judge_reaches_the_policy_only_when_it_judges_through_it(judge_model, judge_policy):
+    assert allowed(judge_policy, pod("judge"), pod("policy"), GRPC)
+    assert not allowed(judge_policy, pod("judge"), pod("policy"), GRPC + 1)
+    assert not allowed(judge_model, pod("judge"), pod("policy"), GRPC)  # its own model
+    for policies in (judge_model, judge_policy):
+        for other in ("reward", "reference", "trainer"):
+            assert not allowed(policies, pod("judge"), pod(other), GRPC), other
+        # Nothing else in the design changed.
+        for src, dst in DESIGN_GRPC:
+            assert allowed(policies, pod(src), pod(dst), GRPC), f"{src} -> {dst}"
+        for src, dst in NOT_IN_THE_DESIGN:
+            assert not allowed(policies, pod(src), pod(dst), GRPC), f"{src} -> {dst} admitted"
+        # No pod of the release calls the judge: its callers are outside it.
+        for src in ("gateway", "rollout", "trainer", "reward"):
+            assert not allowed(policies, pod(src), pod("judge"), GRPC), src
+
+
+def test_the_judge_takes_callers_only_from_judge_ingress_from(judge_model, judge_policy):
+    assert allowed(judge_model, LABELLER, pod("judge"), GRPC)
+    assert not allowed(judge_model, LABELLER, pod("judge"), 8001)  # Triton's gRPC: loopback only
+    for stranger in (STRANGER, INTERNET, OTHER_NAMESPACE):
+        assert not allowed(judge_model, stranger, pod("judge"), GRPC), stranger.name
+    # Empty (the default): everyone reaches its gRPC port, and only that port.
+    for caller in (LABELLER, STRANGER, INTERNET):
+        assert allowed(judge_policy, caller, pod("judge"), GRPC), caller.name
+    assert not allowed(judge_policy, STRANGER, pod("judge"), 9090)  # metrics: metricsFrom
+
+
+def test_prometheus_scrapes_the_judge_and_its_triton_only_where_it_runs(judge_model, judge_policy):
+    for port in (9090, 8002):
+        assert allowed(judge_model, PROMETHEUS, pod("judge"), port), port
+        assert not allowed(judge_model, OTHER_NAMESPACE, pod("judge"), port), port
+    assert allowed(judge_policy, PROMETHEUS, pod("judge"), 9090)
+    assert not allowed(judge_policy, PROMETHEUS, pod("judge"), 8002)  # no Triton in its pod
+
+
+def test_the_judge_reaches_another_policy_service_on_its_port_only():
+    policies = policies_of(
+        render(
+            "-f", str(PRODUCTION), "--set", "judge.enabled=true,judge.policyAddress=policy.ml:50099"
+        )
+    )
+    other_policy = Endpoint("policy.ml", external=True)
+    assert allowed(policies, pod("judge"), other_policy, 50099)
+    assert not allowed(policies, pod("judge"), other_policy, 443)
+    assert not allowed(policies, pod("judge"), pod("policy"), GRPC)  # not this release's
