@@ -149,7 +149,7 @@ demo: setup models ## The main job: SFT, reward model from rankings, online RL w
 	$(PY) -m deploy.local demo --preset $(PRESET) --annotator $(ANNOTATOR) --algorithm $(ALGORITHM) --seed $(SEED)
 
 .PHONY: demo-cai
-demo-cai: setup models ## Constitutional AI on SmolLM2 (4-10 min on CPU): cai-sft data, rlhf sft, RLAIF labels by the constitution judge, win-rate over the base (SEED=)
+demo-cai: setup models ## Constitutional AI on SmolLM2 (10-35 min on CPU): cai-sft, rlhf sft, RLAIF labels, a reward model on them, GRPO, win-rates by the constitution judge (SEED=)
 	$(PY) -m deploy.local.cai_demo --seed $(SEED)
 
 .PHONY: up

@@ -1,4 +1,4 @@
-"""`make demo-cai`: Constitutional AI on SmolLM2-135M-Instruct, small enough for a CPU (~10 min).
+"""`make demo-cai`: Constitutional AI on SmolLM2-135M-Instruct, small enough for a CPU (10-35 min).
 
     python -m deploy.local.cai_demo [--seed 0] [--train-prompts 16] [--eval-prompts 12]
 
@@ -13,11 +13,15 @@
    constitution judge label the pairs, and the labels are published to rlhf.preferences.v1
    (source AI); the demo reads them back from Kafka.
 5. `rlhf sft` fine-tunes the base model on the revisions: the CAI-SFT policy.
-6. `rlhf eval --judge`: the CAI-SFT policy against the base on the held-out red-team prompts (the
-   rest of the file), every pair judged by the constitution judge (Compare, both orders): its
-   win-rate with the 95% Wilson interval; then the same answers (the answers cache) judged by
-   the `polite` rule beside it.
-7. The report goes to .local/demo-cai/report.json; every process stops.
+6. The RL stage: `rlhf train-reward` on the AI labels alone (the judge's preferred answer is
+   chosen; ties are left out), then online GRPO from the CAI-SFT policy against that reward model,
+   as in production: rollout worker -> policy, reward and reference services -> Kafka -> trainer
+   -> weight push (`--rl-steps` updates of `--rl-prompts-per-step` x `--rl-samples-per-prompt`).
+7. `rlhf eval --judge` on the held-out red-team prompts (the rest of the file), every pair judged
+   by the constitution judge (Compare, both orders), each with its win-rate and 95% Wilson
+   interval: the CAI-SFT policy against the base, then (the same answers, kept in the answers
+   cache) by the `polite` rule beside it, then the RL policy against CAI-SFT.
+8. The report goes to .local/demo-cai/report.json; every process stops.
 """
 
 from __future__ import annotations
@@ -32,8 +36,7 @@ from pathlib import Path
 import grpc
 
 from deploy.local.demo import Console, chat_prompt, read_jsonl, rlhf, write_jsonl
-from deploy.local.process import free_port
-from deploy.local.stack import REPO_ROOT, Stack
+from deploy.local.stack import REPO_ROOT, Stack, wait_for
 
 MODEL = REPO_ROOT / "models" / "smollm2-135m-instruct"
 RED_TEAM = REPO_ROOT / "deploy" / "local" / "data" / "red_team_prompts.jsonl"
@@ -44,23 +47,7 @@ EVAL_RULE = "services.common.annotator_rules:polite"
 
 def start_judge(stack: Stack, model_dir: Path) -> str:
     """The constitution judge as its own process, publishing to the stack's Kafka."""
-    port = free_port()
-    stack.ports["judge"] = port
-    stack.start(
-        "judge",
-        "services.judge",
-        {
-            "RLHF_JUDGE_MODEL_DIR": str(model_dir),
-            "RLHF_JUDGE_RUBRIC_FILE": str(CONSTITUTION),
-            "RLHF_JUDGE_MODEL_REPOSITORY": str(stack.repository),
-            "RLHF_JUDGE_DTYPE": stack.dtype,
-            "RLHF_JUDGE_GRPC_PORT": str(port),
-            "RLHF_JUDGE_GRPC_METRICS_PORT": str(free_port()),
-            # A batch of 16 pairs is 32 long prompts (constitution, question, two answers) through
-            # the judge's model: minutes on a busy CPU, more than an inference's default 60 s.
-            "RLHF_TRITON_TIMEOUT_S": "600",
-        },
-    )
+    stack.start_judge(model_dir, CONSTITUTION)
     stack.wait_serving(("judge",))
     return stack.address("judge")
 
@@ -121,7 +108,114 @@ def read_ai_labels(bootstrap: str, ids: set[str], timeout_s: float = 60) -> list
     return list(found.values())
 
 
-def run(seed: int, train_prompts: int, eval_prompts: int, max_new_tokens: int) -> dict:
+def ai_preference_rows(labels: list[dict]) -> list[dict]:
+    """The judge's verdicts as `train-reward` pairs (source ai): the answer it preferred is
+    chosen; a tie (P(A better) exactly 0.5) says nothing and is left out."""
+    rows = []
+    for label in labels:
+        p = label["p_a_better"]
+        if p == 0.5:
+            continue
+        chosen, rejected = (
+            (label["answer_a"], label["answer_b"])
+            if p > 0.5
+            else (label["answer_b"], label["answer_a"])
+        )
+        rows.append(
+            {"prompt": label["prompt"], "chosen": chosen, "rejected": rejected, "source": "ai"}
+        )
+    return rows
+
+
+def train_ai_reward_model(labels_file: Path, seed: int, report: dict) -> Path:
+    """`rlhf train-reward` on the constitution judge's labels alone (the RLAIF reward model)."""
+    rows = ai_preference_rows(read_jsonl(labels_file))
+    if len(rows) < 4:
+        raise RuntimeError(f"the judge made {len(rows)} non-tie labels; too few to train on")
+    data = write_jsonl(WORK / "rlaif-preferences.jsonl", rows)
+    out = WORK / "rlaif-reward-model"
+    summary = rlhf(
+        "train-reward",
+        ["--data", str(data), "--output", str(out)]
+        + ["--set", "epochs=3", "--set", "eval_fraction=0.25", "--set", f"seed={seed}"]
+        + ["--set", "overwrite=true"],
+        WORK / "train-reward.log",
+    )
+    m = summary["metrics"]
+    report["rlaif_reward_model"] = {
+        "pairs": len(rows),
+        "held_out_accuracy_before": m.get("eval/accuracy_before"),
+        "held_out_accuracy": m.get("eval/accuracy_after"),
+    }
+    return out
+
+
+def rl_stage(
+    stack: Stack,
+    sft_dir: Path,
+    reward_dir: Path,
+    prompts: list[dict],
+    seed: int,
+    options: argparse.Namespace,
+    report: dict,
+) -> Path:
+    """Online GRPO from the CAI-SFT policy against the RLAIF reward model, as in production
+    (rollout worker -> policy, reward, reference services -> Kafka -> trainer -> weight push);
+    returns the final policy's model folder."""
+    from deploy.local.demo import assemble_policy, trainer_updates
+
+    batch = options.rl_prompts_per_step * options.rl_samples_per_prompt
+    stack.start_policy(sft_dir)
+    stack.start_reward(reward_dir, WORK / "reward-versions")
+    stack.start_reference(sft_dir)
+    stack.wait_serving(("policy", "reward", "reference"))
+    stack.start_trainer(
+        sft_dir, "grpo", batch, options.rl_steps, {"seed": seed, "lr": 3e-5, "kl_coef": 0.05}
+    )
+    dataset = write_jsonl(
+        WORK / "rl-prompts.jsonl",
+        [{"messages": [{"role": "user", "content": r["prompt"]}]} for r in prompts],
+    )
+    stack.start_rollout(
+        dataset,
+        options.rl_samples_per_prompt,
+        options.rl_prompts_per_step,
+        options.max_new_tokens,
+        batch * options.rl_steps,
+        seed=seed,
+        max_staleness=1,
+    )
+    trainer = stack.daemons["trainer"]
+    metrics_log = stack.state / "trainer" / "metrics.jsonl"
+    wait_for(lambda: trainer.pid is None, 3600, 2.0, "the trainer's last update")
+    updates = trainer_updates(metrics_log)
+    if len(updates) < options.rl_steps:
+        raise RuntimeError(
+            f"the trainer stopped after {len(updates)} of {options.rl_steps} updates; "
+            f"see {trainer.log_file}"
+        )
+    report["rl"] = {
+        "algorithm": "grpo",
+        "batch": batch,
+        "steps": [
+            {
+                "step": u.get("step"),
+                "weights_version": u.get("weights_version"),
+                "reward_mean": u.get("reward/mean"),
+                "kl": u.get("kl/behaviour_ref_k1"),
+            }
+            for u in updates
+        ],
+    }
+    for name in ("rollout", "trainer", "reference", "reward", "policy"):
+        stack.stop(name)  # the judge stays for the evaluation
+    weights = max((stack.state / "trainer" / "weights").glob("v*"))
+    return assemble_policy(sft_dir, weights, WORK / "final")
+
+
+def run(options: argparse.Namespace) -> dict:
+    seed, train_prompts = options.seed, options.train_prompts
+    eval_prompts, max_new_tokens = options.eval_prompts, options.max_new_tokens
     console = Console()
     if not (MODEL / "model.safetensors").is_file():
         raise SystemExit(f"{MODEL} is missing: run `make models` first")
@@ -206,15 +300,26 @@ def run(seed: int, train_prompts: int, eval_prompts: int, max_new_tokens: int) -
         )
         report["sft"] = summary["metrics"]
 
-        # 6. Evaluation on held-out red-team prompts: by the constitution judge, then (the same
+        # 6. The RL stage: a reward model on the AI labels, then online GRPO against it.
+        console.stage("6. rlhf train-reward on the AI labels, then online GRPO from CAI-SFT")
+        rm_dir = train_ai_reward_model(WORK / "labels.jsonl", seed, report)
+        final_dir = rl_stage(stack, cai_model, rm_dir, rows[:train_prompts], seed, options, report)
+        console.line(
+            f"{len(report['rl']['steps'])} GRPO updates: reward "
+            + " -> ".join(f"{s['reward_mean']:+.3f}" for s in report["rl"]["steps"])
+            + f"; KL to CAI-SFT {report['rl']['steps'][-1]['kl']:.4f}"
+        )
+
+        # 7. Evaluation on held-out red-team prompts: by the constitution judge, then (the same
         #    answers, kept in the answers cache) by the polite rule.
-        console.stage(f"6. rlhf eval on {eval_prompts} held-out prompts, constitution judge")
-        common = (
-            ["--candidate", str(cai_model), "--baseline", str(MODEL), "--data", str(held_out)]
-            + ["--annotator", EVAL_RULE, "--set", f"answers_cache={WORK / 'answers-cache'}"]
+        console.stage(f"7. rlhf eval on {eval_prompts} held-out prompts, constitution judge")
+        shared = (
+            ["--data", str(held_out), "--annotator", EVAL_RULE]
+            + ["--set", f"answers_cache={WORK / 'answers-cache'}"]
             + ["--set", f"max_new_tokens={max_new_tokens}", "--set", f"seed={seed}"]
             + ["--set", f"examples={eval_prompts}", "--set", "overwrite=true"]
         )
+        common = ["--candidate", str(cai_model), "--baseline", str(MODEL), *shared]
         judged = rlhf(
             "eval",
             [*common, "--judge", judge, "--output", str(WORK / "eval-judge")],
@@ -224,6 +329,21 @@ def run(seed: int, train_prompts: int, eval_prompts: int, max_new_tokens: int) -
         report["eval_polite_rule"] = evaluated["metrics"]
         judge_summary = json.loads((WORK / "eval-judge" / "eval.json").read_text())["judge"]
         report["eval_constitution_judge"] = {**judged["metrics"], **judge_summary}
+        rl_vs_sft = rlhf(
+            "eval",
+            ["--candidate", str(final_dir), "--baseline", str(cai_model), *shared]
+            + ["--reference", str(cai_model), "--judge", judge]
+            + ["--output", str(WORK / "eval-rl-judge")],
+            WORK / "eval-rl-judge.log",
+        )
+        rl_judge = json.loads((WORK / "eval-rl-judge" / "eval.json").read_text())["judge"]
+        report["eval_rl_vs_cai_sft"] = {**rl_vs_sft["metrics"], **rl_judge}
+        r = report["eval_rl_vs_cai_sft"]
+        console.line(
+            f"win-rate of RL (from CAI-SFT, on the AI-label reward model) over CAI-SFT, "
+            f"constitution judge: {r['win_rate']:.3f} [{r['win_rate_ci_low']:.3f}, "
+            f"{r['win_rate_ci_high']:.3f}] ({r['wins']}W {r['losses']}L {r['ties']}T)"
+        )
         j = report["eval_constitution_judge"]
         console.line(
             f"win-rate of CAI-SFT over the base, constitution judge: {j['win_rate']:.3f} "
@@ -246,8 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-prompts", type=int, default=16)
     parser.add_argument("--eval-prompts", type=int, default=12)
     parser.add_argument("--max-new-tokens", type=int, default=40)
-    options = parser.parse_args(argv)
-    run(options.seed, options.train_prompts, options.eval_prompts, options.max_new_tokens)
+    parser.add_argument("--rl-steps", type=int, default=2, help="GRPO updates of the RL stage")
+    parser.add_argument("--rl-prompts-per-step", type=int, default=4)
+    parser.add_argument("--rl-samples-per-prompt", type=int, default=4)
+    run(parser.parse_args(argv))
     return 0
 
 

@@ -1,7 +1,8 @@
 """`make up` / `make down`: the whole platform on this machine, left running for a person to try.
 
-    make up      # broker, Triton, policy/reward/reference services, gateway, curator, refresh,
-                 # rollout worker and trainer; prints the chat page, the OpenAI base URL and key
+    make up      # broker, Triton, policy/reward/reference/judge services, gateway, curator,
+                 # refresh, rollout worker and trainer; prints the chat page, the OpenAI base URL
+                 # and key, and the judge's address (`rlhf label-ai --judge ADDRESS`)
     make down    # stops all of it
 
 It serves the models the last `make demo` trained (models/demo/sft and models/demo/reward, kept
@@ -58,6 +59,12 @@ def up(argv: list[str] | None = None) -> int:
         stack.start_reward(reward, state / "reward-versions")
         stack.start_reference(sft)
         stack.wait_serving(("policy", "reward", "reference"))
+        # The judge labels through the policy's own model (no second copy in memory); its AI
+        # labels and unsure pairs go to Kafka like every other preference.
+        stack.start_judge(
+            sft, policy_address=stack.address("policy"), annotation_max_confidence=0.2
+        )
+        stack.wait_serving(("judge",))
         stack.start_gateway()
         stack.start_curator()
         stack.start_refresh(reward, state / "reward-versions", **preset.refresh)
@@ -87,6 +94,7 @@ def up(argv: list[str] | None = None) -> int:
         "chat page": f"{stack.gateway_url}/",
         "OpenAI base URL": f"{stack.gateway_url}/v1",
         "API key": stack.api_key,
+        "judge (gRPC JudgeService)": stack.address("judge"),
         "metrics": {
             n: f"http://127.0.0.1:{p}/metrics"
             for n, p in stack.ports.items()

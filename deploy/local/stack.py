@@ -181,6 +181,33 @@ class Stack:
             },
         )
 
+    def start_judge(
+        self, model_dir: Path, rubric_file: Path | None = None, policy_address: str = "", **settings
+    ) -> Daemon:
+        """The JudgeService, publishing AI labels to this stack's Kafka: its own copy of
+        `model_dir` in Triton, or (`policy_address` set) the running policy's model, which then
+        costs no memory of its own; `settings` are JudgeSettings fields."""
+        extra = {f"RLHF_JUDGE_{k.upper()}": str(v) for k, v in settings.items()}
+        if rubric_file is not None:
+            extra["RLHF_JUDGE_RUBRIC_FILE"] = str(rubric_file)
+        if policy_address:
+            extra["RLHF_JUDGE_POLICY_ADDRESS"] = policy_address
+        return self.start(
+            "judge",
+            "services.judge",
+            {
+                "RLHF_JUDGE_MODEL_DIR": str(model_dir),
+                "RLHF_JUDGE_MODEL_REPOSITORY": str(self.repository),
+                "RLHF_JUDGE_DTYPE": self.dtype,
+                "RLHF_JUDGE_GRPC_PORT": str(self._port("judge")),
+                "RLHF_JUDGE_GRPC_METRICS_PORT": str(self._port("judge-metrics")),
+                # A batch of 16 pairs is 32 long prompts (rubric, question, two answers) through
+                # the judge's model: minutes on a busy CPU, more than an inference's default 60 s.
+                "RLHF_TRITON_TIMEOUT_S": "600",
+                **extra,
+            },
+        )
+
     def wait_serving(self, names: tuple[str, ...], timeout_s: float = 900) -> None:
         for name in names:
             self.daemons[name].wait_ready(

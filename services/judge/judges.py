@@ -27,11 +27,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
-import grpc
 import numpy as np
 import tritonclient.grpc as grpcclient
 
 from services.common.annotator import Annotator, load_annotator
+from services.common.channels import client_channel
 from services.common.models import load_tokenizer
 from services.common.triton_client import connect, make_inputs
 from services.genproto.rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
@@ -172,15 +172,20 @@ class PolicyJudge:
         self.rubric = load_rubric(settings.rubric_file)
         # The tokenizer of the policy's model folder (no weights): the letters' token ids.
         self.letters = letter_token_ids(load_tokenizer(settings.model_dir))
-        self.channel = grpc.insecure_channel(
+        # TLS when this process's client TLS settings say so, like every other gRPC client.
+        self.channel = client_channel(
             settings.policy_address.removeprefix("grpc://"),
             options=[("grpc.max_receive_message_length", 64 << 20)],
         )
         self.stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
+        # wait_for_ready: a judge started beside its policy waits for it to listen instead of
+        # failing its start (and, on Kubernetes, restarting until the policy is up).
         self.name = (
             settings.judge_name
             or self.stub.GetModelInfo(
-                policy_pb2.GetModelInfoRequest(), timeout=settings.triton.timeout_s
+                policy_pb2.GetModelInfoRequest(),
+                timeout=settings.triton.timeout_s,
+                wait_for_ready=True,
             ).model
         )
 

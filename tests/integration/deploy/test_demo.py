@@ -13,11 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import openai
 import pytest
 
 from deploy.local.report import FIGURES, REQUIRED_KEYS, check_report
 from deploy.local.stack import Stack
+from services.genproto.rlhf.v1 import common_pb2, judge_pb2, judge_pb2_grpc
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -140,6 +142,7 @@ def test_quick_demo_runs_every_stage_writes_the_report_and_stops_everything(run_
             "policy",
             "reward",
             "reference",
+            "judge",
             "gateway",
             "curator",
             "refresh",
@@ -155,6 +158,27 @@ def test_quick_demo_runs_every_stage_writes_the_report_and_stops_everything(run_
             max_tokens=16,
         )
         assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
+        # The judge answers through the policy's model: both orders asked, a verdict in (0, 1).
+        judge = judge_pb2_grpc.JudgeServiceStub(
+            grpc.insecure_channel(urls["judge (gRPC JudgeService)"])
+        )
+        info = judge.GetJudgeInfo(judge_pb2.GetJudgeInfoRequest(), timeout=30)
+        assert info.mode == "policy"
+        verdict = judge.Compare(
+            judge_pb2.CompareRequest(
+                pairs=[
+                    judge_pb2.JudgedPair(
+                        prompt=common_pb2.Prompt(text="What is a prime number?"),
+                        answer_a="A whole number above 1 divisible only by 1 and itself.",
+                        answer_b="banana",
+                    )
+                ]
+            ),
+            timeout=300,
+        ).verdicts[0]
+        assert 0 < verdict.p_a_first < 1 and 0 < verdict.p_b_first < 1
+        combined = (verdict.p_a_first + 1 - verdict.p_b_first) / 2
+        assert verdict.p_a_better == pytest.approx(combined, abs=1e-6)
     finally:
         down = subprocess.run(
             [sys.executable, "-m", "deploy.local", "platform-down", "--state", str(platform)],
