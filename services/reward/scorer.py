@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from services.common.annotator import load_annotator
 from services.common.rpc import Aborted
 from services.common.triton_client import connect, infer, make_inputs
 from services.reward.settings import RewardSettings
@@ -131,3 +132,37 @@ class RewardScorer:
 
     def close(self) -> None:
         self.client.close()
+
+
+class RuleScorer:
+    """RewardScorer's interface over a rule (`RewardSettings.annotator`) instead of a model: one
+    head, spread 0, the configured version; nothing to reload."""
+
+    def __init__(self, settings: RewardSettings):
+        self.settings = settings
+        self.annotator = load_annotator(settings.annotator)
+
+    def score(self, prompts: list[str], responses: list[str], timeout_s: float) -> ScoredBatch:
+        # A rule that returns no finite number raises AnnotatorError: INTERNAL, the rule's fault.
+        scores = np.array(
+            [self.annotator.score(p, r) for p, r in zip(prompts, responses)], np.float32
+        )
+        return ScoredBatch(
+            scores=scores,
+            spreads=np.zeros_like(scores),
+            members=scores[:, None].copy(),
+            version=self.settings.model_version,
+            model_batch_sizes=[len(prompts)],
+        )
+
+    def reload(
+        self, version: int, path: str, file_sha256: dict[str, str], timeout_s: float = 300.0
+    ) -> ReloadResult:
+        return ReloadResult(
+            False,
+            self.settings.model_version,
+            f"a rule reward ({self.annotator.name}) has no model",
+        )
+
+    def close(self) -> None:
+        pass

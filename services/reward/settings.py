@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ModelServiceSettings
@@ -47,3 +47,21 @@ class RewardSettings(ModelServiceSettings):
     follow_interval_s: float = Field(
         10.0, gt=0, description="How often the service re-reads versions_root/CURRENT."
     )
+    model_dir: Path | None = Field(
+        None,
+        description="Hugging Face folder of the reward model served at start (required unless "
+        "`annotator` is set).",
+    )
+    annotator: str = Field(
+        "",
+        description="A rule reward, `module:function` scoring (prompt, response) "
+        "(services/common/annotator.py): verifiable rewards (a test passes, an answer matches), "
+        "or a benchmark's in-process rule. Set, no model is loaded, Triton is not used, "
+        "ReloadModel is refused, and every score names version `model_version`.",
+    )
+
+    @model_validator(mode="after")
+    def _a_model_or_a_rule(self) -> RewardSettings:
+        if self.model_dir is None and not self.annotator:
+            raise ValueError("set RLHF_REWARD_MODEL_DIR (a reward model) or RLHF_REWARD_ANNOTATOR")
+        return self
