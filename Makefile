@@ -124,6 +124,10 @@ helm-check: setup ## Lint the Helm chart, render it, validate every manifest off
 bench: setup models ## Run the benchmarks; results as JSON under bench/results/ plus a table
 	$(PY) -m bench.run
 
+.PHONY: gpu-check
+gpu-check: setup models ## The GPU path on one CUDA machine (<10 min): services in bf16, TRL on the GPU; bench/results/gpu_check.json (ARGS=--dry-run on a CPU)
+	PYTHON=$(PY) bench/gpu_check.sh $(ARGS)
+
 .PHONY: chaos
 chaos: setup models ## Fault injection (trainer/replica/Triton kill -9, broker outage, bad weights, full disk, poison records): table + bench/results/chaos.json
 	$(PY) -m bench.chaos

@@ -6,6 +6,8 @@ and number of optimizer steps.
     python -m bench.trainer_vs_trl            # writes bench/results/trainer_vs_trl.json
     python -m bench.trainer_vs_trl --quick    # a smaller CPU run (a few minutes)
     python -m bench.trainer_vs_trl --dry-run  # checks the arguments and that every piece imports
+    python -m bench.trainer_vs_trl --parts overlap   # one part; the file keeps the other's figures
+    python -m bench.trainer_vs_trl --device cuda     # both sides on the GPU (bench/gpu_check.sh)
 
 Each repeat runs each side in a fresh process (ours and TRL alternate, so the noise of the
 shared machine falls on both), which reports its own peak RSS. Per side and step:
@@ -22,8 +24,12 @@ side's best repeat (see `summarise`; medians and per-repeat ratios are recorded 
 same ratio in CPU seconds (`learner_cpu_ratio_vs_trl`), which the shared machine inflates less.
 TRL's gradient checkpointing (on in its GRPOConfig defaults) is off, as ours is: the same
 forward, backward and optimizer step. `--profile` runs ours once with cProfile over its updates.
-`ratio_vs_trl` (the deployed pipeline over TRL end to end) is not measured by this module yet;
-TRL's end-to-end samples/s, its baseline, is recorded.
+Part `overlap` (bench/overlap.py): `overlap_gain`, samples/s with the generator making the next
+batch beside the update (max_staleness `overlap_staleness`) over strict alternation.
+PPO: TRL's PPO trainer is compared where TRL still ships one; `ppo_vs_trl_missing` says whether
+it does. Part `pipeline` (bench/pipeline.py): `ratio_vs_trl`, the deployed pipeline's samples/s
+(deploy/local/stack.py's processes, the reward service scoring with the same rule in process)
+over TRL's end to end, rounds of one run each alternating (`measure_pipeline`).
 """
 
 from __future__ import annotations
@@ -39,8 +45,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+from bench.memory import ROLE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 SIDES = ("ours", "trl")
@@ -82,6 +91,28 @@ class BenchConfig:
     """An experiment on our side only: `deployed` is the trainer's learner as it ships; `fused`
     swaps its AdamW for torch's fused kernel (TRL's default through transformers), same
     hyperparameters, to measure what that one change is worth. Headlines use `deployed`."""
+    device: str = "cpu"
+    """Torch device of both sides: `cpu`, or `cuda` / `cuda:N` (bench/gpu_check.sh). On CUDA
+    both keep float32 master weights and compute under bf16 autocast (ours: the learner's `auto`
+    dtype; TRL: `bf16=True`)."""
+    overlap_steps: int = 4
+    """Optimizer steps of each overlap run (`--parts overlap`), the first one a warm-up."""
+    overlap_repeats: int = 2
+    """Runs of each overlap mode (alternating, overlapped), interleaved."""
+    overlap_staleness: int = 1
+    """max_staleness of the overlapped mode (0 is strict alternation, the baseline)."""
+    overlap_threads: int = 1
+    """torch threads of each of the two overlap processes, in both modes: the local stack gives
+    every service half the cores (1 here), since oversubscribed OpenMP pools spin."""
+    pipeline_repeats: int = 1
+    """Rounds of part `pipeline`: each one TRL run and one run of the deployed pipeline, the
+    order alternating between rounds."""
+    pipeline_staleness: int = 1
+    """max_staleness of the pipeline's rollout worker (as `make demo` runs it): the next batch
+    is made while the trainer updates."""
+    pipeline_threads: int = 1
+    """torch/OpenMP threads of every pipeline process (Stack(threads=...)): half the cores here,
+    as deploy/local gives each service."""
 
     @property
     def batch(self) -> int:
@@ -100,6 +131,20 @@ class BenchConfig:
             raise ValueError(
                 f"ours_optimizer must be deployed or fused, got {self.ours_optimizer!r}"
             )
+        if self.device != "cpu" and not self.device.split(":")[0] == "cuda":
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.overlap_steps < 2 or self.overlap_repeats < 1 or self.overlap_staleness < 1:
+            raise ValueError(
+                "overlap_steps must be >= 2, overlap_repeats >= 1 and overlap_staleness >= 1, got "
+                f"{self.overlap_steps}, {self.overlap_repeats}, {self.overlap_staleness}"
+            )
+        if self.overlap_threads < 1:
+            raise ValueError(f"overlap_threads must be >= 1, got {self.overlap_threads}")
+        for name in ("pipeline_repeats", "pipeline_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.pipeline_staleness < 0:
+            raise ValueError(f"pipeline_staleness must be >= 0, got {self.pipeline_staleness}")
         if not self.beta >= 0 or not self.lr > 0:
             raise ValueError(f"beta must be >= 0 and lr > 0, got {self.beta}, {self.lr}")
         if not (Path(self.model_dir) / "config.json").is_file():
@@ -114,6 +159,7 @@ class BenchConfig:
 
 
 QUICK = {"prompts_per_step": 2, "max_new_tokens": 32, "steps": 3, "repeats": 3}
+PARTS = ("trl", "overlap", "pipeline")
 
 
 def load_prompts(path: str) -> list[str]:
@@ -126,6 +172,24 @@ def load_prompts(path: str) -> list[str]:
 def peak_rss_mb() -> float:
     """Peak resident set of this process (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_figures(device: str) -> dict:
+    """This process's peak RSS, and on CUDA the peak of what torch allocated on the device."""
+    figures = {"peak_rss_mb": peak_rss_mb()}
+    if device != "cpu":
+        import torch
+
+        figures["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return figures
+
+
+def sync(device: str) -> None:
+    """Waits for queued CUDA kernels, so that a clock read after it has timed them."""
+    if device != "cpu":
+        import torch
+
+        torch.cuda.synchronize()
 
 
 # ---- the two sides, each run in its own process ---------------------------------------------
@@ -150,7 +214,13 @@ def run_ours(config: BenchConfig, profile: bool = False) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
     annotator = load_annotator(config.reward_rule)
     learner = Learner(
-        LearnerConfig(algorithm="grpo", lr=config.lr, kl_coef=config.beta, seed=config.seed),
+        LearnerConfig(
+            algorithm="grpo",
+            lr=config.lr,
+            kl_coef=config.beta,
+            seed=config.seed,
+            device=config.device,
+        ),
         config.model_dir,
     )
     if config.ours_optimizer == "fused":
@@ -163,7 +233,7 @@ def run_ours(config: BenchConfig, profile: bool = False) -> dict:
             fused=True,
         )
         learner.scheduler = torch.optim.lr_scheduler.LambdaLR(learner.optimizer, lambda _: 1.0)
-    reference = load_causal_lm(Path(config.model_dir), torch.device("cpu"), torch.float32)
+    reference = load_causal_lm(Path(config.model_dir), torch.device(config.device), torch.float32)
     prompts = load_prompts(config.prompts)
     steps, profiler = [], cProfile.Profile()
     for step in range(config.steps):
@@ -196,11 +266,13 @@ def run_ours(config: BenchConfig, profile: bool = False) -> dict:
             seed=config.seed * 1000 + step,
             group_prefix=f"s{step}-",
         )
+        sync(config.device)
         generated, generated_cpu = time.perf_counter(), time.process_time()
         # 2. the update
         if profile and step > 0:
             profiler.enable()
         metrics = learner.step(samples)
+        sync(config.device)
         updated, updated_cpu = time.perf_counter(), time.process_time()
         profiler.disable()
         steps.append(
@@ -216,7 +288,7 @@ def run_ours(config: BenchConfig, profile: bool = False) -> dict:
         )
     adam = learner.optimizer
     kind = "fused" if adam.defaults.get("fused") else "not fused"
-    result = {"steps": steps, "peak_rss_mb": peak_rss_mb(), "optimizer": f"AdamW ({kind})"}
+    result = {"steps": steps, **memory_figures(config.device), "optimizer": f"AdamW ({kind})"}
     if profile:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
@@ -251,8 +323,10 @@ def run_trl(config: BenchConfig) -> dict:
         """Times step 1 (generate, score, reference log-probs) of every optimizer step."""
 
         def _generate_and_score_completions(self, inputs):
+            sync(config.device)
             started, started_cpu = time.perf_counter(), time.process_time()
             out = super()._generate_and_score_completions(inputs)
+            sync(config.device)
             steps[-1]["generate_s"] += time.perf_counter() - started
             steps[-1]["generate_cpu_s"] += time.process_time() - started_cpu
             steps[-1]["samples"] += int(out["completion_ids"].shape[0])
@@ -261,12 +335,14 @@ def run_trl(config: BenchConfig) -> dict:
 
     class StepClock(TrainerCallback):
         def on_step_begin(self, args, state, control, **_):
+            sync(config.device)
             steps.append(
                 {"generate_s": 0.0, "generate_cpu_s": 0.0, "samples": 0, "response_tokens": 0}
             )
             steps[-1]["started"] = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **_):
+            sync(config.device)
             record = steps[-1]
             wall, cpu = record.pop("started")
             record["step_s"] = time.perf_counter() - wall
@@ -287,8 +363,8 @@ def run_trl(config: BenchConfig) -> dict:
             temperature=1.0,
             shuffle_dataset=False,
             seed=config.seed,
-            use_cpu=True,
-            bf16=False,
+            use_cpu=config.device == "cpu",
+            bf16=config.device != "cpu",
             model_init_kwargs={"dtype": torch.float32},
             logging_steps=10**6,
             save_strategy="no",
@@ -307,7 +383,7 @@ def run_trl(config: BenchConfig) -> dict:
         trainer.train()
     return {
         "steps": steps,
-        "peak_rss_mb": peak_rss_mb(),
+        **memory_figures(config.device),
         "trl_version": trl.__version__,
         "optimizer": str(trainer.args.optim),
     }
@@ -388,14 +464,15 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
 # ---- orchestration --------------------------------------------------------------------------
 
 
-def run_side(side: str, config: BenchConfig, timeout_s: float) -> dict:
+def run_side(side: str, config: BenchConfig, timeout_s: float, staleness: int = 0) -> dict:
     """One run of `side` in a fresh interpreter; its last stdout line is its JSON result."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env[ROLE_ENV] = f"trainer_vs_trl {side}"  # its peak RSS entry (bench/memory.py)
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "bench.trainer_vs_trl", "--worker", side,
-         "--config", json.dumps(dataclasses.asdict(config))],
+         "--staleness", str(staleness), "--config", json.dumps(dataclasses.asdict(config))],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s, check=False,
     )  # fmt: skip
     if done.returncode != 0:
@@ -405,18 +482,63 @@ def run_side(side: str, config: BenchConfig, timeout_s: float) -> dict:
     return result
 
 
+def trl_ppo_trainer() -> str | None:
+    """Where this TRL ships a PPO trainer, if anywhere (it moved to trl.experimental before)."""
+    import importlib.util
+
+    import trl
+
+    if hasattr(trl, "PPOTrainer"):
+        return "trl.PPOTrainer"
+    for module in ("trl.experimental.ppo", "trl.trainer.ppo_trainer"):
+        with warnings.catch_warnings():
+            # Looking inside trl.experimental imports it, which warns that it is experimental.
+            warnings.simplefilter("ignore")
+            try:
+                if importlib.util.find_spec(module) is not None:
+                    return module
+            except ModuleNotFoundError:
+                continue
+    return None
+
+
+def ppo_figures() -> dict:
+    import trl
+
+    where = trl_ppo_trainer()
+    reason = (
+        f"TRL {trl.__version__} ships a PPO trainer ({where}), but this bench does not run it yet"
+        if where
+        else f"TRL {trl.__version__} ships no PPO trainer: no trl.PPOTrainer, no "
+        "trl.experimental.ppo (its on-policy trainers are GRPOTrainer and RLOOTrainer)"
+    )
+    return {"ppo_vs_trl": None, "ppo_vs_trl_missing": reason, "trl_ppo_trainer": where}
+
+
+# What a result says where part `pipeline` has never run into it.
+PIPELINE_MISSING = "not measured: run `python -m bench.trainer_vs_trl --parts pipeline`"
+
+
 def check_pieces(config: BenchConfig) -> dict:
     """What --dry-run checks: the config is valid and both sides' code imports."""
     import trl
     from trl import GRPOConfig, GRPOTrainer  # noqa: F401
 
+    from bench.overlap import run_overlap  # noqa: F401
+    from bench.pipeline import run_pipeline  # noqa: F401
+    from deploy.local.stack import Stack  # noqa: F401
     from services.common.annotator import load_annotator
     from services.trainer.learner import Learner  # noqa: F401
     from tests.support.rollouts import sample_rollouts  # noqa: F401
 
     config.validate()
     load_annotator(config.reward_rule)
-    return {"config": dataclasses.asdict(config), "trl_version": trl.__version__, "ok": True}
+    return {
+        "config": dataclasses.asdict(config),
+        "trl_version": trl.__version__,
+        "trl_ppo_trainer": trl_ppo_trainer(),
+        "ok": True,
+    }
 
 
 def truth(value: str) -> bool:
@@ -436,7 +558,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, BenchConfig]
     parser.add_argument(
         "--profile", action="store_true", help="one run of ours, cProfile of its updates"
     )
-    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help="what to measure: trl (the comparison), overlap, pipeline; a run of some parts keeps the "
+        "others' figures from the existing result",
+    )
+    parser.add_argument("--worker", choices=(*SIDES, "overlap"), help=argparse.SUPPRESS)
+    parser.add_argument("--staleness", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     for field in dataclasses.fields(BenchConfig):
         kind = type(field.default)
@@ -454,28 +583,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, BenchConfig]
     return args, BenchConfig(**values)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, config = parse_args(argv)
-    try:
-        config.validate()
-    except ValueError as err:
-        print(f"trainer_vs_trl: {err}", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        print(json.dumps(check_pieces(config)))
-        return 0
-    if args.profile:
-        result = run_ours(config, profile=True)
-        print(result.pop("profile_top_tottime"))
-        print(json.dumps(result))
-        return 0
-    if args.worker:
-        result = run_ours(config) if args.worker == "ours" else run_trl(config)
-        print(json.dumps(result))
-        return 0
-
-    from bench.run import write_result
-
+def compare_with_trl(config: BenchConfig) -> dict:
+    """The repeats of both sides, alternating; the figures of `summarise` and every raw run."""
     started = time.perf_counter()
     runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     for repeat in range(config.repeats):
@@ -491,25 +600,183 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-    result = {
+    return {
         **summarise(runs),
-        "ratio_vs_trl": None,
-        "ratio_vs_trl_missing": "the deployed pipeline (rollout -> Triton services -> Kafka -> "
-        "trainer -> push) against TRL end to end is not measured yet; see bench/NOTES.md",
         "trl_version": runs["trl"][0]["trl_version"],
-        "config": {**dataclasses.asdict(config), "batch": config.batch, "quick": args.quick},
-        "peak_rss_mb": {side: [r["peak_rss_mb"] for r in runs[side]] for side in SIDES},
+        "peak_rss_mb_per_run": {side: [r["peak_rss_mb"] for r in runs[side]] for side in SIDES},
         "raw_runs": runs,
-        "bench_wall_s": time.perf_counter() - started,
-        "measured_at": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
-        "cpu_count": os.cpu_count(),
-        "machine_note": "2-core CPU shared with other engineers' test runs during the "
-        "measurement: absolute times are noisy; the sides alternate so noise falls on both",
+        "trl_measured_at": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
+        "trl_bench_wall_s": time.perf_counter() - started,
     }
-    path = write_result("trainer_vs_trl", result, args.out)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("raw_runs", "sides")}, indent=2))
+
+
+def measure_overlap(config: BenchConfig) -> dict:
+    """Alternating (max_staleness 0) and overlapped runs, interleaved (bench/overlap.py)."""
+    from bench.overlap import overlap_summary
+
+    started = time.perf_counter()
+    modes = (0, config.overlap_staleness)
+    runs: dict[int, list[dict]] = {mode: [] for mode in modes}
+    for repeat in range(config.overlap_repeats):
+        for mode in modes if repeat % 2 == 0 else reversed(modes):
+            print(
+                f">> overlap max_staleness={mode} run {repeat + 1}/{config.overlap_repeats}",
+                file=sys.stderr,
+                flush=True,
+            )
+            runs[mode].append(run_side("overlap", config, timeout_s=1800, staleness=mode))
+            run = runs[mode][-1]
+            print(
+                f"   {run['samples_per_s']:.3f} samples/s, staleness {run['staleness']}",
+                file=sys.stderr,
+                flush=True,
+            )
+    return {
+        **overlap_summary(runs, config.overlap_staleness),
+        "overlap_raw_runs": {f"max_staleness_{m}": rs for m, rs in runs.items()},
+        "overlap_measured_at": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
+        "overlap_bench_wall_s": time.perf_counter() - started,
+    }
+
+
+def measure_pipeline(config: BenchConfig) -> dict:
+    """`ratio_vs_trl`: rounds of one TRL run (its samples/s over its steps after the first) and
+    one run of the deployed pipeline (bench/pipeline.py, over its updates after the first), the
+    order alternating; the headline is best over best, as `summarise`'s."""
+    from bench.pipeline import run_pipeline
+
+    started = time.perf_counter()
+    trl_runs, pipeline_runs = [], []
+    for repeat in range(config.pipeline_repeats):
+        order = ("trl", "pipeline") if repeat % 2 == 0 else ("pipeline", "trl")
+        for side in order:
+            print(f">> {side} run {repeat + 1}/{config.pipeline_repeats}", file=sys.stderr)
+            if side == "trl":
+                trl_runs.append(run_side("trl", config, timeout_s=1800))
+                rate = per_run(trl_runs[-1])["samples_per_s_end_to_end"]
+            else:
+                pipeline_runs.append(
+                    run_pipeline(config, config.pipeline_threads, config.pipeline_staleness)
+                )
+                rate = pipeline_runs[-1]["samples_per_s"]
+            print(f"   {rate:.3f} samples/s", file=sys.stderr, flush=True)
+    return {
+        **pipeline_summary(trl_runs, pipeline_runs),
+        "pipeline_raw_runs": pipeline_runs,
+        "pipeline_trl_raw_runs": trl_runs,
+        "pipeline_config": {
+            **dataclasses.asdict(config),
+            "batch": config.batch,
+            "max_rollouts": config.batch * config.steps,
+            "pipeline": "deploy/local/stack.py: kafka, triton, policy, reference, reward "
+            f"(RLHF_REWARD_ANNOTATOR={config.reward_rule}), trainer (grpo), rollout",
+        },
+        "pipeline_measured_at": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
+        "pipeline_bench_wall_s": time.perf_counter() - started,
+    }
+
+
+def pipeline_summary(trl_runs: list[dict], pipeline_runs: list[dict]) -> dict:
+    """The headline and its spread from part `pipeline`'s runs (raw TRL runs as run_trl returns
+    them; pipeline runs as bench.pipeline.run_pipeline does)."""
+    trl = [per_run(r)["samples_per_s_end_to_end"] for r in trl_runs]
+    ours = [r["samples_per_s"] for r in pipeline_runs]
+    return {
+        "ratio_vs_trl": max(ours) / max(trl),
+        "ratio_vs_trl_per_repeat": [o / t for o, t in zip(ours, trl)],
+        "pipeline_samples_per_s": max(ours),
+        "trl_samples_per_s": max(trl),
+        "pipeline_samples_per_s_runs": ours,
+        "trl_samples_per_s_runs": trl,
+        "pipeline_samples_per_s_from_first_update_runs": [
+            r["samples_per_s_from_first_update"] for r in pipeline_runs
+        ],
+        "pipeline_samples_per_s_with_startup_runs": [
+            r["samples_per_s_with_startup"] for r in pipeline_runs
+        ],
+        "pipeline_end_to_end_s_runs": [r["end_to_end_s"] for r in pipeline_runs],
+        "trl_process_wall_s_runs": [r["process_wall_s"] for r in trl_runs],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, config = parse_args(argv)
+    try:
+        config.validate()
+        parts = parse_parts(args.parts)
+    except ValueError as err:
+        print(f"trainer_vs_trl: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(json.dumps({**check_pieces(config), "parts": parts}))
+        return 0
+    if args.profile:
+        result = run_ours(config, profile=True)
+        print(result.pop("profile_top_tottime"))
+        print(json.dumps(result))
+        return 0
+    if args.worker:
+        if args.worker == "overlap":
+            from bench.overlap import run_overlap
+
+            result = run_overlap(config, args.staleness)
+        else:
+            result = run_ours(config) if args.worker == "ours" else run_trl(config)
+        print(json.dumps(result))
+        return 0
+
+    from bench.run import RESULTS, write_result
+
+    path = args.out or RESULTS / "trainer_vs_trl.json"
+    started = time.perf_counter()
+    # A run of some parts keeps the figures of the others from the last result.
+    result = {} if set(parts) == set(PARTS) or not path.exists() else json.loads(path.read_text())
+    # write_result merges this run's peak RSS by role into the kept ones; a file from before
+    # bench/memory.py holds per-run lists there instead.
+    result.pop("peak_rss_sampling", None)
+    kept = result.get("peak_rss_mb")
+    if isinstance(kept, dict) and any(isinstance(v, list) for v in kept.values()):
+        result.setdefault("peak_rss_mb_per_run", result.pop("peak_rss_mb"))
+    if "trl" in parts:
+        result.update(compare_with_trl(config))
+    if "overlap" in parts:
+        result.update(measure_overlap(config))
+    if "pipeline" in parts:
+        result.pop("ratio_vs_trl_missing", None)
+        result.update(measure_pipeline(config))
+    elif result.get("ratio_vs_trl") is None:
+        result.update({"ratio_vs_trl": None, "ratio_vs_trl_missing": PIPELINE_MISSING})
+    if "trl" in parts or "config" not in result:
+        # The settings of the kept parts' figures stay; each later part records its own too.
+        result["config"] = {**dataclasses.asdict(config), "batch": config.batch}
+        result["config"]["quick"] = args.quick
+    result.update(
+        {
+            **ppo_figures(),
+            "parts": parts,
+            "bench_wall_s": time.perf_counter() - started,
+            "measured_at": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
+            "cpu_count": os.cpu_count(),
+            "machine_note": "2-core CPU shared with other engineers' test runs during the "
+            "measurement: absolute times are noisy; the sides alternate so noise falls on both",
+        }
+    )
+    path = write_result("trainer_vs_trl", result, path)
+    print(
+        json.dumps(
+            {k: v for k, v in result.items() if "raw_runs" not in k and k != "sides"}, indent=2
+        )
+    )
     print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def parse_parts(text: str) -> list[str]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise ValueError(f"--parts takes a comma list of {', '.join(PARTS)}, got {text!r}")
+    return parts
 
 
 if __name__ == "__main__":
