@@ -4,12 +4,18 @@ and yields the model's responses as they arrive.
 Every call gets a client from a small pool (a stream per call: tritonclient allows one stream per
 client) and its own deadline; when the deadline passes or the caller cancels, the stream is
 cancelled, which Triton passes on to the model (`request.is_cancelled()`), so work stops.
+
+The sequences of one call carry a group (GROUP_ID, GROUP_SIZE): the model's scheduler admits a
+group's sequences at the same step once all have arrived, so the n samples of a prompt share one
+prefill and one call gets the same rows together (and so the same numbers, to the last bit)
+whether it streams or not.
 """
 
 from __future__ import annotations
 
 import json
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -64,8 +70,11 @@ class SequenceRequest:
     logit_bias: dict[int, float] = field(default_factory=dict)
     top_logprobs: int = 0
 
-    def arrays(self) -> dict[str, np.ndarray]:
+    def arrays(self, group: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
+        """The model's inputs; `group` is (call id, sequences in the call)."""
         arrays = {
+            "GROUP_ID": np.array([[group[0]]], dtype=np.int64),
+            "GROUP_SIZE": np.array([[group[1]]], dtype=np.int32),
             "INPUT_IDS": np.asarray([self.prompt_ids], dtype=np.int64),
             "MAX_NEW_TOKENS": np.array([[self.max_new_tokens]], dtype=np.int32),
             "TEMPERATURE": np.array([[self.temperature]], dtype=np.float32),
@@ -143,10 +152,11 @@ class PolicyEngine:
         try:
             try:
                 client.start_stream(callback=lambda result, error: responses.put((result, error)))
+                group = (secrets.randbits(63), len(sequences))
                 for i, seq in enumerate(sequences):
                     client.async_stream_infer(
                         self.model,
-                        make_inputs(seq.arrays()),
+                        make_inputs(seq.arrays(group)),
                         request_id=str(i),
                         outputs=[grpcclient.InferRequestedOutput(o) for o in outputs],
                         enable_empty_final_response=True,

@@ -57,6 +57,10 @@ class Row:
     """Per generated token, the best `sampling.top_logprobs` tokens of its distribution."""
     top_logprobs: list[list[float]] = field(default_factory=list)
     finish: Finish = Finish.NONE
+    weights_version: int = 0
+    """The weights version that generated every token of the row (continuous scheduler)."""
+    batch_size: int = 0
+    """Most rows this row was decoded together with, itself included (continuous scheduler)."""
 
 
 OnToken = Callable[[int, int, float, Finish], None]

@@ -24,6 +24,16 @@ class PolicyMetrics:
             "Sequences admitted to Triton and not finished.",
             registry=registry,
         )
+        self.admission_waiting = Gauge(
+            "rlhf_policy_admission_waiting_sequences",
+            "Sequences waiting for admission (admission=queue), not yet sent to Triton.",
+            registry=registry,
+        )
+        self.kv_tokens = Gauge(
+            "rlhf_policy_kv_reserved_tokens",
+            "KV-cache tokens reserved by admitted sequences (prompt + max_new_tokens each).",
+            registry=registry,
+        )
         self.weights_version = Gauge(
             "rlhf_policy_weights_version", "Weights version served now.", registry=registry
         )

@@ -104,6 +104,38 @@ class LogitAdjustments:
             index = torch.tensor(rows, device=tokens.device)
             self.counts[index, tokens[index]] += 1
 
+    def select(self, index: torch.Tensor) -> LogitAdjustments:
+        """The adjustments of rows `index` (long (b,)), in that order (rows leaving a batch,
+        or copies of one row for the samples that share its prompt)."""
+        out = LogitAdjustments.__new__(LogitAdjustments)
+        out.presence, out.frequency = self.presence[index], self.frequency[index]
+        out.counts = None if self.counts is None else self.counts[index]
+        out.bias = None if self.bias is None else self.bias[index]
+        return out
+
+    def concat(self, other: LogitAdjustments) -> LogitAdjustments:
+        """This batch's rows followed by `other`'s (rows joining a running batch)."""
+        out = LogitAdjustments.__new__(LogitAdjustments)
+        out.presence = torch.cat([self.presence, other.presence])
+        out.frequency = torch.cat([self.frequency, other.frequency])
+        out.counts = _concat_or_none(
+            self.counts, other.counts, len(self.presence), len(other.presence)
+        )
+        out.bias = _concat_or_none(self.bias, other.bias, len(self.presence), len(other.presence))
+        return out
+
+
+def _concat_or_none(
+    a: torch.Tensor | None, b: torch.Tensor | None, rows_a: int, rows_b: int
+) -> torch.Tensor | None:
+    """Rows of a then b (each (rows, V) or None for all zeros); None when both are None."""
+    if a is None and b is None:
+        return None
+    like = a if a is not None else b
+    a = like.new_zeros(rows_a, like.shape[-1]) if a is None else a
+    b = like.new_zeros(rows_b, like.shape[-1]) if b is None else b
+    return torch.cat([a, b])
+
 
 def filtered_logits(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor

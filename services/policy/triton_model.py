@@ -2,25 +2,36 @@
 generation.
 
 Design (documented choice):
-- One Triton request is one sequence (one sample of one prompt, batch dimension 1). The dynamic
-  batcher groups concurrent requests of any prompt length (INPUT_IDS and STOP are ragged) and
-  `execute` generates the whole group in one forward loop (services.policy.generation) with a KV cache.
+- One Triton request is one sequence (one sample of one prompt, batch dimension 1; INPUT_IDS and
+  STOP are ragged). Two schedulers, by the model parameter `scheduler`:
+  - `continuous` (the default): `execute` hands each request to the iteration-level scheduler
+    (services.policy.scheduler) and returns at once; a request joins the running batch at the
+    next decoding step and leaves it the step it finishes (services.policy.batching), samples
+    of one prompt are prefilled once (`share_prefix`), and `max_rows` / `max_kv_tokens` bound
+    the rows decoding together (the rest wait in the scheduler's FIFO). Weight swaps wait until
+    no row runs, so no sample spans two versions (the scheduler's docstring says why).
+  - `static` (today's baseline, kept for bench/generation.py): the dynamic batcher's group is
+    generated in one forward loop (services.policy.generation) and nothing joins it.
 - Decoupled: a request with STREAM=true gets one response per generated token and an empty
   final one; with STREAM=false it gets one response with all tokens (per-step responses would
   cost an IPC round trip per token per row for nothing). Both carry FINISH_REASON,
   WEIGHTS_VERSION and BATCH_SIZE (rows generated together), and TOP_IDS / TOP_LOGPROBS
   (tokens x NUM_TOP_LOGPROBS alternatives, -inf padded where filters left fewer).
+- GROUP_ID / GROUP_SIZE (optional): the call a sequence belongs to (services.policy.engine); the
+  continuous scheduler admits a group's sequences together once all have arrived.
 - Sampling inputs beyond temperature/top-k/top-p: PRESENCE_PENALTY, FREQUENCY_PENALTY and the
   optional LOGIT_BIAS_IDS / LOGIT_BIAS_VALUES pair (services.policy.sampling).
 - A request with MAX_NEW_TOKENS=0 is a control request: no generation, one response with the
   served version and INFO (JSON: dtype, device, parameter count). The gRPC service sends one
   after publishing new weights, so the swap is done before UpdateWeights returns.
-- Weights: at the start of every execute the model stats `<weights_root>/CURRENT` (services.
-  policy.weights); when it changed, the new tensors are checked against the served ones and
-  copied into the parameters in place (no new stub process, no reload), between two batches.
+- Weights: the model stats `<weights_root>/CURRENT` (services.policy.weights) before every
+  step (continuous) or execute (static); when it changed, the new tensors are checked against
+  the served ones and copied into the parameters in place (no new stub process, no reload).
 - Cancellation: `request.is_cancelled()` is asked for every running row before every step.
-- Custom metric `rlhf_policy_model_generated_tokens_total` on Triton's /metrics counts tokens
-  generated inside Triton (what proves that a cancelled stream stops work).
+- Custom metrics on Triton's /metrics: `rlhf_policy_model_generated_tokens_total` counts tokens
+  generated inside Triton (what proves that a cancelled stream stops work);
+  `rlhf_policy_model_running_rows`, `..._waiting_rows` and `..._kv_tokens` (reserved KV-cache
+  tokens of the running rows) show the continuous scheduler's load.
 """
 
 from __future__ import annotations
@@ -35,8 +46,10 @@ import torch
 
 from services.common.models import load_causal_lm, load_tokenizer, select_dtype
 from services.common.triton_repo import TensorIO, instance_device, model_parameters
+from services.policy.batching import RunningBatch
 from services.policy.generation import Finish, Row, generate_rows
 from services.policy.sampling import RowSampling
+from services.policy.scheduler import BatchLimits, Control, Scheduler, SchedulerState, Sequence
 from services.policy.weights import compare_specs, files_specs, folder_weight_files, read_marker
 
 log = logging.getLogger(__name__)
@@ -55,6 +68,8 @@ INPUTS = (
     TensorIO("NUM_TOP_LOGPROBS", "TYPE_INT32", (1,)),
     TensorIO("LOGIT_BIAS_IDS", "TYPE_INT64", (-1,), optional=True, ragged=True),
     TensorIO("LOGIT_BIAS_VALUES", "TYPE_FP32", (-1,), optional=True, ragged=True),
+    TensorIO("GROUP_ID", "TYPE_INT64", (1,), optional=True),
+    TensorIO("GROUP_SIZE", "TYPE_INT32", (1,), optional=True),
 )
 OUTPUTS = (
     TensorIO("TOKEN_IDS", "TYPE_INT64", (-1,)),
@@ -107,31 +122,87 @@ class PolicyTritonModel:
             kind=pb_utils.MetricFamily.COUNTER,
         )
         self.tokens_metric = self.tokens_family.Metric(labels={"model": args["model_name"]})
+        self.pending_marker = None
         self._maybe_swap()
+        self.scheduler = None
+        if params.get("scheduler", "continuous") == "continuous":
+            self.state_families, self.state_metrics = {}, {}
+            for name, what in (
+                ("running_rows", "Rows the continuous scheduler is decoding."),
+                ("waiting_rows", "Sequences waiting in the model to join the running batch."),
+                ("kv_tokens", "KV-cache tokens reserved by the running rows."),
+            ):
+                family = pb_utils.MetricFamily(
+                    name=f"rlhf_policy_model_{name}",
+                    description=what,
+                    kind=pb_utils.MetricFamily.GAUGE,
+                )
+                self.state_families[name] = family
+                self.state_metrics[name] = family.Metric(labels={"model": args["model_name"]})
+            batch = RunningBatch(
+                self.model,
+                self.pad_id,
+                self.eos_ids,
+                self._decode,
+                share_prefix=params.get("share_prefix", "True") == "True",
+            )
+            limits = BatchLimits(
+                max_rows=int(params.get("max_rows", 32)),
+                max_kv_tokens=int(params.get("max_kv_tokens", 1 << 17)),
+            )
+            self.scheduler = Scheduler(
+                batch,
+                self,
+                limits,
+                on_step=lambda produced: self.tokens_metric.increment(float(produced)),
+                on_state=self._show_state,
+            ).start()
+
+    def _show_state(self, state: SchedulerState) -> None:
+        self.state_metrics["running_rows"].set(float(state.running))
+        self.state_metrics["waiting_rows"].set(float(state.waiting))
+        self.state_metrics["kv_tokens"].set(float(state.kv_tokens))
 
     # Weights ------------------------------------------------------------------------------
 
     def _maybe_swap(self) -> None:
-        """Copies a newly published version into the parameters (called between batches)."""
+        """Copies a newly published version into the parameters (static: between batches)."""
+        if self.pending():
+            self.swap()
+
+    def pending(self) -> bool:
+        """True while a newly published, valid version waits (scheduler.WeightsGate)."""
+        if self.pending_marker is not None:
+            return True
         try:
             st = os.stat(self.weights_root / "CURRENT")
         except FileNotFoundError:
-            return
+            return False
         stat = (st.st_ino, st.st_mtime_ns, st.st_size)
         if stat == self.marker_stat:
-            return
+            return False
         self.marker_stat = stat
         marker = read_marker(self.weights_root)
         if marker is None or marker.weights_version == self.version:
-            return
+            return False
         try:
             compare_specs(
                 self.served_specs,
                 files_specs(list(marker.files)),
                 f"version {marker.weights_version}",
             )
-            load_into(self.model, list(marker.files))
         except Exception:  # a bad set never replaces the served one
+            log.exception("weights version %s not loaded", marker.weights_version)
+            return False
+        self.pending_marker = marker
+        return True
+
+    def swap(self) -> None:
+        """Copies the waiting version into the parameters (no row is generating)."""
+        marker, self.pending_marker = self.pending_marker, None
+        try:
+            load_into(self.model, list(marker.files))
+        except Exception:
             log.exception("weights version %s not loaded", marker.weights_version)
             return
         self.version = marker.weights_version
@@ -139,6 +210,22 @@ class PolicyTritonModel:
     # Serving ------------------------------------------------------------------------------
 
     def execute(self, requests: list) -> None:
+        if self.scheduler is not None:
+            for request in requests:
+                row, stream = self._row(request)
+                if row.max_new_tokens <= 0:
+                    answer = lambda version, r=request: self._send(
+                        r, [], [], Finish.NONE, 0, final=True, info=True, version=version
+                    )
+                    self.scheduler.submit(Control(answer))
+                else:
+                    group = self._group(request)
+                    sink = ResponseSink(self, request, stream)
+                    self.scheduler.submit(Sequence(row, sink, *group))
+            return
+        self._execute_static(requests)
+
+    def _execute_static(self, requests: list) -> None:
         pb = self.pb
         self._maybe_swap()
         rows, live = [], []
@@ -217,6 +304,14 @@ class PolicyTritonModel:
         )
         return row, bool(scalar("STREAM"))
 
+    def _group(self, request) -> tuple[int, int]:
+        """(GROUP_ID, GROUP_SIZE): the call this sequence belongs to and its sequence count."""
+        get = lambda name: self.pb.get_input_tensor_by_name(request, name)
+        group_id, size = get("GROUP_ID"), get("GROUP_SIZE")
+        if group_id is None or size is None:
+            return 0, 1
+        return int(group_id.as_numpy().reshape(-1)[0]), int(size.as_numpy().reshape(-1)[0])
+
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
@@ -230,14 +325,16 @@ class PolicyTritonModel:
         final: bool,
         info: bool = False,
         top: tuple[list[list[int]], list[list[float]]] = ([], []),
+        version: int | None = None,
     ) -> None:
         pb = self.pb
+        version = self.version if version is None else version
         top_ids, top_logprobs = top_arrays(*top, len(tokens))
         outputs = [
             pb.Tensor("TOKEN_IDS", np.asarray(tokens, dtype=np.int64).reshape(1, -1)),
             pb.Tensor("LOGPROBS", np.asarray(logprobs, dtype=np.float32).reshape(1, -1)),
             pb.Tensor("FINISH_REASON", np.array([[int(finish)]], dtype=np.int32)),
-            pb.Tensor("WEIGHTS_VERSION", np.array([[self.version]], dtype=np.int64)),
+            pb.Tensor("WEIGHTS_VERSION", np.array([[version]], dtype=np.int64)),
             pb.Tensor("BATCH_SIZE", np.array([[batch]], dtype=np.int64)),
             pb.Tensor("TOP_IDS", top_ids),
             pb.Tensor("TOP_LOGPROBS", top_logprobs),
@@ -250,9 +347,60 @@ class PolicyTritonModel:
         )
 
     def finalize(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
+            self.state_metrics = self.state_families = None
         self.tokens_metric = None
         self.tokens_family = None
         self.model = None
+
+
+class ResponseSink:
+    """One request's answers from the continuous scheduler (scheduler.Sink): a response per
+    token when streaming, else one with every token; the version is the row's own."""
+
+    def __init__(self, model: PolicyTritonModel, request, stream: bool):
+        self.model, self.request, self.stream = model, request, stream
+
+    def cancelled(self) -> bool:
+        return self.request.is_cancelled()
+
+    def token(self, row: Row, token: int, logprob: float, finish: Finish) -> None:
+        if self.stream:
+            top = (row.top_ids[-1:], row.top_logprobs[-1:]) if row.top_ids else ([], [])
+            self.model._send(
+                self.request,
+                [token],
+                [logprob],
+                finish,
+                row.batch_size,
+                final=False,
+                top=top,
+                version=row.weights_version,
+            )
+
+    def done(self, row: Row) -> None:
+        if self.stream:
+            tokens, logprobs, top = [], [], ([], [])
+        else:
+            tokens, logprobs, top = row.tokens, row.logprobs, (row.top_ids, row.top_logprobs)
+        self.model._send(
+            self.request,
+            tokens,
+            logprobs,
+            row.finish,
+            row.batch_size,
+            final=True,
+            top=top,
+            version=row.weights_version,
+        )
+
+    def failed(self, message: str) -> None:
+        pb = self.model.pb
+        self.request.get_response_sender().send(
+            pb.InferenceResponse(error=pb.TritonError(message)),
+            flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+        )
 
 
 def top_arrays(
