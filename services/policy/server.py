@@ -3,8 +3,8 @@
     python -m services.policy          # settings from RLHF_POLICY_*, RLHF_TRITON_*, RLHF_KAFKA_*
 
 What runs where:
-- Triton runs the model (services/policy/triton_model.py): batched generation, streaming,
-  cancellation, in-place weight swaps from the shared weights folder.
+- Triton runs the model (services/policy/triton_model.py): continuous batching (services/
+  policy/scheduler.py), streaming, cancellation, in-place weight swaps from the weights folder.
 - This process validates and tokenizes (validation.py), calls Triton (engine.py), logs every
   generation to Kafka before answering (servicer.py), receives and verifies weight pushes
   (updates.py, weights.py) and follows `rlhf.weights.v1` to catch up (follower.py).
@@ -22,12 +22,13 @@ from prometheus_client import CollectorRegistry
 from services.common.kafka import ensure_topics, make_producer
 from services.common.model_service import ModelService, python_model_spec
 from services.common.models import load_tokenizer
+from services.common.side_channel import SideChannelListener
 from services.common.topics import GENERATIONS, TOPICS, WEIGHTS
 from services.common.triton_repo import PythonModelSpec
 from services.policy.engine import PolicyEngine
 from services.policy.follower import WeightsFollower
 from services.policy.metrics import PolicyMetrics
-from services.policy.servicer import PolicyServicer, add_to_server
+from services.policy.servicer import Admission, PolicyServicer, add_to_server
 from services.policy.settings import PolicySettings
 from services.policy.triton_model import INPUTS, OUTPUTS
 from services.policy.updates import WeightsUpdater
@@ -64,6 +65,10 @@ class PolicyService(ModelService):
             decoupled=True,
             weights_root=Path(settings.weights_root).resolve(),
             initial_version=settings.initial_weights_version,
+            scheduler=settings.scheduler,
+            share_prefix=settings.share_prefix,
+            max_rows=settings.max_batch_rows,
+            max_kv_tokens=settings.max_kv_tokens,
         )
 
     def __init__(self, settings: PolicySettings, registry: CollectorRegistry | None = None):
@@ -79,7 +84,15 @@ class PolicyService(ModelService):
             version,
             swap=lambda: self.engine.control(settings.weights_sync_timeout_s)[0],
             on_version=metrics.weights_version.set,
+            base_folders={settings.initial_weights_version: Path(settings.model_dir)},
         )
+        self.side_channel = None
+        if settings.weights_side_channel:
+            self.side_channel = updater.side_channel = SideChannelListener(
+                settings.grpc.host,
+                settings.weights_side_channel_port,
+                settings.weights_side_channel_ticket_ttl_s,
+            )
         self.producer = self.follower = None
         if settings.log_generations or settings.follow_weights_topic:
             ensure_topics(settings.kafka, [t for t in TOPICS if t.name in (GENERATIONS, WEIGHTS)])
@@ -108,6 +121,12 @@ class PolicyService(ModelService):
             self.producer,
             settings.kafka_ack_timeout_s,
             settings.triton.timeout_s,
+            admission=Admission(
+                settings.max_queued_sequences,
+                settings.max_kv_tokens,
+                settings.admission == "queue",
+                settings.admission_queue_timeout_s,
+            ),
         )
         self.server.add(add_to_server, self.servicer, "rlhf.v1.PolicyService")
         if settings.follow_weights_topic:
@@ -119,6 +138,8 @@ class PolicyService(ModelService):
     def close(self) -> None:
         if self.follower is not None:
             self.follower.stop()
+        if self.side_channel is not None:
+            self.side_channel.close()
         if self.producer is not None:
             self.producer.flush(timeout=10)
             self.producer.close(timeout=10)

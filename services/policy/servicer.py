@@ -16,6 +16,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -39,6 +40,18 @@ from services.policy.weights import WeightsRejected
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Admission:
+    """Bounds on the generation in flight (PolicySettings: max_queued_sequences, max_kv_tokens,
+    admission, admission_queue_timeout_s)."""
+
+    max_sequences: int
+    max_kv_tokens: int = 1 << 62
+    queue: bool = False
+    """Wait for room (up to queue_timeout_s and the call's deadline) instead of refusing."""
+    queue_timeout_s: float = 10.0
+
+
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     def __init__(
         self,
@@ -52,6 +65,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         producer=None,
         kafka_ack_timeout_s: float = 10.0,
         default_timeout_s: float = 60.0,
+        admission: Admission | None = None,
     ):
         self.engine = engine
         self.tokenizer = tokenizer
@@ -62,9 +76,11 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self.producer = producer
         self.kafka_ack_timeout_s = kafka_ack_timeout_s
         self.default_timeout_s = default_timeout_s
-        self._capacity = max_queued_sequences
+        self.admission = admission or Admission(max_queued_sequences)
         self._queued = 0
-        self._queue_lock = threading.Lock()
+        self._kv_tokens = 0
+        self._waiting = 0
+        self._room = threading.Condition()
 
     # Generate -----------------------------------------------------------------------------
 
@@ -165,9 +181,15 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "manifest: the first message must be the manifest"
             )
-        chunks = _chunks(request_iterator)
         try:
-            version, received = self.updater.receive_push(first, chunks)
+            if first.transport == policy_pb2.WeightsManifest.TRANSPORT_SIDE_CHANNEL:
+                # The bytes come over the side channel: its ticket goes back in the initial
+                # metadata, which only this authorised caller sees.
+                version, received = self.updater.receive_push(
+                    first, offer=lambda ticket: _offer(context, self.updater, ticket)
+                )
+            else:
+                version, received = self.updater.receive_push(first, _chunks(request_iterator))
         except WeightsRejected as exc:
             log.warning("weights refused: %s", exc)
             self.metrics.weights_updates.labels("push", "refused").inc()
@@ -193,26 +215,48 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
     @contextmanager
     def _admitted(self, context, plan: GenerationPlan):
-        """The bounded queue in front of Triton: all of a request's sequences or none."""
+        """Admission control in front of Triton: all of a request's sequences or none, within
+        `Admission`'s bounds on sequences in flight and on reserved KV-cache tokens; beyond
+        them RESOURCE_EXHAUSTED at once, or after waiting for room when the policy queues."""
         size = len(plan.sequences)
-        with self._queue_lock:
-            if self._queued + size > self._capacity:
-                admitted = False
-            else:
-                admitted = True
+        tokens = sum(len(s.prompt_ids) + s.max_new_tokens for s in plan.sequences)
+        limits = self.admission
+        fits = lambda: (
+            self._queued + size <= limits.max_sequences
+            and self._kv_tokens + tokens <= limits.max_kv_tokens
+        )
+        with self._room:
+            # A request bigger than the bounds themselves is admitted alone, never refused forever.
+            admitted = fits() or self._queued == 0
+            if not admitted and limits.queue:
+                self._waiting += size
+                self.metrics.admission_waiting.set(self._waiting)
+                wait_s = min(limits.queue_timeout_s, self._timeout(context))
+                admitted = self._room.wait_for(lambda: fits() or self._queued == 0, wait_s)
+                self._waiting -= size
+                self.metrics.admission_waiting.set(self._waiting)
+            if admitted:
                 self._queued += size
-                self.metrics.queue_depth.set(self._queued)
+                self._kv_tokens += tokens
+                self._show_load()
         if not admitted:
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"generation queue full ({self._capacity} sequences)",
+                f"generation queue full ({limits.max_sequences} sequences, "
+                f"{limits.max_kv_tokens} KV-cache tokens)",
             )
         try:
             yield
         finally:
-            with self._queue_lock:
+            with self._room:
                 self._queued -= size
-                self.metrics.queue_depth.set(self._queued)
+                self._kv_tokens -= tokens
+                self._show_load()
+                self._room.notify_all()
+
+    def _show_load(self) -> None:
+        self.metrics.queue_depth.set(self._queued)
+        self.metrics.kv_tokens.set(self._kv_tokens)
 
     @contextmanager
     def _errors(self, context):
@@ -295,6 +339,14 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                     grpc.StatusCode.UNAVAILABLE,
                     f"generation log (Kafka) did not acknowledge: {exc}",
                 )
+
+
+def _offer(context, updater: WeightsUpdater, ticket) -> None:
+    """Sends a side-channel ticket to the caller; a call that ends (cancelled, or past its
+    deadline) takes its ticket with it."""
+    listener = updater.side_channel
+    context.add_callback(lambda: listener.revoke(ticket))
+    context.send_initial_metadata(ticket.metadata())
 
 
 def _chunks(requests) -> Iterator[ChunkView]:

@@ -9,6 +9,7 @@ RLHF_POLICY_GRPC_PORT=50051 RLHF_POLICY_GRPC_METRICS_PORT=9100   # the gRPC bloc
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -37,13 +38,40 @@ class PolicySettings(ModelServiceSettings):
         1, ge=0, description="Version of the weights in model_dir."
     )
     triton_queue_delay_us: int = Field(
-        100_000,
+        0,
         ge=0,
-        description="How long Triton's batcher waits to fill a batch. A generation runs for "
-        "seconds and nothing joins a batch once it started (no continuous batching), so a request "
-        "that misses one waits for all of it: 0.1 s lets a burst of clients, whose requests arrive "
-        "over tens of milliseconds, share one batch (16 clients: 80 tokens/s in one batch against "
-        "29 split in two, bench/generation.py), and costs a lone request 0.1 s.",
+        description="How long Triton's batcher waits to fill a batch. 0: with the continuous "
+        "scheduler a request joins the running batch at the next step, so waiting gains nothing "
+        "and a lone request starts at once. The static scheduler needed 100000 (0.1 s) to let a "
+        "burst of clients share one batch (bench/generation.py sets it for that baseline).",
+    )
+    scheduler: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="continuous: requests join the running batch at the next decoding step and "
+        "leave it when they finish (services/policy/scheduler.py); static: the batcher's group "
+        "runs to its end and nothing joins it (the old behaviour, a benchmark baseline).",
+    )
+    share_prefix: bool = Field(
+        True, description="Prefill the n samples of one prompt once (continuous scheduler)."
+    )
+    max_batch_rows: int = Field(
+        32, ge=1, description="Most rows the continuous scheduler decodes together; more wait."
+    )
+    max_kv_tokens: int = Field(
+        131_072,
+        ge=1,
+        description="Bound on KV-cache memory, in tokens: the prompt + max_new_tokens of every "
+        "admitted sequence, summed (SmolLM2-135M: 46 KB a token in float32, so 6 GB). Beyond it, "
+        "or beyond max_queued_sequences, the `admission` policy applies.",
+    )
+    admission: Literal["reject", "queue"] = Field(
+        "reject",
+        description="Over max_queued_sequences or max_kv_tokens: reject (RESOURCE_EXHAUSTED at "
+        "once) or queue (wait for room up to admission_queue_timeout_s and the call's deadline, "
+        "then RESOURCE_EXHAUSTED).",
+    )
+    admission_queue_timeout_s: float = Field(
+        10.0, gt=0, description="Longest wait for room when admission is `queue`."
     )
     max_prompts: int = Field(64, ge=1, description="Most prompts in one Generate request.")
     max_n: int = Field(16, ge=1, description="Most samples per prompt.")
@@ -77,6 +105,22 @@ class PolicySettings(ModelServiceSettings):
         gt=0,
         description="How long UpdateWeights waits for Triton to swap (a running batch finishes "
         "first).",
+    )
+    weights_side_channel: bool = Field(
+        True,
+        description="Accept pushes whose bytes come over a raw TCP side channel opened with a "
+        "one-time token (services/common/side_channel.py; plaintext but token-authenticated and "
+        "digest-checked, also when gRPC uses TLS). Off: pushes stream their chunks over gRPC.",
+    )
+    weights_side_channel_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="TCP port of the side channel, on the gRPC host; 0 picks a free one (the "
+        "port travels with the ticket). Fix it where a NetworkPolicy or firewall must allow it.",
+    )
+    weights_side_channel_ticket_ttl_s: float = Field(
+        30.0, gt=0, description="How long a side-channel token stays usable once issued."
     )
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
 

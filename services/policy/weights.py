@@ -15,14 +15,17 @@ its batch used.
 
 from __future__ import annotations
 
-import hashlib
+import mmap
 import os
+import queue
 import shutil
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.digest import sha256_file
+from services.common.digest import SHA256, UnknownDigest, file_digest, new_hasher
 from services.common.safetensors_header import (
     HeaderError,
     TensorSpecs,
@@ -32,6 +35,7 @@ from services.common.safetensors_header import (
     summary,
 )
 from services.common.versions import MARKER, VersionedFolders
+from services.policy import lora
 
 KEEP_VERSIONS = 3
 
@@ -57,8 +61,12 @@ def folder_weight_files(folder: Path) -> list[Path]:
 
 
 def compare_specs(expected: TensorSpecs, got: TensorSpecs, what: str) -> None:
-    """Raises WeightsRejected naming the first difference between two tensor sets."""
+    """Raises WeightsRejected naming the first difference between two tensor sets. A LoRA
+    adapter (`got`) checked against a full model (`expected`) must fit it instead of equal it;
+    it becomes a full set at publication (services/policy/lora.py)."""
     problems = differences(expected, got)
+    if problems and lora.is_adapter(got) and not lora.is_adapter(expected):
+        problems = lora.adapter_problems(expected, got)
     if problems:
         raise WeightsRejected(f"{what}: {summary(problems, limit=1)}")
 
@@ -151,11 +159,18 @@ class IncomingFile:
 
     path: Path
     size: int
-    sha256: str
+    digest: str
+    algorithm: str = SHA256
     received: int = 0
-    _hash: hashlib._Hash = field(default_factory=hashlib.sha256)
+    _hash: object = None
     _in_order: bool = True
     _handle: object = None
+
+    def __post_init__(self) -> None:
+        try:
+            self._hash = new_hasher(self.algorithm)
+        except UnknownDigest as exc:
+            raise WeightsRejected(f"manifest: {exc}") from None
 
     def write(self, offset: int, data: bytes) -> None:
         if offset + len(data) > self.size:
@@ -168,7 +183,7 @@ class IncomingFile:
         if offset != self.received:
             self._in_order = False  # hashed from the file at the end instead
         if self._in_order:
-            self._hash.update(data)  # hashlib releases the GIL on large buffers
+            self._hash.update(data)  # hashlib and blake3 release the GIL on large buffers
         else:
             self._handle.seek(offset)
         self._handle.write(data)
@@ -187,21 +202,19 @@ class IncomingFile:
             raise WeightsRejected(
                 f"{self.path.name}: received {self.received} bytes, manifest says {self.size}"
             )
-        digest = self._hash.hexdigest() if self._in_order else sha256_file(self.path)
-        if digest != self.sha256.lower():
+        got = self._hash.hexdigest() if self._in_order else file_digest(self.path, self.algorithm)
+        if got != self.digest.lower():
             raise WeightsRejected(
-                f"{self.path.name}: sha256 {digest} does not match the manifest's {self.sha256}"
+                f"{self.path.name}: {self.algorithm} {got} does not match the manifest's "
+                f"{self.digest}"
             )
 
 
 class ChunkWriter:
     """Writes and hashes chunks on a worker thread while the caller receives the next ones
-    (hashlib and file writes release the GIL, so the two overlap on two cores)."""
+    (hashlib, blake3 and file writes release the GIL, so the two overlap on two cores)."""
 
     def __init__(self, depth: int = 4):
-        import queue
-        import threading
-
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="weights-writer", daemon=True)
@@ -209,17 +222,23 @@ class ChunkWriter:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            if self._error is None:
-                target, offset, data = item
-                try:
+            target, offset, data, release = item
+            try:
+                if self._error is None:
                     target.write(offset, data)
-                except BaseException as exc:  # noqa: BLE001 - reported by close()
-                    self._error = exc
+            except BaseException as exc:  # noqa: BLE001 - reported by close()
+                self._error = exc
+            finally:
+                if release is not None:
+                    release()
 
-    def put(self, target: IncomingFile, offset: int, data: bytes) -> None:
+    def put(
+        self, target: IncomingFile, offset: int, data, release: Callable[[], None] | None = None
+    ) -> None:
+        """Queues one write; `release` is called once `data` may be reused."""
         if self._error is not None:
             raise self._error
-        self._queue.put((target, offset, data))
+        self._queue.put((target, offset, data, release))
 
     def close(self) -> None:
         """Waits for every chunk to be written; raises the first write error."""
@@ -227,3 +246,61 @@ class ChunkWriter:
         self._thread.join()
         if self._error is not None:
             raise self._error
+
+
+def receive_side_channel(
+    conn: socket.socket, files: list[IncomingFile], block_bytes: int = 4 << 20
+) -> int:
+    """Reads `files` back to back from a side-channel connection (services/common/side_channel),
+    exactly their sizes. Each file is sized first and mapped (`mmap`, pages populated up front):
+    the socket's bytes land in the file's pages with the one copy `recv_into` makes, and a second
+    thread hashes each block behind the socket (blake3 and hashlib release the GIL), so the hash
+    ends a block after the transfer. Returns the bytes received."""
+    received, total = 0, sum(f.size for f in files)
+    for incoming in files:
+        if incoming.size == 0:
+            continue
+        incoming._handle = open(incoming.path, "r+b" if incoming.path.exists() else "w+b")  # noqa: SIM115 - closed by finish()/close()
+        incoming._handle.truncate(incoming.size)
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mapped = mmap.mmap(incoming._handle.fileno(), incoming.size, flags=flags)
+        blocks: queue.Queue = queue.Queue()
+        hasher = threading.Thread(
+            target=_hash_blocks, args=(incoming, mapped, blocks), name="weights-hasher", daemon=True
+        )
+        hasher.start()
+        offset = 0
+        try:
+            with memoryview(mapped) as view:
+                while offset < incoming.size:
+                    end = min(offset + block_bytes, incoming.size)
+                    with view[offset:end] as block:
+                        filled = 0
+                        while filled < len(block):
+                            try:
+                                n = conn.recv_into(block[filled:])
+                            except OSError as exc:
+                                raise WeightsRejected(f"side channel: {exc}") from None
+                            if n == 0:
+                                raise WeightsRejected(
+                                    f"side channel closed after {received + offset + filled} "
+                                    f"bytes of {total}"
+                                )
+                            filled += n
+                    blocks.put((offset, end))
+                    offset = end
+        finally:
+            blocks.put(None)
+            hasher.join()
+            mapped.close()
+        incoming.received = offset
+        received += offset
+    return received
+
+
+def _hash_blocks(incoming: IncomingFile, mapped: mmap.mmap, blocks: queue.Queue) -> None:
+    """The hashing thread of `receive_side_channel`: the file's blocks in order, as they fill."""
+    with memoryview(mapped) as view:
+        while (span := blocks.get()) is not None:
+            with view[span[0] : span[1]] as block:
+                incoming._hash.update(block)

@@ -1,7 +1,8 @@
 """Atomic trainer checkpoints: the single source of truth a restarted trainer resumes from.
 
 A checkpoint is a folder `step-00000012/` holding
-    model.safetensors      the learner's tensors (policy weights, value head), safetensors
+    model.safetensors      the learner's tensors (policy weights, value head), safetensors;
+                           with LoRA only the adapters (the frozen base is the model folder's)
     trainer_state.pt       optimizer, scheduler, RNG (torch.save; read back with weights_only=True)
     consumer-rank-R.json   where each rank resumes reading Kafka, and the ids it must skip
     state.json             step and weights version

@@ -93,6 +93,15 @@ class LearnerConfig:
     """Torch device: auto (CUDA when present) or an explicit device string."""
     dtype: str = "auto"
     """Autocast dtype: auto is bf16 on CUDA, float32 on CPU; master weights stay float32."""
+    lora_rank: int = 0
+    """LoRA rank r: train peft LoRA adapters on a frozen base instead of every weight; 0: off."""
+    lora_alpha: float = 16.0
+    """LoRA alpha; the adapter's update B @ A is scaled by lora_alpha / lora_rank."""
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """Names of the Linear modules that get adapters (peft's target_modules)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input, in the loss's forward passes only (0 keeps the trainer's
+    log-probs equal to the sampler's)."""
 
     def validate(self) -> LearnerConfig:
         """Raises ValueError naming the first bad field; returns self."""
@@ -119,6 +128,8 @@ class LearnerConfig:
             "lr_warmup_steps": self.lr_warmup_steps,
             "uncertainty_penalty": self.uncertainty_penalty,
             "length_penalty": self.length_penalty,
+            "lora_rank": self.lora_rank,
+            "lora_alpha": self.lora_alpha,
         }
         for name, value in non_negative.items():
             if value < 0:
@@ -127,6 +138,10 @@ class LearnerConfig:
             raise ValueError(f"gamma and lam must lie in [0, 1], got {self.gamma}, {self.lam}")
         if self.clip_low >= 1.0:
             raise ValueError(f"clip_low must be < 1, got {self.clip_low}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")
+        if self.lora_rank and not self.lora_target_modules:
+            raise ValueError("lora_target_modules must name at least one module")
         for name in ("minibatch_size", "micro_batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -9,6 +9,10 @@ batch of scored rollouts. The Kafka loop (loop.py) feeds it rollouts converted f
     learner.load_state_dict(torch.load(path, weights_only=True))
     weights = learner.policy_state_dict()  # CPU tensors for the weights push (tied ones once)
 
+With `lora_rank` > 0 (LearnerConfig) the policy is a peft LoRA model on the frozen base (lora.py):
+only the adapters train, `state_dict` holds only them, `adapter_state_dict()` is what a push
+sends, and `policy_state_dict()` is the merged weights the policy will serve.
+
 One step, in order:
   1. collate: left-padded prompts, right-padded responses (shapes below);
   2. values of the sampled states from the value head before the update (PPO's critic);
@@ -46,8 +50,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from services.common.lora_adapter import AdapterConfig
 from services.common.models import load_causal_lm, select_device, select_dtype
-from services.trainer import distributed
+from services.trainer import distributed, lora
 from services.trainer.algorithms import (
     ADVANTAGE_ESTIMATORS,
     ALGORITHMS,
@@ -129,7 +134,13 @@ class Learner:
         # Master weights in float32; bf16 (on CUDA) only inside autocast. Dropout stays off
         # (eval mode): it would make the trainer's log-probs disagree with the sampler's.
         self.policy = load_causal_lm(Path(policy_dir), self.device, torch.float32)
-        self.policy.requires_grad_(True)
+        self.lora = bool(config.lora_rank)
+        if self.lora:  # adapters only: the base stays frozen (lora.py)
+            self.lora_signature = lora.signature(config, lora.base_fingerprint(self.policy))
+            self.policy = lora.wrap(self.policy, config)
+        else:
+            self.lora_signature = {}
+            self.policy.requires_grad_(True)
         self.value_head = (
             ValueHead(self.policy.config.hidden_size).to(self.device) if use_value_head else None
         )
@@ -277,7 +288,8 @@ class Learner:
             part = batch.select(part_rows)
             mask = part.response_mask  # (b, A)
             weight = mask.sum() / minibatch_tokens  # token-mean over the whole minibatch
-            logprobs, entropy, values = self._forward(part, need_entropy=True)  # (b, A) each
+            with lora.adapter_dropout(self.policy, self.lora and cfg.lora_dropout > 0):
+                logprobs, entropy, values = self._forward(part, need_entropy=True)  # (b, A) each
             loss, pg_metrics = POLICY_LOSSES.get(self.spec.policy_loss)(
                 logprobs,
                 part.behaviour_logprobs,
@@ -418,7 +430,11 @@ class Learner:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
-            "policy": self.policy.state_dict(),
+            # With LoRA the base is the model folder's, frozen: only the adapters are state.
+            "policy": lora.adapter_state_dict(self.policy)
+            if self.lora
+            else self.policy.state_dict(),
+            "lora": self.lora_signature,
             "value_head": self.value_head.state_dict() if self.value_head is not None else {},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -437,7 +453,16 @@ class Learner:
             )
         if bool(state["value_head"]) != (self.value_head is not None):
             raise ValueError("checkpoint and learner disagree on having a value head")
-        self.policy.load_state_dict(state["policy"])
+        if state.get("lora", {}) != self.lora_signature:
+            raise ValueError(
+                f"checkpoint has LoRA {state.get('lora') or 'off'}, "
+                f"learner runs {self.lora_signature or 'off'} (with LoRA the base weights' "
+                "BLAKE3 must match too: adapters apply to the base they were trained on)"
+            )
+        if self.lora:
+            lora.load_adapter_state(self.policy, state["policy"])
+        else:
+            self.policy.load_state_dict(state["policy"])
         if self.value_head is not None:
             self.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -453,9 +478,11 @@ class Learner:
     def policy_state_dict(self) -> dict[str, torch.Tensor]:
         """The policy's weights as CPU tensors, each storage once: tied weights (lm_head =
         embed_tokens) keep their first name only, as `save_pretrained` does, so the result can
-        go straight to `safetensors.torch.save_file`."""
+        go straight to `safetensors.torch.save_file`. With LoRA: the merged weights the policy
+        serves, base + (alpha/r) B @ A, under the base model's names."""
         weights, seen = {}, set()
-        for name, tensor in self.policy.state_dict().items():
+        state = lora.merged_state_dict(self.policy) if self.lora else self.policy.state_dict()
+        for name, tensor in state.items():
             key = (
                 tensor.untyped_storage().data_ptr(),
                 tensor.storage_offset(),
@@ -467,10 +494,27 @@ class Learner:
             weights[name] = tensor.detach().to("cpu", copy=True).contiguous()
         return weights
 
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LoRA adapter's tensors (CPU, peft's names): what a LoRA run pushes."""
+        if not self.lora:
+            raise ValueError("this learner trains no LoRA adapter")
+        return lora.adapter_state_dict(self.policy)
+
+    def adapter_push(
+        self, base_version: int
+    ) -> tuple[dict[str, torch.Tensor], AdapterConfig, dict]:
+        """What a LoRA push writes (weights_push.write_adapter_version): the adapter's tensors,
+        its merge settings on the base of `base_version`, and peft's adapter_config.json."""
+        return (
+            self.adapter_state_dict(),
+            lora.adapter_config(self.config, base_version),
+            lora.peft_config_json(self.policy),
+        )
+
     # ---- helpers ------------------------------------------------------------------------
 
     def _parameters(self) -> list[nn.Parameter]:
-        params = list(self.policy.parameters())
+        params = [p for p in self.policy.parameters() if p.requires_grad]  # LoRA: adapters only
         if self.value_head is not None:
             params += list(self.value_head.parameters())
         return params

@@ -8,8 +8,9 @@ One turn, in order:
   3. the ranks agree that each holds a full batch of whole groups (or that one wants to stop);
   4. `Learner.step` (gradients all-reduced across ranks by the learner);
   5. every `checkpoint_every` updates: checkpoint (atomic), and only then commit offsets;
-  6. every `push_every` updates (after its checkpoint): weights version N+1 written, pushed to
-     every replica and announced on `rlhf.weights.v1` by rank 0.
+  6. every `push_every` updates (after its checkpoint): weights version N+1 taken (a copy), then
+     written, pushed to every replica and announced on `rlhf.weights.v1` by rank 0, on a
+     publisher thread beside the next update (at most one push in flight; the newest wins).
 Exactly once: the checkpoint stores, per partition, the first offset not yet used and the ids
 already used beyond it; a restart seeks there and skips those ids. Pushing only after a
 checkpoint means a version number is never reused for different weights.
@@ -26,6 +27,7 @@ from collections import Counter
 import torch
 
 from services.common.dead_letters import DeadLetters
+from services.common.digest import BLAKE3
 from services.common.kafka import make_producer
 from services.common.schema import record_headers
 from services.trainer import checkpoint, distributed
@@ -41,10 +43,14 @@ from services.trainer.learner import Learner, LearnerConfig, RolloutSample
 from services.trainer.metrics import MetricsLog, TrainerMetrics
 from services.trainer.settings import TrainerSettings
 from services.trainer.weights_push import (
+    NewestWins,
+    add_sha256,
     announce,
     build_manifest,
     push_all,
+    snapshot,
     version_dir,
+    write_adapter_version,
     write_version,
 )
 
@@ -94,7 +100,12 @@ class TrainerService:
             torch.set_num_threads(settings.threads)
         self.rank = distributed.init_from_env()
         config = LearnerConfig(
-            **{"algorithm": settings.algorithm, "seed": settings.seed, **settings.learner}
+            **{
+                "algorithm": settings.algorithm,
+                "seed": settings.seed,
+                **settings.lora,
+                **settings.learner,
+            }
         )
         self.learner = Learner(config, settings.model_dir)
         self.metrics = TrainerMetrics()
@@ -119,6 +130,13 @@ class TrainerService:
         self.step = 0
         self.version = settings.initial_weights_version
         self.stop_requested = threading.Event()
+        self.publisher = (
+            NewestWins(self._push_version, "weights-publisher")
+            if self.rank.is_leader and settings.push_in_background
+            else None
+        )
+        """Runs each version's push beside the next update: at most one in flight, the newest
+        waiting version replaces an older one (settings.push_in_background)."""
         self._counted: Counter[str] = Counter()
         self._restore()
 
@@ -264,14 +282,37 @@ class TrainerService:
         self.source.commit(position.offsets)
 
     def _publish(self) -> None:
+        """6. Takes this version's tensors now (the next update changes them in place) and hands
+        them to the publisher thread, which writes, pushes and announces them beside the next
+        update. Its checkpoint is already durable (step 5), so a version number never names two
+        sets of weights."""
         if not self.rank.is_leader:
             return
         s = self.settings
+        version = self.version
+        folder = version_dir(s.weights_dir, version)
+        if folder.is_dir():
+            write = None  # written before a crash: pushed again as it is
+        elif self.learner.lora:  # only the adapter travels
+            adapter, *rest = self.learner.adapter_push(base_version=s.initial_weights_version)
+            adapter = snapshot(adapter)
+            write = lambda: write_adapter_version(s.weights_dir, version, adapter, *rest)
+        else:
+            tensors = snapshot(self.learner.policy_state_dict())
+            write = lambda: write_version(s.weights_dir, version, tensors, (BLAKE3,))
+        job = (version, self.step, write)
+        if self.publisher is None:
+            self._push_version(job)
+        else:
+            self.publisher.submit(job)
+
+    def _push_version(self, job) -> None:
+        """The publisher thread's work for one version: write, push to every replica, announce."""
+        version, step, write = job
+        s = self.settings
         started = time.perf_counter()
-        folder = version_dir(s.weights_dir, self.version)
-        if not folder.is_dir():
-            folder = write_version(s.weights_dir, self.version, self.learner.policy_state_dict())
-        manifest = build_manifest(folder, self.version)
+        folder = write() if write is not None else version_dir(s.weights_dir, version)
+        manifest = build_manifest(folder, version, (BLAKE3,))
         results = push_all(
             s.policy_addresses,
             folder,
@@ -279,16 +320,19 @@ class TrainerService:
             s.push_chunk_bytes,
             s.push_timeout_s,
             s.max_message_bytes,
+            transport=s.push_transport,
         )
         failed = [r for r in results if not r.accepted]
         self.metrics.push_failures.inc(len(failed))
         if self.producer is not None:
+            add_sha256(manifest, folder)  # the announcement lists sha256, as it always has
             announce(self.producer, s.weights_topic, s.model_name, manifest, folder.resolve())
         seconds = time.perf_counter() - started
         self.metrics.push_time.observe(seconds)
         self.log.write({
-            "event": "publish", "step": self.step, "weights_version": self.version, "time/push_s": seconds,
+            "event": "publish", "step": step, "weights_version": version, "time/push_s": seconds,
             "replicas": [{"address": r.address, "accepted": r.accepted, "reason": r.reason} for r in results],
+            "transports": [r.transport for r in results],
         })  # fmt: skip
         for old in sorted(s.weights_dir.glob("v*"))[:-KEEP_WEIGHT_VERSIONS]:
             shutil.rmtree(old, ignore_errors=True)
@@ -301,6 +345,8 @@ class TrainerService:
                 self._counted[reason] += delta
 
     def close(self) -> None:
+        if self.publisher is not None:
+            self.publisher.close()  # the last version's push finishes before the log closes
         self.source.close()
         self.dead_letters.close()
         if self.producer is not None:

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -65,6 +65,19 @@ class TrainerSettings(BaseSettings):
         description="Bytes per UpdateWeights chunk (1 and 4 MiB measured alike, 16 MiB slower: bench/weight_swap.py).",
     )
     push_timeout_s: float = Field(300.0, gt=0, description="Deadline of one push to one replica.")
+    push_transport: Literal["side_channel", "stream"] = Field(
+        "side_channel",
+        description="How a push's bytes travel: side_channel (raw TCP opened with a one-time "
+        "token from UpdateWeights, services/common/side_channel.py; plaintext but authenticated "
+        "and BLAKE3-checked; a replica that offers none is streamed to) or stream (chunks in the "
+        "UpdateWeights call, encrypted where gRPC uses TLS).",
+    )
+    push_in_background: bool = Field(
+        True,
+        description="Write, push and announce each version on a thread beside the next update "
+        "(at most one push in flight, the newest version wins); false does it on the training "
+        "path, as before.",
+    )
     max_message_bytes: int = Field(
         64 * 1024 * 1024, ge=4 * 1024 * 1024, description="gRPC message limit on the push channel."
     )
@@ -75,6 +88,18 @@ class TrainerSettings(BaseSettings):
     metrics_port: int = Field(
         0, ge=0, le=65535, description="Prometheus /metrics port; 0 disables."
     )
+    lora_rank: int = Field(
+        0,
+        ge=0,
+        description="LoRA rank: train peft adapters on the frozen base and push only "
+        "them (the policy merges them at the swap); 0 trains every weight.",
+    )
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha (update scaled by alpha/rank).")
+    lora_target_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Modules that get adapters (comma-separated in env).",
+    )
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
     seed: int = Field(0, description="Seed of torch, numpy and random at a fresh start.")
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
     kafka: KafkaSettings = Field(
@@ -82,12 +107,22 @@ class TrainerSettings(BaseSettings):
         description="Shared Kafka block (its own RLHF_KAFKA_ prefix).",
     )
 
-    @field_validator("policy_addresses", mode="before")
+    @field_validator("policy_addresses", "lora_target_modules", mode="before")
     @classmethod
     def _split(cls, value):
         if isinstance(value, str):
             return [a.strip() for a in value.split(",") if a.strip()]
         return value
+
+    @property
+    def lora(self) -> dict:
+        """The LoRA fields of LearnerConfig."""
+        return {
+            "lora_rank": self.lora_rank,
+            "lora_alpha": self.lora_alpha,
+            "lora_target_modules": tuple(self.lora_target_modules),
+            "lora_dropout": self.lora_dropout,
+        }
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -105,7 +105,11 @@ policy gateway rollout trainer curator refresh topics judge
 {{- $from := first (splitList ">" $flow) -}}
 {{- $to := last (splitList ">" $flow) -}}
 {{- if and (include "rlhf.componentEnabled" (dict "root" $root "component" $from)) (include "rlhf.componentEnabled" (dict "root" $root "component" $to)) -}}
-{{- $ports := fromJsonArray (include "rlhf.tcpPorts" (list (index $v $to).grpcPort)) -}}
+{{- $flowPorts := list (index $v $to).grpcPort -}}
+{{- if and (eq $from "trainer") (eq $to "policy") -}}{{/* the weight push's side channel */}}
+{{- $flowPorts = append $flowPorts $v.policy.weightsSideChannelPort -}}
+{{- end -}}
+{{- $ports := fromJsonArray (include "rlhf.tcpPorts" $flowPorts) -}}
 {{- if eq $me $to -}}
 {{- $ingress = append $ingress (dict "from" (list (fromJson (include "rlhf.peer" (dict "root" $root "component" $from)))) "ports" $ports) -}}
 {{- end -}}

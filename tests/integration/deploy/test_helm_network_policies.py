@@ -253,6 +253,18 @@ def test_best_of_is_off_by_default_and_needs_the_reward_service(production):
     assert failed.returncode != 0 and "reward.enabled=true" in failed.stderr
 
 
+def test_only_the_trainer_reaches_the_weight_push_side_channel(production, dev_cluster):
+    docs = render("-f", str(PRODUCTION))
+    service = container(pod_specs(docs)[PREFIX + "policy"], "service")
+    port = int(env_of(service)["RLHF_POLICY_WEIGHTS_SIDE_CHANNEL_PORT"])
+    assert {"name": "weights-push", "containerPort": port, "protocol": "TCP"} in service["ports"]
+    for policies in (production, dev_cluster):
+        assert allowed(policies, pod("trainer"), pod("policy"), port)
+        for stranger in (pod("gateway"), pod("rollout"), pod("refresh"), OTHER_NAMESPACE):
+            assert not allowed(policies, stranger, pod("policy"), port)
+        assert not allowed(policies, pod("trainer"), pod("reward"), port)
+
+
 def test_trainer_ranks_reach_each_other_on_any_port_and_nobody_else_does(production):
     for port in (29500, 41234):  # the rendezvous, and a port NCCL or gloo picked
         assert allowed(production, pod("trainer"), pod("trainer"), port)

@@ -1,10 +1,13 @@
 """Weight updates on the real service: a valid push swaps the served model, a bad one is refused
 with its reason while the old version keeps serving, clients generating during several pushes
-see no error and only served versions, and a replica catches up from rlhf.weights.v1."""
+see no error and only served versions, and a replica catches up from rlhf.weights.v1. Pushes go
+through the UpdateWeights stream and through the side channel (BLAKE3-checked bytes over raw TCP,
+services/common/side_channel.py), as the trainer sends them."""
 
 from __future__ import annotations
 
 import shutil
+import socket
 import threading
 import time
 
@@ -14,11 +17,19 @@ import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.control_auth import control_metadata
+from services.common.digest import BLAKE3
 from services.common.kafka import make_producer
 from services.common.models import load_causal_lm, load_tokenizer
 from services.common.topics import WEIGHTS
 from services.genproto.rlhf.v1 import common_pb2, events_pb2, policy_pb2
-from services.trainer.weights_push import iter_requests, update_weights_call
+from services.trainer.weights_push import (
+    SIDE_CHANNEL,
+    STREAM,
+    iter_requests,
+    push,
+    push_all,
+    update_weights_call,
+)
 from tests.support.push import build_manifest, push_folder
 from tests.support.tiny_models import tiny_causal_lm
 
@@ -232,3 +243,83 @@ def test_a_push_without_the_control_token_changes_nothing(stub, channel, policy,
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert policy.weights_version == before
     assert list(greedy(stub).token_ids) == served
+
+
+# The side channel -------------------------------------------------------------------------------
+
+
+def test_a_side_channel_push_swaps_the_served_model(stub, policy, other_weights, restore):
+    listener = policy.service.side_channel
+    dropped = listener.dropped
+    version = policy.weights_version + 1
+    manifest = build_manifest(other_weights, version, digests=(BLAKE3,))
+    result = push(policy.address, other_weights, manifest)
+    assert result.accepted, result.reason
+    assert (result.transport, result.serving_version) == (SIDE_CHANNEL, version)
+    assert policy.weights_version == version
+    sample = greedy(stub)
+    assert sample.weights_version == version
+    assert list(sample.token_ids) == in_process_greedy(other_weights)
+    assert listener.live_tickets() == 0  # spent
+    assert listener.dropped == dropped
+
+
+def test_a_side_channel_push_with_a_wrong_blake3_digest_is_refused(
+    stub, policy, other_weights, restore
+):
+    before, served = policy.weights_version, list(greedy(stub).token_ids)
+    manifest = build_manifest(other_weights, before + 1, digests=(BLAKE3,))
+    manifest.file_digest["model.safetensors"] = "0" * 64
+    result = push(policy.address, other_weights, manifest)
+    assert not result.accepted
+    assert result.transport == SIDE_CHANNEL
+    assert "blake3" in result.reason and "does not match" in result.reason
+    assert result.serving_version == before == policy.weights_version
+    assert list(greedy(stub).token_ids) == served
+
+
+def test_a_side_channel_connection_without_the_token_is_dropped(stub, policy, other_weights):
+    listener = policy.service.side_channel
+    before, dropped = policy.weights_version, listener.dropped
+    host = policy.address.rpartition(":")[0]
+    with socket.create_connection((host, listener.port), timeout=10) as sock:
+        try:  # a wrong token and the weights after it: the listener resets the connection
+            sock.sendall(
+                b"RLHFWSC1" + bytes(32) + (other_weights / "model.safetensors").read_bytes()
+            )
+            assert sock.recv(1) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+    deadline = time.monotonic() + 5
+    while listener.dropped == dropped and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert listener.dropped == dropped + 1
+    assert policy.weights_version == before
+
+
+def test_a_side_channel_push_without_the_control_token_gets_no_ticket(policy, other_weights):
+    before = policy.weights_version
+    manifest = build_manifest(other_weights, before + 1, digests=(BLAKE3,))
+    manifest.transport = policy_pb2.WeightsManifest.TRANSPORT_SIDE_CHANNEL
+    with pytest.raises(grpc.RpcError) as refused:
+        update_weights_call(grpc.insecure_channel(policy.address))(
+            iter([manifest.SerializeToString()]), timeout=60, metadata=[]
+        )
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert policy.service.side_channel.live_tickets() == 0
+    assert policy.weights_version == before
+
+
+def test_a_replica_without_a_side_channel_is_streamed_to(stub, policy, other_weights, restore):
+    updater = policy.service.servicer.updater
+    listener, updater.side_channel = updater.side_channel, None
+    try:
+        version = policy.weights_version + 1
+        (result,) = push_all(
+            [policy.address], other_weights, build_manifest(other_weights, version, (BLAKE3,))
+        )
+    finally:
+        updater.side_channel = listener
+    assert result.accepted, result.reason
+    assert (result.transport, result.serving_version) == (STREAM, version)
+    assert list(greedy(stub).token_ids) == in_process_greedy(other_weights)
