@@ -151,19 +151,28 @@ class Stack:
             },
         )
 
-    def start_reward(self, model_dir: Path, versions_root: Path) -> Daemon:
+    def start_reward(
+        self, model_dir: Path | None, versions_root: Path | None = None, **settings
+    ) -> Daemon:
+        """The RewardService over a reward model (`model_dir`, following `versions_root`), or
+        over a rule with neither (`annotator="module:function"`); `settings` are RewardSettings
+        fields."""
         port = self._port("reward")
+        extra = {f"RLHF_REWARD_{k.upper()}": str(v) for k, v in settings.items()}
+        if model_dir is not None:
+            extra["RLHF_REWARD_MODEL_DIR"] = str(model_dir)
+        if versions_root is not None:
+            extra["RLHF_REWARD_VERSIONS_ROOT"] = str(versions_root)
         return self.start(
             "reward",
             "services.reward",
             {
-                "RLHF_REWARD_MODEL_DIR": str(model_dir),
                 "RLHF_REWARD_MODEL_REPOSITORY": str(self.repository),
-                "RLHF_REWARD_VERSIONS_ROOT": str(versions_root),
                 "RLHF_REWARD_FOLLOW_INTERVAL_S": "5",
                 "RLHF_REWARD_DTYPE": self.dtype,
                 "RLHF_REWARD_GRPC_PORT": str(port),
                 "RLHF_REWARD_GRPC_METRICS_PORT": str(self._port("reward-metrics")),
+                **extra,
             },
         )
 

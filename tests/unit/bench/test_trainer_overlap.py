@@ -72,7 +72,10 @@ def dry_run(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("args", "reason"),
     [
-        (["--parts", "trl,ppo"], "--parts takes a comma list of trl, overlap, got 'trl,ppo'"),
+        (
+            ["--parts", "trl,ppo"],
+            "--parts takes a comma list of trl, overlap, pipeline, got 'trl,ppo'",
+        ),
         (["--device", "tpu"], "device must be cpu, cuda or cuda:N, got 'tpu'"),
         (["--overlap-staleness", "0"], "overlap_staleness >= 1"),
         (["--overlap-threads", "0"], "overlap_threads must be >= 1"),
@@ -129,6 +132,6 @@ def test_a_run_of_one_part_keeps_the_other_parts_figures(work, tmp_path, monkeyp
     assert after["parts"] == ["overlap"]
     assert after["peak_rss_mb_per_run"] == {"ours": [4745.5], "trl": [4609.8]}
     assert all(isinstance(v, float) for v in after["peak_rss_mb"].values())  # {role: MB}
-    assert after["ratio_vs_trl"] is None
-    assert "RewardService" in after["ratio_vs_trl_missing"]
+    assert after["ratio_vs_trl"] is None  # the pipeline part did not run, nor before
+    assert "--parts pipeline" in after["ratio_vs_trl_missing"]
     assert after["ppo_vs_trl"] is None and "ppo_vs_trl_missing" in after
