@@ -184,6 +184,7 @@ def rl_stage(
         batch * options.rl_steps,
         seed=seed,
         max_staleness=1,
+        rollouts_per_version=batch,  # a batch per version: the next one is made beside the update
     )
     trainer = stack.daemons["trainer"]
     metrics_log = stack.state / "trainer" / "metrics.jsonl"

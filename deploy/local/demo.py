@@ -637,6 +637,10 @@ def run(
             batch * preset.rl_steps,
             seed=seed,
             max_staleness=1,
+            # The trainer uses a batch per version (push_every 1): the worker counts versions by it,
+            # and with its default (8) it took one batch in training for several versions ahead
+            # and never generated the next batch beside the update.
+            rollouts_per_version=batch,
         )
         user_questions = [r["prompt"] for r in read_jsonl(DATA / "prompts_users.jsonl")]
         events: list[dict] = []

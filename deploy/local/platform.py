@@ -84,6 +84,7 @@ def up(argv: list[str] | None = None) -> int:
             preset.max_new_tokens,
             0,
             live_prompt_fraction=0.25,
+            rollouts_per_version=batch,  # a batch per version: the next one beside the update
         )
     except BaseException:
         stack.stop()
