@@ -108,7 +108,8 @@ def run_overlap(config, max_staleness: int) -> dict:
     import torch
     import torch.multiprocessing as mp
 
-    from services.trainer.learner import Learner, LearnerConfig
+    from bench.trainer_vs_trl import learner_config
+    from services.trainer.learner import Learner
 
     torch.set_num_threads(config.overlap_threads)
     context = mp.get_context("spawn")
@@ -117,16 +118,7 @@ def run_overlap(config, max_staleness: int) -> dict:
         target=generator_main, args=(config, max_staleness, batches, weights), daemon=True
     )
     generator.start()
-    learner = Learner(
-        LearnerConfig(
-            algorithm="grpo",
-            lr=config.lr,
-            kl_coef=config.beta,
-            seed=config.seed,
-            device=config.device,
-        ),
-        config.model_dir,
-    )
+    learner = Learner(learner_config(config), config.model_dir)
     steps = []
     try:
         for k in range(config.overlap_steps):

@@ -162,6 +162,16 @@ QUICK = {"prompts_per_step": 2, "max_new_tokens": 32, "steps": 3, "repeats": 3}
 PARTS = ("trl", "overlap", "pipeline")
 
 
+def learner_config(config):
+    """Our GRPO learner on the bench's work: TRL's lr and beta, the same seed and device (the
+    learner part and the overlap runs, bench/overlap.py)."""
+    from services.trainer.learner import LearnerConfig
+
+    return LearnerConfig(
+        algorithm="grpo", lr=config.lr, kl_coef=config.beta, seed=config.seed, device=config.device
+    )
+
+
 def load_prompts(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
@@ -207,22 +217,13 @@ def run_ours(config: BenchConfig, profile: bool = False) -> dict:
 
     from services.common.annotator import load_annotator
     from services.common.models import load_causal_lm
-    from services.trainer.learner import Learner, LearnerConfig
+    from services.trainer.learner import Learner
     from tests.support.rollouts import sample_rollouts
 
     torch.set_num_threads(config.threads)
     tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
     annotator = load_annotator(config.reward_rule)
-    learner = Learner(
-        LearnerConfig(
-            algorithm="grpo",
-            lr=config.lr,
-            kl_coef=config.beta,
-            seed=config.seed,
-            device=config.device,
-        ),
-        config.model_dir,
-    )
+    learner = Learner(learner_config(config), config.model_dir)
     if config.ours_optimizer == "fused":
         # The experiment: the same AdamW (constant lr, no warmup) with torch's fused kernel.
         learner.optimizer = torch.optim.AdamW(
