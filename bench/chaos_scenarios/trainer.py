@@ -105,7 +105,8 @@ class GroupProducer(Workers):
             self.stopping.wait(self.every_s)
 
     def close(self) -> None:
-        self.producer.close()
+        # Bounded: a record Kafka never acknowledged must not hold the scenario forever.
+        self.producer.close(timeout=30)
 
 
 def trainer_kill(env: ChaosEnv, kills: int = 10, seed: int = 0) -> Row:

@@ -26,6 +26,7 @@ from kafka.errors import (
     SaslAuthenticationFailedError,
     TopicAlreadyExistsError,
 )
+from kafka.producer.transaction_manager import TransactionManager, TransactionState
 from kafka.serializer import Serializer
 
 from services.common.consumer_lag import LAG
@@ -38,8 +39,50 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
 
 
+def _reset_then_reinitialise(reset):
+    """kafka-python 3.0.12's `reset_producer_id` (called when a batch the broker may have
+    written expires, as in a broker outage longer than `delivery_timeout_ms`) clears the
+    producer id but leaves an idempotent producer READY, and `init_producer_id` only starts from
+    UNINITIALIZED: the sender then waits for an id it never asks for, and every later send and
+    `flush` hangs. Kafka's Java client goes back to UNINITIALIZED here (KAFKA-7737), so the next
+    sender turn asks for a new id; this does the same, and nothing once the library does it."""
+
+    def reset_producer_id(self):
+        reset(self)
+        with self._lock:
+            if not self.is_transactional() and self._current_state == TransactionState.READY:
+                log.warning("Kafka producer id reset after an expired batch: asking for a new one")
+                self._current_state = TransactionState.UNINITIALIZED
+
+    reset_producer_id.__doc__ = reset.__doc__
+    reset_producer_id.reinitialises = True
+    return reset_producer_id
+
+
+if not getattr(TransactionManager.reset_producer_id, "reinitialises", False):
+    TransactionManager.reset_producer_id = _reset_then_reinitialise(
+        TransactionManager.reset_producer_id
+    )
+
+
 class ProtobufProducer(KafkaProducer):
-    """A KafkaProducer that adds `record_headers` to every record whose value is a message."""
+    """A KafkaProducer that adds `record_headers` to every record whose value is a message, and
+    whose `close(timeout)` returns within about `timeout` even when records are unacknowledged
+    (kafka-python's raises from its flush instead and leaves the sender running)."""
+
+    def close(self, timeout=None, null_logger=False):
+        try:
+            super().close(timeout, null_logger)
+            return
+        except KafkaTimeoutError:
+            log.warning("Kafka producer closing with records unacknowledged after %ss", timeout)
+        # kafka-python's close raised from its flush before it stopped the sender: stop it now,
+        # failing what is unacknowledged (their futures raise; nothing was acknowledged).
+        sender = getattr(self, "_sender", None)
+        if sender is not None:
+            sender.force_close()
+            sender.join(5)
+        self._closed = True
 
     def send(self, topic, value=None, key=None, headers=None, **kwargs):
         if isinstance(value, Message):

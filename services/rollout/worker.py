@@ -425,7 +425,8 @@ class RolloutWorker:
     def close(self) -> None:
         for tail in self.tails:
             tail.stop()
-        self.producer.close()
+        # Bounded: what Kafka never acknowledged was never counted as produced.
+        self.producer.close(timeout=10)
         self.offsets.close()
         for channel in self.channels:
             channel.close()
