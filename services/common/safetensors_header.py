@@ -47,6 +47,22 @@ def parse_header(raw: bytes, name: str) -> TensorSpecs:
         raise HeaderError(f"{name}: unreadable safetensors header ({error!r})") from None
 
 
+def data_layout(raw: bytes, name: str) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """Tensor name -> (dtype, shape, start, end) from the JSON header's bytes; start and end are
+    byte offsets into the data that follows the header."""
+    try:
+        header = json.loads(raw)
+        layout = {}
+        for tensor, meta in header.items():
+            if tensor == "__metadata__":
+                continue
+            start, end = (int(x) for x in meta["data_offsets"])
+            layout[tensor] = (str(meta["dtype"]), tuple(int(d) for d in meta["shape"]), start, end)
+        return layout
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise HeaderError(f"{name}: unreadable safetensors header ({error!r})") from None
+
+
 def bytes_specs(data: bytes, name: str) -> TensorSpecs:
     """Specs of a safetensors file held in memory."""
     length = header_length(data[:8], name)

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import mmap
 import os
 from pathlib import Path
 
@@ -45,6 +47,7 @@ import numpy as np
 import torch
 
 from services.common.models import load_causal_lm, load_tokenizer, select_dtype
+from services.common.safetensors_header import data_layout, header_length
 from services.common.triton_repo import TensorIO, instance_device, model_parameters
 from services.policy.batching import RunningBatch
 from services.policy.generation import Finish, Row, generate_rows
@@ -417,13 +420,88 @@ def top_arrays(
     return out_ids, out_lp
 
 
+_TORCH_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 @torch.no_grad()
 def load_into(model, files: list[Path]) -> None:
-    """Copies every tensor of `files` into the model's parameters in place (tied ones follow)."""
-    from safetensors import safe_open
+    """Copies every tensor of `files` into the model's parameters in place (tied ones follow).
 
+    Each tensor's bytes are read once, straight into its parameter when that is a contiguous
+    CPU tensor of the file's dtype; others (CUDA, another dtype) copy from a view of the mapped
+    file (bench/NOTES.md, "Weight sync": `safe_open().get_tensor` made a whole second copy).
+    Every file's layout is checked before the first byte is copied, so a malformed file leaves
+    the parameters as they were.
+    """
     state = model.state_dict()
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
-                state[name].copy_(f.get_tensor(name))
+    layouts = [(Path(path), _checked_layout(Path(path), state)) for path in files]
+    for path, (base, layout) in layouts:
+        with open(path, "rb", buffering=0) as f:
+            mapped = None
+            try:
+                for name, (dtype, shape, start, end) in layout.items():
+                    if start == end:
+                        continue
+                    target, torch_dtype = state[name], _TORCH_DTYPES[dtype]
+                    if (
+                        target.device.type == "cpu"
+                        and target.dtype == torch_dtype
+                        and target.is_contiguous()
+                    ):
+                        _read_exactly(f, base + start, target.view(-1).view(torch.uint8).numpy())
+                        continue
+                    if mapped is None:
+                        # ACCESS_COPY: a private, writable mapping that torch views without a
+                        # warning; nothing is written through it.
+                        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                    view = torch.frombuffer(
+                        mapped,
+                        dtype=torch_dtype,
+                        count=(end - start) // torch_dtype.itemsize,
+                        offset=base + start,
+                    )
+                    target.copy_(view.view(shape))
+                    del view
+            finally:
+                if mapped is not None:
+                    mapped.close()
+
+
+def _checked_layout(path: Path, state: dict) -> tuple[int, dict]:
+    """(data start, layout) of one file, each tensor's extent checked against its dtype, its
+    shape, the file's size and the parameter it goes into."""
+    with open(path, "rb") as f:
+        length = header_length(f.read(8), path.name)
+        layout = data_layout(f.read(length), path.name)
+    base, size = 8 + length, path.stat().st_size
+    for name, (dtype, shape, start, end) in layout.items():
+        if dtype not in _TORCH_DTYPES:
+            raise ValueError(f"{path.name}: tensor {name} has unsupported dtype {dtype}")
+        if name not in state or tuple(state[name].shape) != shape:
+            raise ValueError(f"{path.name}: tensor {name} does not fit the served model")
+        nbytes = math.prod(shape) * _TORCH_DTYPES[dtype].itemsize
+        if not (0 <= start and end - start == nbytes and base + end <= size):
+            raise ValueError(f"{path.name}: tensor {name} has data offsets {start}..{end}")
+    return base, layout
+
+
+def _read_exactly(f, offset: int, out: np.ndarray) -> None:
+    """Fills `out` (bytes) from `f` at `offset`; a short file is an error."""
+    view, done = memoryview(out), 0
+    f.seek(offset)
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            raise ValueError(f"{f.name}: ends inside a tensor at byte {offset + done}")
+        done += got
