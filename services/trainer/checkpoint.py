@@ -6,11 +6,12 @@ A checkpoint is a folder `step-00000012/` holding
     trainer_state.pt       optimizer, scheduler, RNG (torch.save; read back with weights_only=True)
     consumer-rank-R.json   where each rank resumes reading Kafka, and the ids it must skip
     state.json             step and weights version
-    MANIFEST.json          sha256 of every file above; written last
+    MANIFEST.json          BLAKE3 of every file above (sha256 in older ones); written last
 It is written in `.tmp-step-00000012/`, every file fsynced, then renamed into place and the parent
 folder fsynced: a crash leaves either the whole checkpoint or only a `.tmp-` folder, which
-`latest` never reads. `latest` also re-checks every sha256, so a torn or rotten file is never
-loaded (the next older checkpoint is used instead).
+`latest` never reads. `latest` also re-checks every digest, so a torn or rotten file is never
+loaded (the next older checkpoint is used instead). `BackgroundCheckpoints` (loop.py) writes them on
+a thread beside the next update.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from services.common.digest import sha256_file
+from services.common.digest import ALGORITHMS, BLAKE3, UnknownDigest, file_digest
 from services.common.versions import VersionedFolders, fsync_dir, write_durable
 
 log = logging.getLogger(__name__)
@@ -116,9 +119,10 @@ def finish(root: Path, checkpoint: Checkpoint, keep: int = 2) -> Path:
     state = {"step": checkpoint.step, "weights_version": checkpoint.weights_version}
     write_durable(tmp / STATE_FILE, json.dumps(state).encode())
     files = sorted(p.name for p in tmp.iterdir() if p.name != MANIFEST)
+    # BLAKE3: 1.7 GB of SmolLM2 weights and Adam state hash in 0.3 s against sha256's 1.5 s.
     manifest = {
         "step": checkpoint.step,
-        "sha256": {name: sha256_file(tmp / name) for name in files},
+        BLAKE3: {name: file_digest(tmp / name, BLAKE3) for name in files},
     }
     write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
     fsync_dir(tmp)
@@ -141,15 +145,22 @@ def verify(folder: Path) -> str | None:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (FileNotFoundError, json.JSONDecodeError) as exc:
         return f"no readable manifest ({exc.__class__.__name__})"
+    algorithm = next((a for a in (BLAKE3, *ALGORITHMS) if a in manifest), None)
+    if algorithm is None:
+        return "manifest lists no digests"
+    digests = manifest[algorithm]
     for required in (MODEL_FILE, TRAINER_STATE_FILE, STATE_FILE):
-        if required not in manifest.get("sha256", {}):
+        if required not in digests:
             return f"manifest lacks {required}"
-    for name, digest in manifest["sha256"].items():
+    for name, digest in digests.items():
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
-        if sha256_file(path) != digest:
-            return f"{name} does not match its sha256"
+        try:
+            if file_digest(path, algorithm) != digest:
+                return f"{name} does not match its {algorithm}"
+        except UnknownDigest as exc:
+            return str(exc)
     return None
 
 
@@ -196,3 +207,98 @@ def latest(root: Path, on_skip: Callable[[Path, str], None] | None = None) -> Ch
 def prune(root: Path, keep: int) -> None:
     """Keeps the `keep` newest checkpoints and removes temp folders a crash left behind."""
     _store(root).prune(keep)
+
+
+def cloned(state):
+    """A copy of `state` (dicts, lists, tuples, tensors, plain values) that later in-place updates
+    of its tensors cannot change: what a checkpoint written beside the next update needs."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: cloned(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(cloned(v) for v in state)
+    return state
+
+
+class BackgroundWriter:
+    """Writes single-process checkpoints on one thread beside the training loop.
+
+    `submit` hands over a checkpoint whose tensors nothing changes any more (`cloned`); it waits
+    while the previous one is still being written, so at most one copy is held. `durable()`
+    returns, oldest first, the consumer positions of the checkpoints completed since the last
+    call: only those offsets may be committed. A failed write is raised by the next `submit`,
+    `durable` or `close` on the caller's thread, as a write on the training path would be.
+    """
+
+    def __init__(self, root: Path, keep: int, done_step: int = 0):
+        self.root, self.keep = Path(root), keep
+        self._cond = threading.Condition()
+        self._pending: Checkpoint | None = None
+        self._busy = self._closed = False
+        self._done: list[ConsumerPosition] = []
+        self._error: BaseException | None = None
+        self.durable_step = done_step
+        """The newest step whose checkpoint is complete on disk."""
+        self.waited_s = 0.0
+        """Seconds `submit` waited for the previous write (the update outran the disk)."""
+        self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, saved: Checkpoint) -> None:
+        started = time.perf_counter()
+        with self._cond:
+            self._cond.wait_for(lambda: (self._pending is None and not self._busy) or self._error)
+            self._raise()
+            self._pending = saved
+            self._cond.notify_all()
+        self.waited_s += time.perf_counter() - started
+
+    def durable(self) -> list[ConsumerPosition]:
+        with self._cond:
+            self._raise()
+            done, self._done = self._done, []
+        return done
+
+    def wait_durable(self, step: int, timeout_s: float | None = None) -> bool:
+        """True once the checkpoint of `step` (or a newer one) is complete; False if a write
+        failed or the wait timed out."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.durable_step >= step or self._error, timeout_s)
+            return self.durable_step >= step and self._error is None
+
+    def close(self) -> None:
+        """Finishes the checkpoint being written or waiting, then stops the thread."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._pending is None and not self._busy)
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+        with self._cond:
+            self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"a checkpoint write failed: {self._error!r}") from self._error
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending is not None or self._closed)
+                if self._pending is None:
+                    return
+                saved, self._busy = self._pending, True
+            try:
+                write(self.root, saved, self.keep)
+            except BaseException as exc:  # handed to the caller's thread
+                log.exception("checkpoint %s not written", saved.step)
+                with self._cond:
+                    self._error = exc
+                    self._pending, self._busy = None, False
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self.durable_step = max(self.durable_step, saved.step)
+                self._done += list(saved.positions.values())
+                self._pending, self._busy = None, False
+                self._cond.notify_all()

@@ -7,10 +7,13 @@ One turn, in order:
   2. drop rollouts more than `max_staleness` versions behind the trainer (counted);
   3. the ranks agree that each holds a full batch of whole groups (or that one wants to stop);
   4. `Learner.step` (gradients all-reduced across ranks by the learner);
-  5. every `checkpoint_every` updates: checkpoint (atomic), and only then commit offsets;
+  5. every `checkpoint_every` updates: checkpoint (atomic), and only then commit offsets; a
+     single-process trainer takes a copy and writes it on a thread beside the next update
+     (`checkpoint.BackgroundWriter`), committing its offsets once it is on disk;
   6. every `push_every` updates (after its checkpoint): weights version N+1 taken (a copy), then
      written, pushed to every replica and announced on `rlhf.weights.v1` by rank 0, on a
-     publisher thread beside the next update (at most one push in flight; the newest wins).
+     publisher thread beside the next update (at most one push in flight; the newest wins),
+     which waits for that step's checkpoint to be on disk first.
 Exactly once: the checkpoint stores, per partition, the first offset not yet used and the ids
 already used beyond it; a restart seeks there and skips those ids. Pushing only after a
 checkpoint means a version number is never reused for different weights.
@@ -138,7 +141,14 @@ class TrainerService:
         """Runs each version's push beside the next update: at most one in flight, the newest
         waiting version replaces an older one (settings.push_in_background)."""
         self._counted: Counter[str] = Counter()
+        self.checkpoints: checkpoint.BackgroundWriter | None = None
+        """Writes checkpoints beside the next update (one process only: the ranks of a
+        multi-rank trainer write their parts together, behind barriers)."""
         self._restore()
+        if settings.checkpoint_in_background and self.rank.world == 1:
+            self.checkpoints = checkpoint.BackgroundWriter(
+                settings.checkpoint_dir, settings.keep_checkpoints, done_step=self.step
+            )
 
     # -- start --------------------------------------------------------------------------------
     def _restore(self) -> None:
@@ -184,6 +194,7 @@ class TrainerService:
         s = self.settings
         last_record = time.monotonic()
         while True:
+            self._commit_durable()
             # 1. Poll and take in.
             records = self.source.poll(timeout_ms=200)
             if records:
@@ -260,6 +271,19 @@ class TrainerService:
 
     def _checkpoint(self) -> None:
         root = self.settings.checkpoint_dir
+        if self.checkpoints is not None:
+            started = time.perf_counter()
+            state = checkpoint.cloned(self.learner.state_dict())
+            saved = Checkpoint(
+                self.step,
+                self.version,
+                self._checkpoint_tensors(state),
+                state,
+                positions={0: self.batcher.position()},
+            )
+            self.checkpoints.submit(saved)  # waits while the previous one is still written
+            self.metrics.checkpoint_copy_time.observe(time.perf_counter() - started)
+            return
         if self.rank.is_leader:
             checkpoint.begin(root, self.step)
         distributed.barrier()
@@ -268,18 +292,28 @@ class TrainerService:
         distributed.barrier()
         if self.rank.is_leader:
             state = self.learner.state_dict()
-            tensors = {
-                f"policy.{k}": v.detach().cpu().clone() for k, v in state.pop("policy").items()
-            }
-            tensors |= {
-                f"value_head.{k}": v.detach().cpu().clone()
-                for k, v in state.pop("value_head").items()
-            }
+            tensors = self._checkpoint_tensors(state, copy=True)
             saved = Checkpoint(self.step, self.version, tensors, state, positions={})
             checkpoint.finish(root, saved, keep=self.settings.keep_checkpoints)
         distributed.barrier()
         # The checkpoint holding these offsets' effect is durable: now Kafka may know them.
         self.source.commit(position.offsets)
+
+    @staticmethod
+    def _checkpoint_tensors(state: dict, copy: bool = False) -> dict:
+        """Moves the policy's and the value head's tensors out of `state` under their prefixes;
+        `copy` copies each (tied weights share storage, which safetensors refuses to save)."""
+        return {
+            f"{part}.{k}": v.detach().to("cpu", copy=copy)
+            for part in ("policy", "value_head")
+            for k, v in state.pop(part).items()
+        }
+
+    def _commit_durable(self) -> None:
+        """Commits the offsets of every checkpoint the background writer finished (in order)."""
+        if self.checkpoints is not None:
+            for position in self.checkpoints.durable():
+                self.source.commit(position.offsets)
 
     def _publish(self) -> None:
         """6. Takes this version's tensors now (the next update changes them in place) and hands
@@ -311,6 +345,9 @@ class TrainerService:
         version, step, write = job
         s = self.settings
         started = time.perf_counter()
+        if self.checkpoints is not None and not self.checkpoints.wait_durable(step):
+            log.error("version %s not pushed: the checkpoint of step %s failed", version, step)
+            return  # the trainer stops on that error; a restart redoes the step
         folder = write() if write is not None else version_dir(s.weights_dir, version)
         manifest = build_manifest(folder, version, (BLAKE3,))
         results = push_all(
@@ -345,10 +382,21 @@ class TrainerService:
                 self._counted[reason] += delta
 
     def close(self) -> None:
+        error = None
+        if self.checkpoints is not None:
+            try:
+                self.checkpoints.close()  # the last checkpoint is on disk: its offsets commit
+                self._commit_durable()
+            except Exception as exc:  # noqa: BLE001 - raised below, once the rest is closed
+                error = exc
         if self.publisher is not None:
             self.publisher.close()  # the last version's push finishes before the log closes
         self.source.close()
         self.dead_letters.close()
         if self.producer is not None:
-            self.producer.close()
+            # Bounded like every service's: a record Kafka never acknowledged cannot hold the
+            # exit (kafka-python's close waits forever by default).
+            self.producer.close(timeout=10)
         self.log.close()
+        if error is not None:
+            raise error

@@ -87,6 +87,12 @@ class TrainerMetrics:
         self.version = Gauge(
             "rlhf_trainer_weights_version", "Weights version the trainer holds.", registry=r
         )
+        self.checkpoint_copy_time = Histogram(
+            "rlhf_trainer_checkpoint_copy_seconds",
+            "Training-path time of a background checkpoint: the state's copy, and any wait for "
+            "the previous write.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
         self.push_time = Histogram(
             "rlhf_trainer_weights_push_duration_seconds", "Time to push one version to all replicas.",
             buckets=LATENCY_BUCKETS, registry=r,

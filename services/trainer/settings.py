@@ -50,6 +50,13 @@ class TrainerSettings(BaseSettings):
         Path(".local/trainer"), description="Checkpoints, weights and the metrics log."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Completed checkpoints kept on disk.")
+    checkpoint_in_background: bool = Field(
+        True,
+        description="Single-process trainers: take a copy of the state at the checkpoint and "
+        "write it on a thread beside the next update; offsets are committed, and the version "
+        "pushed, only once it is on disk. False (and every multi-rank trainer) writes it on the "
+        "training path, as before.",
+    )
     consumer_group: str = Field(
         "rlhf-trainer", description="Kafka consumer group (offsets for lag)."
     )

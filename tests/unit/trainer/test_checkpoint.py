@@ -96,3 +96,67 @@ def test_trainer_state_with_arbitrary_objects_is_refused_on_load(tmp_path):
     folder = checkpoint.write(tmp_path, bad)
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
         checkpoint.load(folder)
+
+
+def test_the_manifest_lists_blake3_and_an_older_sha256_manifest_still_loads(tmp_path):
+    import hashlib
+    import json
+
+    import blake3
+
+    folder = checkpoint.write(tmp_path, _ckpt(1))
+    manifest = json.loads((folder / checkpoint.MANIFEST).read_text())
+    model = (folder / checkpoint.MODEL_FILE).read_bytes()
+    assert manifest["blake3"][checkpoint.MODEL_FILE] == blake3.blake3(model).hexdigest()
+    # A checkpoint written before BLAKE3 (sha256 only) still verifies, and still catches rot.
+    older = {
+        "step": 1,
+        "sha256": {
+            name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+            for name in manifest["blake3"]
+        },
+    }
+    (folder / checkpoint.MANIFEST).write_text(json.dumps(older))
+    assert checkpoint.verify(folder) is None
+    assert checkpoint.latest(tmp_path).step == 1
+    (folder / checkpoint.MODEL_FILE).write_bytes(model[:-1] + bytes([model[-1] ^ 1]))
+    assert checkpoint.verify(folder) == "model.safetensors does not match its sha256"
+
+
+def test_cloned_state_is_not_changed_by_later_in_place_updates():
+    live = {"optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}, "ids": [torch.zeros(2), 5]}}
+    copy = checkpoint.cloned(live)
+    live["optimizer"]["state"][0]["exp_avg"].add_(1)
+    live["optimizer"]["ids"][0].fill_(7)
+    assert torch.equal(copy["optimizer"]["state"][0]["exp_avg"], torch.ones(3))
+    assert torch.equal(copy["optimizer"]["ids"][0], torch.zeros(2))
+    assert copy["optimizer"]["ids"][1] == 5
+
+
+def test_background_writer_reports_each_durable_checkpoint_once_in_order(tmp_path):
+    writer = checkpoint.BackgroundWriter(tmp_path, keep=5)
+    for step in (1, 2, 3):
+        writer.submit(_ckpt(step))
+    assert writer.wait_durable(3, timeout_s=60)
+    done = writer.durable()
+    writer.close()
+    assert [p.offsets for p in done] == [{0: 5, 3: 9}, {1: 2}] * 3
+    assert writer.durable() == []
+    names = [p.name for p in checkpoint.complete_checkpoints(tmp_path)]
+    assert names == ["step-00000003", "step-00000002", "step-00000001"]
+    assert checkpoint.latest(tmp_path).step == 3
+
+
+def test_background_writer_hands_a_failed_write_to_the_caller(tmp_path):
+    blocker = tmp_path / "root"
+    blocker.write_text("a file where the checkpoint folder should be")
+    writer = checkpoint.BackgroundWriter(blocker, keep=2)
+    writer.submit(_ckpt(1))
+    assert writer.wait_durable(1, timeout_s=60) is False
+    with pytest.raises(RuntimeError, match="a checkpoint write failed"):
+        writer.durable()
+    with pytest.raises(RuntimeError, match="a checkpoint write failed"):
+        writer.submit(_ckpt(2))
+    with pytest.raises(RuntimeError, match="a checkpoint write failed"):
+        writer.close()
+    assert writer.durable_step == 0
