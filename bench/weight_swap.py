@@ -242,14 +242,14 @@ def trainer_with_pushes(conn, address: str, model_dir: Path, work: str, blocks: 
 
     import torch
 
-    from services.common.digest import BLAKE3
+    from services.common.digest import BLAKE3, SHA256
     from services.trainer.learner import Learner, LearnerConfig
     from services.trainer.rollouts import RolloutSample
     from services.trainer.weights_push import (
         NewestWins,
         add_sha256,
-        build_manifest,
         push_all,
+        read_manifest,
         snapshot,
         write_version,
     )
@@ -279,8 +279,8 @@ def trainer_with_pushes(conn, address: str, model_dir: Path, work: str, blocks: 
     def publish(job) -> None:  # what TrainerService._push_version does, less the Kafka send
         v, tensors = job
         cpu = time.thread_time()
-        folder = write_version(Path(work), v, tensors, (BLAKE3,))
-        manifest = build_manifest(folder, v, (BLAKE3,))
+        folder = write_version(Path(work), v, tensors, (BLAKE3, SHA256))
+        manifest = read_manifest(folder)  # hashed as it was written
         results = push_all([address], folder, manifest, skip_current=False)
         add_sha256(manifest, folder)
         push_cpu.append(time.thread_time() - cpu)

@@ -30,7 +30,7 @@ from collections import Counter
 import torch
 
 from services.common.dead_letters import DeadLetters
-from services.common.digest import BLAKE3
+from services.common.digest import BLAKE3, SHA256
 from services.common.kafka import make_producer
 from services.common.schema import record_headers
 from services.trainer import checkpoint, distributed
@@ -51,6 +51,7 @@ from services.trainer.weights_push import (
     announce,
     build_manifest,
     push_all,
+    read_manifest,
     snapshot,
     version_dir,
     write_adapter_version,
@@ -333,7 +334,8 @@ class TrainerService:
             write = lambda: write_adapter_version(s.weights_dir, version, adapter, *rest)
         else:
             tensors = snapshot(self.learner.policy_state_dict())
-            write = lambda: write_version(s.weights_dir, version, tensors, (BLAKE3,))
+            # sha256 too, for the announcement: hashed while the file is written, not read back.
+            write = lambda: write_version(s.weights_dir, version, tensors, (BLAKE3, SHA256))
         job = (version, self.step, write)
         if self.publisher is None:
             self._push_version(job)
@@ -349,7 +351,11 @@ class TrainerService:
             log.error("version %s not pushed: the checkpoint of step %s failed", version, step)
             return  # the trainer stops on that error; a restart redoes the step
         folder = write() if write is not None else version_dir(s.weights_dir, version)
-        manifest = build_manifest(folder, version, (BLAKE3,))
+        # The digests taken while the file was written (a file changed since fails the
+        # policy's check); a LoRA adapter's folder lists sha256 only, so it is hashed here.
+        manifest = read_manifest(folder)
+        if manifest.digest_algorithm != BLAKE3:
+            manifest = build_manifest(folder, version, (BLAKE3,))
         results = push_all(
             s.policy_addresses,
             folder,

@@ -30,6 +30,7 @@ import json
 import logging
 import mmap
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,7 +45,7 @@ from safetensors.torch import save
 
 from services.common.channels import client_channel
 from services.common.control_auth import control_metadata
-from services.common.digest import BLAKE3, SHA256, file_digest, sha256_file
+from services.common.digest import BLAKE3, SHA256, file_digest, new_hasher, sha256_file
 from services.common.grpc_server import message_size_options
 from services.common.lora_adapter import ADAPTER_FILE, PEFT_CONFIG_FILE, AdapterConfig
 from services.common.replicas import replica_addresses
@@ -66,6 +67,54 @@ def version_dir(root: Path, version: int) -> Path:
     return VersionedFolders(root).path(version)
 
 
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], digests=()) -> dict[str, str]:
+    """Writes `tensors` as a safetensors file straight from their memory, fsynced, hashing the
+    bytes with each of `digests` as they are written; returns {algorithm: hex digest}.
+
+    `safetensors.torch.save` builds the whole file in memory first (a copy of every byte), and
+    a manifest then reads it back to hash it: this writes and hashes each tensor once. Names
+    are sorted; each tensor's storage must be its own (tied weights once, as `save` requires)."""
+    specs, arrays, offset = {}, [], 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name}: dtype {tensor.dtype} has no safetensors name")
+        size = tensor.numel() * tensor.element_size()
+        specs[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        arrays.append(tensor.reshape(-1).view(torch.uint8).numpy())
+        offset += size
+    header = json.dumps(specs, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes
+    hashers = {algorithm: new_hasher(algorithm) for algorithm in digests}
+    with open(path, "wb") as f:
+        for part in (struct.pack("<Q", len(header)), header, *arrays):
+            view = memoryview(part)
+            f.write(view)
+            for hasher in hashers.values():
+                hasher.update(view)
+        f.flush()
+        os.fsync(f.fileno())
+    return {algorithm: hasher.hexdigest() for algorithm, hasher in hashers.items()}
+
+
 def write_version(
     root: Path,
     version: int,
@@ -73,15 +122,37 @@ def write_version(
     digests: tuple[str, ...] = (SHA256,),
 ) -> Path:
     """Writes `v{version}/model.safetensors` and its manifest (with `digests`, see
-    `build_manifest`) atomically (temp folder + rename)."""
+    `build_manifest`, hashed while the file is written) atomically (temp folder + rename);
+    `read_manifest` gives the manifest back without hashing again."""
     store = VersionedFolders(root)
     tmp = store.begin(version)
-    write_durable(
-        tmp / WEIGHTS_FILE, save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
-    )
-    manifest = build_manifest(tmp, version, digests)
+    hashed = write_safetensors(tmp / WEIGHTS_FILE, tensors, digests)
+    manifest = policy_pb2.WeightsManifest(weights_version=version)
+    manifest.file_size[WEIGHTS_FILE] = (tmp / WEIGHTS_FILE).stat().st_size
+    manifest.tensors.extend(tensor_specs(tmp / WEIGHTS_FILE))
+    if SHA256 in hashed:
+        manifest.file_sha256[WEIGHTS_FILE] = hashed[SHA256]
+    if BLAKE3 in hashed:
+        manifest.digest_algorithm = BLAKE3
+        manifest.file_digest[WEIGHTS_FILE] = hashed[BLAKE3]
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest_to_json(manifest), indent=1))
     return store.commit(tmp, version)
+
+
+def read_manifest(folder: Path) -> policy_pb2.WeightsManifest:
+    """The manifest `write_version` (or `write_adapter_version`) wrote into `folder`."""
+    data = json.loads((Path(folder) / MANIFEST_FILE).read_text())
+    manifest = policy_pb2.WeightsManifest(weights_version=int(data["weights_version"]))
+    manifest.file_size.update({k: int(v) for k, v in data["file_size"].items()})
+    manifest.file_sha256.update(data.get("file_sha256", {}))
+    if data.get("digest_algorithm"):
+        manifest.digest_algorithm = data["digest_algorithm"]
+        manifest.file_digest.update(data["file_digest"])
+    manifest.tensors.extend(
+        policy_pb2.TensorSpec(name=t["name"], shape=t["shape"], dtype=t["dtype"])
+        for t in data["tensors"]
+    )
+    return manifest
 
 
 def write_adapter_version(

@@ -95,3 +95,32 @@ def test_replica_addresses_expand_a_name_to_every_address():
     assert "127.0.0.1:50051" in replicas and "10.0.0.7:50051" in replicas
     assert len(replicas) == len(set(replicas))
     assert all(r.endswith(":50051") for r in replicas)
+
+
+def test_written_while_hashed_equals_safetensors_and_the_digests_of_the_bytes(tmp_path, tensors):
+    import blake3
+
+    from services.common.digest import BLAKE3, SHA256
+    from services.trainer.weights_push import read_manifest, write_safetensors
+
+    tensors = {**tensors, "flag": torch.tensor([True, False]), "empty": torch.zeros(0, 3)}
+    path = tmp_path / "m.safetensors"
+    digests = write_safetensors(path, tensors, (BLAKE3, SHA256))
+    data = path.read_bytes()
+    assert digests == {
+        BLAKE3: blake3.blake3(data).hexdigest(),
+        SHA256: hashlib.sha256(data).hexdigest(),
+    }
+    loaded = load_file(path)  # the safetensors library reads it
+    assert loaded.keys() == tensors.keys()
+    assert all(torch.equal(loaded[k], v) and loaded[k].dtype == v.dtype for k, v in tensors.items())
+    # The version folder's manifest, read back, is the one hashing the folder again gives.
+    folder = write_version(tmp_path / "versions", 3, tensors, (BLAKE3, SHA256))
+    assert read_manifest(folder) == build_manifest(folder, 3, (BLAKE3, SHA256))
+
+
+def test_a_tensor_whose_dtype_safetensors_cannot_name_is_refused(tmp_path):
+    from services.trainer.weights_push import write_safetensors
+
+    with pytest.raises(ValueError, match="complex64"):
+        write_safetensors(tmp_path / "m.safetensors", {"z": torch.zeros(2, dtype=torch.complex64)})
