@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from services.common.models import load_causal_lm, load_tokenizer, select_dtype
+from services.common.safetensors_file import TORCH_DTYPES
 from services.common.safetensors_header import data_layout, header_length
 from services.common.triton_repo import TensorIO, instance_device, model_parameters
 from services.policy.batching import RunningBatch
@@ -420,20 +421,6 @@ def top_arrays(
     return out_ids, out_lp
 
 
-_TORCH_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
 @torch.no_grad()
 def load_into(model, files: list[Path]) -> None:
     """Copies every tensor of `files` into the model's parameters in place (tied ones follow).
@@ -453,7 +440,7 @@ def load_into(model, files: list[Path]) -> None:
                 for name, (dtype, shape, start, end) in layout.items():
                     if start == end:
                         continue
-                    target, torch_dtype = state[name], _TORCH_DTYPES[dtype]
+                    target, torch_dtype = state[name], TORCH_DTYPES[dtype]
                     if (
                         target.device.type == "cpu"
                         and target.dtype == torch_dtype
@@ -486,11 +473,11 @@ def _checked_layout(path: Path, state: dict) -> tuple[int, dict]:
         layout = data_layout(f.read(length), path.name)
     base, size = 8 + length, path.stat().st_size
     for name, (dtype, shape, start, end) in layout.items():
-        if dtype not in _TORCH_DTYPES:
+        if dtype not in TORCH_DTYPES:
             raise ValueError(f"{path.name}: tensor {name} has unsupported dtype {dtype}")
         if name not in state or tuple(state[name].shape) != shape:
             raise ValueError(f"{path.name}: tensor {name} does not fit the served model")
-        nbytes = math.prod(shape) * _TORCH_DTYPES[dtype].itemsize
+        nbytes = math.prod(shape) * TORCH_DTYPES[dtype].itemsize
         if not (0 <= start and end - start == nbytes and base + end <= size):
             raise ValueError(f"{path.name}: tensor {name} has data offsets {start}..{end}")
     return base, layout

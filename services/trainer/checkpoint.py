@@ -16,9 +16,9 @@ a thread beside the next update.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 from services.common.digest import ALGORITHMS, BLAKE3, UnknownDigest, file_digest
+from services.common.safetensors_file import write_safetensors
 from services.common.versions import VersionedFolders, fsync_dir, write_durable
 
 log = logging.getLogger(__name__)
@@ -111,11 +112,13 @@ def finish(root: Path, checkpoint: Checkpoint, keep: int = 2) -> Path:
     """Rank 0: writes the model and state, the manifest last, then renames the folder into place."""
     root = Path(root)
     tmp = temp_dir(root, checkpoint.step)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in checkpoint.tensors.items()}
-    write_durable(tmp / MODEL_FILE, save(tensors))
-    buffer = io.BytesIO()
-    torch.save(checkpoint.trainer_state, buffer)
-    write_durable(tmp / TRAINER_STATE_FILE, buffer.getvalue())
+    # Both written straight to their files (no whole-file buffer in memory: 1.7 GB for
+    # SmolLM2-135M with AdamW), fsynced.
+    write_safetensors(tmp / MODEL_FILE, checkpoint.tensors)
+    with open(tmp / TRAINER_STATE_FILE, "wb") as f:
+        torch.save(checkpoint.trainer_state, f)
+        f.flush()
+        os.fsync(f.fileno())
     state = {"step": checkpoint.step, "weights_version": checkpoint.weights_version}
     write_durable(tmp / STATE_FILE, json.dumps(state).encode())
     files = sorted(p.name for p in tmp.iterdir() if p.name != MANIFEST)

@@ -30,7 +30,6 @@ import json
 import logging
 import mmap
 import os
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,10 +44,11 @@ from safetensors.torch import save
 
 from services.common.channels import client_channel
 from services.common.control_auth import control_metadata
-from services.common.digest import BLAKE3, SHA256, file_digest, new_hasher, sha256_file
+from services.common.digest import BLAKE3, SHA256, file_digest, sha256_file
 from services.common.grpc_server import message_size_options
 from services.common.lora_adapter import ADAPTER_FILE, PEFT_CONFIG_FILE, AdapterConfig
 from services.common.replicas import replica_addresses
+from services.common.safetensors_file import write_safetensors
 from services.common.safetensors_header import file_specs
 from services.common.side_channel import send_files, ticket_from_metadata
 from services.common.versions import VersionedFolders, write_durable
@@ -65,54 +65,6 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 
 def version_dir(root: Path, version: int) -> Path:
     return VersionedFolders(root).path(version)
-
-
-_SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
-
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], digests=()) -> dict[str, str]:
-    """Writes `tensors` as a safetensors file straight from their memory, fsynced, hashing the
-    bytes with each of `digests` as they are written; returns {algorithm: hex digest}.
-
-    `safetensors.torch.save` builds the whole file in memory first (a copy of every byte), and
-    a manifest then reads it back to hash it: this writes and hashes each tensor once. Names
-    are sorted; each tensor's storage must be its own (tied weights once, as `save` requires)."""
-    specs, arrays, offset = {}, [], 0
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().to("cpu").contiguous()
-        if tensor.dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"tensor {name}: dtype {tensor.dtype} has no safetensors name")
-        size = tensor.numel() * tensor.element_size()
-        specs[name] = {
-            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        arrays.append(tensor.reshape(-1).view(torch.uint8).numpy())
-        offset += size
-    header = json.dumps(specs, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes
-    hashers = {algorithm: new_hasher(algorithm) for algorithm in digests}
-    with open(path, "wb") as f:
-        for part in (struct.pack("<Q", len(header)), header, *arrays):
-            view = memoryview(part)
-            f.write(view)
-            for hasher in hashers.values():
-                hasher.update(view)
-        f.flush()
-        os.fsync(f.fileno())
-    return {algorithm: hasher.hexdigest() for algorithm, hasher in hashers.items()}
 
 
 def write_version(

@@ -101,7 +101,8 @@ def test_written_while_hashed_equals_safetensors_and_the_digests_of_the_bytes(tm
     import blake3
 
     from services.common.digest import BLAKE3, SHA256
-    from services.trainer.weights_push import read_manifest, write_safetensors
+    from services.common.safetensors_file import write_safetensors
+    from services.trainer.weights_push import read_manifest
 
     tensors = {**tensors, "flag": torch.tensor([True, False]), "empty": torch.zeros(0, 3)}
     path = tmp_path / "m.safetensors"
@@ -120,7 +121,7 @@ def test_written_while_hashed_equals_safetensors_and_the_digests_of_the_bytes(tm
 
 
 def test_a_tensor_whose_dtype_safetensors_cannot_name_is_refused(tmp_path):
-    from services.trainer.weights_push import write_safetensors
+    from services.common.safetensors_file import write_safetensors
 
     with pytest.raises(ValueError, match="complex64"):
         write_safetensors(tmp_path / "m.safetensors", {"z": torch.zeros(2, dtype=torch.complex64)})
