@@ -79,14 +79,8 @@ def write_version(
     store = VersionedFolders(root)
     tmp = store.begin(version)
     hashed = write_safetensors(tmp / WEIGHTS_FILE, tensors, digests)
-    manifest = policy_pb2.WeightsManifest(weights_version=version)
-    manifest.file_size[WEIGHTS_FILE] = (tmp / WEIGHTS_FILE).stat().st_size
-    manifest.tensors.extend(tensor_specs(tmp / WEIGHTS_FILE))
-    if SHA256 in hashed:
-        manifest.file_sha256[WEIGHTS_FILE] = hashed[SHA256]
-    if BLAKE3 in hashed:
-        manifest.digest_algorithm = BLAKE3
-        manifest.file_digest[WEIGHTS_FILE] = hashed[BLAKE3]
+    known = {algorithm: {WEIGHTS_FILE: digest} for algorithm, digest in hashed.items()}
+    manifest = build_manifest(tmp, version, digests, known)
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest_to_json(manifest), indent=1))
     return store.commit(tmp, version)
 
@@ -137,11 +131,17 @@ def tensor_specs(path: Path) -> list[policy_pb2.TensorSpec]:
 
 
 def build_manifest(
-    folder: Path, version: int, digests: tuple[str, ...] = (SHA256,)
+    folder: Path,
+    version: int,
+    digests: tuple[str, ...] = (SHA256,),
+    known: dict[str, dict[str, str]] | None = None,
 ) -> policy_pb2.WeightsManifest:
     """The manifest of every `*.safetensors` file in `folder`, with the digests named: SHA256
     fills `file_sha256` (what every policy accepts, and what `rlhf.weights.v1` announces);
-    BLAKE3 fills `file_digest`, which a policy then checks instead (5x faster to hash)."""
+    BLAKE3 fills `file_digest`, which a policy then checks instead (5x faster to hash).
+    `known` ({algorithm: {file name: hex digest}}, taken as the files were written) spares
+    hashing those files again."""
+    known = known or {}
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {folder}")
@@ -150,11 +150,13 @@ def build_manifest(
         manifest.file_size[path.name] = path.stat().st_size
         manifest.tensors.extend(tensor_specs(path))
     if SHA256 in digests:
-        add_sha256(manifest, folder)
+        manifest.file_sha256.update(known.get(SHA256, {}))
+        add_sha256(manifest, folder)  # the files not in `known`
     if BLAKE3 in digests:
         manifest.digest_algorithm = BLAKE3
         for path in files:
-            manifest.file_digest[path.name] = file_digest(path, BLAKE3)
+            digest = known.get(BLAKE3, {}).get(path.name)
+            manifest.file_digest[path.name] = digest or file_digest(path, BLAKE3)
     return manifest
 
 
