@@ -73,7 +73,7 @@ class Preset:
     """Answers per ranked prompt (K >= 4)."""
     rm_epochs: int = 2
     rm_lr: float = 5e-5
-    rl_steps: int = 8
+    rl_steps: int = 10
     """Trainer updates (each pushes a weights version)."""
     prompts_per_step: int = 8
     samples_per_prompt: int = 4
@@ -89,7 +89,9 @@ class Preset:
     """After the last RL step, how long users go on chatting for a refresh to be published."""
     refresh: dict = field(
         default_factory=lambda: {
-            "refresh_every": 32,
+            # Small enough that one user's thumbs (about one pair per chat) reach a refresh in
+            # the first half of RL, so later rollouts are scored by a refreshed version.
+            "refresh_every": 16,
             "min_held_out": 16,
             "held_out_modulus": 5,
             "epochs": 2,
