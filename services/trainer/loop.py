@@ -12,8 +12,9 @@ One turn, in order:
      (`checkpoint.BackgroundWriter`), committing its offsets once it is on disk;
   6. every `push_every` updates (after its checkpoint): weights version N+1 taken (a copy), then
      written, pushed to every replica and announced on `rlhf.weights.v1` by rank 0, on a
-     publisher thread beside the next update (at most one push in flight; the newest wins),
-     which waits for that step's checkpoint to be on disk first.
+     publisher thread beside the next update (at most one push in flight; the newest wins).
+     The file is written under a temporary name while that step's checkpoint is written; it
+     is renamed into place, pushed and announced only once the checkpoint is on disk.
 Exactly once: the checkpoint stores, per partition, the first offset not yet used and the ids
 already used beyond it; a restart seeks there and skips those ids. Pushing only after a
 checkpoint means a version number is never reused for different weights.
@@ -50,12 +51,13 @@ from services.trainer.weights_push import (
     add_sha256,
     announce,
     build_manifest,
+    commit_version,
     push_all,
     read_manifest,
     snapshot,
+    stage_adapter_version,
+    stage_version,
     version_dir,
-    write_adapter_version,
-    write_version,
 )
 
 log = logging.getLogger(__name__)
@@ -327,30 +329,39 @@ class TrainerService:
         version = self.version
         folder = version_dir(s.weights_dir, version)
         if folder.is_dir():
-            write = None  # written before a crash: pushed again as it is
+            stage = None  # written before a crash (after its checkpoint): pushed again as it is
         elif self.learner.lora:  # only the adapter travels
             adapter, *rest = self.learner.adapter_push(base_version=s.initial_weights_version)
             adapter = snapshot(adapter)
-            write = lambda: write_adapter_version(s.weights_dir, version, adapter, *rest)
+            stage = lambda: stage_adapter_version(s.weights_dir, version, adapter, *rest)
         else:
             tensors = snapshot(self.learner.policy_state_dict())
             # sha256 too, for the announcement: hashed while the file is written, not read back.
-            write = lambda: write_version(s.weights_dir, version, tensors, (BLAKE3, SHA256))
-        job = (version, self.step, write)
+            stage = lambda: stage_version(s.weights_dir, version, tensors, (BLAKE3, SHA256))
+        job = (version, self.step, stage)
         if self.publisher is None:
             self._push_version(job)
         else:
             self.publisher.submit(job)
 
     def _push_version(self, job) -> None:
-        """The publisher thread's work for one version: write, push to every replica, announce."""
-        version, step, write = job
+        """The publisher thread's work for one version: write, push to every replica, announce.
+        The file is written under its temporary name while the step's checkpoint is still being
+        written, and renamed into place once that is on disk: a crash in between leaves no
+        `v{N}` folder for the restart to take as the same weights."""
+        version, step, stage = job
         s = self.settings
         started = time.perf_counter()
+        staged = stage() if stage is not None else None
         if self.checkpoints is not None and not self.checkpoints.wait_durable(step):
             log.error("version %s not pushed: the checkpoint of step %s failed", version, step)
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)
             return  # the trainer stops on that error; a restart redoes the step
-        folder = write() if write is not None else version_dir(s.weights_dir, version)
+        if staged is not None:
+            folder = commit_version(s.weights_dir, version, staged)
+        else:
+            folder = version_dir(s.weights_dir, version)
         # The digests taken while the file was written (a file changed since fails the
         # policy's check); a LoRA adapter's folder lists sha256 only, so it is hashed here.
         manifest = read_manifest(folder)

@@ -76,13 +76,29 @@ def write_version(
     """Writes `v{version}/model.safetensors` and its manifest (with `digests`, see
     `build_manifest`, hashed while the file is written) atomically (temp folder + rename);
     `read_manifest` gives the manifest back without hashing again."""
-    store = VersionedFolders(root)
-    tmp = store.begin(version)
+    return commit_version(root, version, stage_version(root, version, tensors, digests))
+
+
+def stage_version(
+    root: Path,
+    version: int,
+    tensors: dict[str, torch.Tensor],
+    digests: tuple[str, ...] = (SHA256,),
+) -> Path:
+    """`write_version` up to the rename: the complete folder under its temporary name, which no
+    reader takes for a version (`commit_version` puts it in place; a crash leaves it to the
+    next `begin` of that number)."""
+    tmp = VersionedFolders(root).begin(version)
     hashed = write_safetensors(tmp / WEIGHTS_FILE, tensors, digests)
     known = {algorithm: {WEIGHTS_FILE: digest} for algorithm, digest in hashed.items()}
     manifest = build_manifest(tmp, version, digests, known)
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest_to_json(manifest), indent=1))
-    return store.commit(tmp, version)
+    return tmp
+
+
+def commit_version(root: Path, version: int, staged: Path) -> Path:
+    """Renames a staged version folder into place (replacing one of the same number)."""
+    return VersionedFolders(root).commit(staged, version)
 
 
 def read_manifest(folder: Path) -> policy_pb2.WeightsManifest:
@@ -111,15 +127,27 @@ def write_adapter_version(
     """A LoRA run's version folder: `v{version}/adapter_model.safetensors` (the merge settings in
     its metadata, services/common/lora_adapter.py), peft's adapter_config.json and the manifest,
     atomically. Only the safetensors file is pushed; the policy merges it into its base."""
-    store = VersionedFolders(root)
-    tmp = store.begin(version)
+    return commit_version(
+        root, version, stage_adapter_version(root, version, adapter, config, peft_config)
+    )
+
+
+def stage_adapter_version(
+    root: Path,
+    version: int,
+    adapter: dict[str, torch.Tensor],
+    config: AdapterConfig,
+    peft_config: dict | None = None,
+) -> Path:
+    """`write_adapter_version` up to the rename (see `stage_version`)."""
+    tmp = VersionedFolders(root).begin(version)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.items()}
     write_durable(tmp / ADAPTER_FILE, save(tensors, metadata=config.to_metadata()))
     if peft_config is not None:
         write_durable(tmp / PEFT_CONFIG_FILE, json.dumps(peft_config, indent=1).encode())
     manifest = build_manifest(tmp, version)
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest_to_json(manifest), indent=1))
-    return store.commit(tmp, version)
+    return tmp
 
 
 def tensor_specs(path: Path) -> list[policy_pb2.TensorSpec]:
