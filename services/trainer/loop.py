@@ -321,8 +321,8 @@ class TrainerService:
     def _publish(self) -> None:
         """6. Takes this version's tensors now (the next update changes them in place) and hands
         them to the publisher thread, which writes, pushes and announces them beside the next
-        update. Its checkpoint is already durable (step 5), so a version number never names two
-        sets of weights."""
+        update. The push waits for this step's checkpoint to be on disk (`_push_version`), so a
+        version number never names two sets of weights."""
         if not self.rank.is_leader:
             return
         s = self.settings
