@@ -97,6 +97,9 @@ class Preset:
             "epochs": 2,
             "learning_rate": 3e-5,
             "tolerance": 0.02,
+            # A drop of a few pairs on ~150 held-out ones is noise: it blocks a refresh only
+            # when significant (seed 2 had two rejected for a net 4 and 5 pairs of 143, 150).
+            "significance": 0.05,
         }
     )
     eval_prompts: int = 100

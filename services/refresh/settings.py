@@ -67,6 +67,14 @@ class RefreshSettings(BaseSettings):
         le=1,
         description="Held-out accuracy may drop by at most this to publish (0: not at all).",
     )
+    significance: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="When > 0, a drop beyond tolerance still publishes unless it is significant "
+        "at this level: a one-sided exact McNemar test on the held-out pairs the two versions "
+        "rank differently (0: tolerance alone decides).",
+    )
     keep_versions: int = Field(3, ge=1, description="Published version folders kept on disk.")
     reload_attempts: int = Field(
         3,

@@ -18,7 +18,9 @@ One cycle (`RefreshWorker.step`):
         with as many heads as the current version has (an ensemble stays one: the reward service
         refuses a version with another head count) and each pair weighed by who labelled it
         (`human_weight`, `ai_weight` for PREFERENCE_SOURCE_AI records);
-     b. held-out pairwise accuracy before and after; publish only if after >= before - tolerance;
+     b. held-out pairwise accuracy before and after; publish only if after >= before - tolerance,
+        or (with `significance` > 0) the drop is not significant by a one-sided exact McNemar
+        test on the held-out pairs the two versions rank differently;
         per annotator cohort, the held-out pairs, their share of the training mix and the
         accuracy, and how often cohorts, and the AI judge and people, agree on the same
         comparison: gauges (`rlhf_refresh_cohort_*`, `rlhf_refresh_*_agreement`) and the
@@ -102,11 +104,38 @@ class Decision:
     reason: str
 
 
-def publish_decision(before: float, after: float, tolerance: float = 0.0) -> Decision:
-    """Publish only when held-out accuracy did not drop (by more than `tolerance`)."""
+def drop_p_value(lost: int, gained: int) -> float:
+    """One-sided exact McNemar test of a drop in accuracy on one held-out set: of the pairs the
+    two versions rank differently, `lost` the new one gets wrong and `gained` it gets right. Were
+    both versions equally accurate each such pair would be a fair coin, and this is the chance
+    of `lost` or more of the `lost + gained` going the old version's way (1 when none differ)."""
+    n = lost + gained
+    return sum(math.comb(n, k) for k in range(lost, n + 1)) / 2**n
+
+
+def publish_decision(
+    before: float,
+    after: float,
+    tolerance: float = 0.0,
+    *,
+    lost: int = 0,
+    gained: int = 0,
+    significance: float = 0.0,
+) -> Decision:
+    """Publish when held-out accuracy did not drop by more than `tolerance`; with `significance`
+    > 0, also when it did but the drop is not significant at that level (`drop_p_value` of the
+    `lost` and `gained` pairs >= `significance`): a few pairs of a small held-out set are noise,
+    and rejecting on them keeps a stale version scoring a policy that has moved on."""
     if after + 1e-12 >= before - tolerance:
         return Decision(True, f"held-out accuracy {before:.4f} -> {after:.4f}")
-    return Decision(False, f"held-out accuracy dropped {before:.4f} -> {after:.4f}")
+    dropped = f"held-out accuracy dropped {before:.4f} -> {after:.4f}"
+    if significance <= 0:
+        return Decision(False, dropped)
+    p = drop_p_value(lost, gained)
+    test = f"{lost} pairs lost, {gained} gained: p = {p:.3f}"
+    if p >= significance:
+        return Decision(True, f"{dropped}, not significantly ({test} >= {significance})")
+    return Decision(False, f"{dropped} significantly ({test} < {significance})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +308,15 @@ class RefreshWorker:
         # a. fine-tune, b. evaluate before and after
         candidate = fit_reward(config, train, held_out, make_runtime(config), rng)
         before, after = candidate.before["accuracy"], candidate.after["accuracy"]
-        decision = publish_decision(before, after, self.settings.tolerance)
+        changed = list(zip(candidate.correct_before, candidate.correct_after, strict=True))
+        decision = publish_decision(
+            before,
+            after,
+            self.settings.tolerance,
+            lost=sum(was and not now for was, now in changed),
+            gained=sum(now and not was for was, now in changed),
+            significance=self.settings.significance,
+        )
         agreement = agreement_report(self.store.all_pairs())
         self.metrics.runs.inc()
         self.metrics.accuracy.labels("candidate").set(after)

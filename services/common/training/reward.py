@@ -194,11 +194,9 @@ def ensemble_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, 
     return out
 
 
-def held_out_metrics(
-    model, tokenizer, pairs: list[PreferencePair], config: RewardConfig, runtime: Runtime
-) -> dict[str, float]:
-    """`ensemble_metrics` over all held-out pairs."""
-    return ensemble_metrics(*held_out_rewards(model, tokenizer, pairs, config, runtime))
+def ranked_right(chosen: torch.Tensor, rejected: torch.Tensor) -> list[bool]:
+    """Per pair: the ensemble mean ranks chosen above rejected (a tie counts as wrong)."""
+    return (chosen.mean(dim=-1) > rejected.mean(dim=-1)).tolist()
 
 
 COHORT_UNKNOWN = "unknown"
@@ -261,6 +259,10 @@ class FittedReward:
     """Heads of the trained model (its config's num_labels)."""
     cohorts: dict[str, dict] = field(default_factory=dict)
     """`cohort_report` of the trained model ({} without held-out pairs)."""
+    correct_before: list[bool] = field(default_factory=list)
+    """Per held-out pair: `config.model` ranks it right (a tie counts as wrong)."""
+    correct_after: list[bool] = field(default_factory=list)
+    """The same, after training: with `correct_before`, the pairs whose ranking changed."""
 
 
 def fit_reward(
@@ -290,7 +292,10 @@ def fit_reward(
     weights = weights.to(runtime.device)
     optimizer = make_optimizer(model, config)
     bradley_terry = get_loss(LossName.BRADLEY_TERRY_ENSEMBLE)
-    before = held_out_metrics(model, tokenizer, held_out, config, runtime) if held_out else {}
+    before, correct_before = {}, []
+    if held_out:
+        chosen, rejected = held_out_rewards(model, tokenizer, held_out, config, runtime)
+        before, correct_before = ensemble_metrics(chosen, rejected), ranked_right(chosen, rejected)
     steps, last_loss = 0, None
     for epoch in range(config.epochs):
         # Batches of indices into `train` (the same shuffle as of the pairs), for the weights.
@@ -310,13 +315,23 @@ def fit_reward(
                 loss=f"{step_metrics['reward/loss']:.4f}",
                 acc=f"{step_metrics['reward/accuracy']:.2f}",
             )
-    after, cohorts = {}, {}
+    after, cohorts, correct_after = {}, {}, []
     if held_out:
         chosen, rejected = held_out_rewards(model, tokenizer, held_out, config, runtime)
-        after = ensemble_metrics(chosen, rejected)
-        correct = (chosen.mean(dim=-1) > rejected.mean(dim=-1)).tolist()
-        cohorts = cohort_report(train, held_out, correct)
-    return FittedReward(model.eval(), tokenizer, before, after, steps, last_loss, members, cohorts)
+        after, correct_after = ensemble_metrics(chosen, rejected), ranked_right(chosen, rejected)
+        cohorts = cohort_report(train, held_out, correct_after)
+    return FittedReward(
+        model.eval(),
+        tokenizer,
+        before,
+        after,
+        steps,
+        last_loss,
+        members,
+        cohorts,
+        correct_before,
+        correct_after,
+    )
 
 
 def run_train_reward(config: RewardConfig) -> dict:

@@ -215,10 +215,17 @@ def test_refresh_publishes_a_better_version_the_reward_service_serves(
     #    twice; pairs of the inverted rule make held-out accuracy drop, so nothing is published.
     #    (Restarted with a smaller N and a little replay, at the first refresh's rate: at 5e-4 the
     #    110 inverted pairs once left held-out accuracy at 1.0 -> 1.0, and it was published.)
+    #    With the significance test on, the drop is rejected because it is significant.
     inverted = _pairs(110, seed=2, inverted=True, train_only=True)
     _produce(kafka_settings, topic, _records(inverted))
     registry = CollectorRegistry()
-    update = {"refresh_every": 100, "replay_ratio": 0.2, "epochs": 3, "learning_rate": 2e-3}
+    update = {
+        "refresh_every": 100,
+        "replay_ratio": 0.2,
+        "epochs": 3,
+        "learning_rate": 2e-3,
+        "significance": 0.05,
+    }
     settings = settings.model_copy(update=update)
     worker = RefreshWorker(settings, registry)
     try:
@@ -232,6 +239,8 @@ def test_refresh_publishes_a_better_version_the_reward_service_serves(
     assert not second.published and second.version == 2 and second.reload_accepted is None
     assert second.accuracy_after < second.accuracy_before == pytest.approx(first.accuracy_after)
     assert second.replay_pairs > 0
+    assert "dropped" in second.reason and "significantly (" in second.reason
+    assert second.reason.endswith("< 0.05)")
     assert value("rlhf_refresh_refreshes_rejected_total") == 1
     assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == ["CURRENT", "v00000002"]
     assert read_published(tmp_path / "versions").version == 2

@@ -18,6 +18,7 @@ from services.refresh import worker as refresh
 from services.refresh.worker import (
     CurrentVersion,
     PairStore,
+    drop_p_value,
     is_held_out,
     publish_decision,
     replay_sample,
@@ -39,6 +40,43 @@ def test_publish_only_when_held_out_accuracy_did_not_drop(before, after, toleran
     decision = publish_decision(before, after, tolerance)
     assert decision.publish is publish
     assert f"{before:.4f} -> {after:.4f}" in decision.reason
+
+
+def test_drop_p_value_is_the_one_sided_exact_mcnemar_test():
+    # Reference values: P(X >= lost) for X ~ Binomial(lost + gained, 1/2), summed by hand.
+    assert drop_p_value(0, 0) == 1.0
+    assert drop_p_value(4, 0) == 1 / 16
+    assert drop_p_value(5, 0) == 1 / 32
+    assert drop_p_value(6, 2) == (28 + 8 + 1) / 256
+    assert drop_p_value(2, 6) == 1 - (1 + 8) / 256
+    assert drop_p_value(3, 3) == (20 + 15 + 6 + 1) / 64
+    # Large held-out sets stay exact (big integers) and in [0, 1].
+    assert drop_p_value(1100, 900) < 1e-5
+    assert 0.99 < drop_p_value(900, 1100) <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("lost", "gained", "significance", "publish"),
+    [
+        (6, 2, 0.0, False),  # no test: the tolerance alone decides, as before
+        (6, 2, 0.05, True),  # p = 0.145: a drop of 4 pairs that could be chance
+        (4, 0, 0.05, True),  # p = 0.0625
+        (5, 0, 0.05, False),  # p = 0.031: significant
+        (30, 10, 0.05, False),
+    ],
+)
+def test_a_drop_beyond_tolerance_publishes_only_when_it_is_not_significant(
+    lost, gained, significance, publish
+):
+    decision = publish_decision(
+        0.80, 0.77, 0.02, lost=lost, gained=gained, significance=significance
+    )
+    assert decision.publish is publish
+    assert "0.8000 -> 0.7700" in decision.reason
+    if significance:
+        assert f"p = {drop_p_value(lost, gained):.3f}" in decision.reason
+    # Within the tolerance the test is not consulted: a significant drop of 0.01 still publishes.
+    assert publish_decision(0.80, 0.79, 0.02, lost=50, gained=0, significance=0.05).publish
 
 
 def test_held_out_split_is_the_prompt_hash_modulo_and_stable():

@@ -176,6 +176,41 @@ def _scores(model, tokenizer, pairs):
     return chosen, rejected  # (P, M)
 
 
+def test_fit_reward_reports_which_held_out_pairs_each_version_ranks_right(tmp_path, tiny_rm_dir):
+    """The per-pair marks the refresh's significance test counts: before from the starting
+    model, after from the trained one, each pair marked as scoring it directly marks it."""
+    model_dir = _without_dropout(tiny_rm_dir, tmp_path / "rm")
+    train = _pairs(reward_rows(16, seed=1, rankings_every=0))
+    held_out = _pairs(reward_rows(12, seed=2, rankings_every=0))
+    config = RewardConfig(
+        model=model_dir,
+        data=tmp_path,
+        output=tmp_path / "unused",
+        epochs=3,
+        batch_size=8,
+        learning_rate=5e-3,
+        max_length=48,
+    )
+    start = load_reward_model(model_dir, torch.device("cpu"), torch.float32).eval()
+    expected_before = _ranked_right(start, load_tokenizer(model_dir), held_out)
+    fitted = fit_reward(config, train, held_out, make_runtime(config), random.Random(0))
+    expected_after = _ranked_right(fitted.model, fitted.tokenizer, held_out)
+    assert fitted.correct_before == expected_before
+    assert fitted.correct_after == expected_after
+    assert fitted.correct_before != fitted.correct_after  # training changed some rankings
+    for marks, metrics in (
+        (fitted.correct_before, fitted.before),
+        (fitted.correct_after, fitted.after),
+    ):
+        assert len(marks) == len(held_out)
+        assert metrics["accuracy"] == pytest.approx(sum(marks) / len(marks), abs=1e-6)
+
+
+def _ranked_right(model, tokenizer, pairs) -> list[bool]:
+    chosen, rejected = _scores(model, tokenizer, pairs)
+    return (chosen.mean(-1) > rejected.mean(-1)).tolist()
+
+
 def test_an_ensemble_is_saved_with_its_heads_and_its_metrics_are_the_heads(tmp_path, tiny_rm_dir):
     train = write_jsonl(tmp_path / "train.jsonl", reward_rows(24, seed=1))
     held = write_jsonl(tmp_path / "eval.jsonl", reward_rows(12, seed=2))
