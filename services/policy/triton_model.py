@@ -26,7 +26,9 @@ Design (documented choice):
   after publishing new weights, so the swap is done before UpdateWeights returns.
 - Weights: the model stats `<weights_root>/CURRENT` (services.policy.weights) before every
   step (continuous) or execute (static); when it changed, the new tensors are checked against
-  the served ones and copied into the parameters in place (no new stub process, no reload).
+  the served ones and put into the parameters (no new stub process, no reload): copied on
+  CUDA; on a CPU the parameters become copy-on-write views of the pushed files, which moves no
+  byte (`load_into`).
 - Cancellation: `request.is_cancelled()` is asked for every running row before every step.
 - Custom metrics on Triton's /metrics: `rlhf_policy_model_generated_tokens_total` counts tokens
   generated inside Triton (what proves that a cancelled stream stops work);
@@ -205,7 +207,7 @@ class PolicyTritonModel:
         """Copies the waiting version into the parameters (no row is generating)."""
         marker, self.pending_marker = self.pending_marker, None
         try:
-            load_into(self.model, list(marker.files))
+            load_into(self.model, list(marker.files), share=self.device.type == "cpu")
         except Exception:
             log.exception("weights version %s not loaded", marker.weights_version)
             return
@@ -422,17 +424,32 @@ def top_arrays(
 
 
 @torch.no_grad()
-def load_into(model, files: list[Path]) -> None:
-    """Copies every tensor of `files` into the model's parameters in place (tied ones follow).
+def load_into(model, files: list[Path], *, share: bool = False) -> None:
+    """Puts every tensor of `files` into the model's parameters (tied ones follow).
 
-    Each tensor's bytes are read once, straight into its parameter when that is a contiguous
-    CPU tensor of the file's dtype; others (CUDA, another dtype) copy from a view of the mapped
-    file (bench/NOTES.md, "Weight sync": `safe_open().get_tensor` made a whole second copy).
-    Every file's layout is checked before the first byte is copied, so a malformed file leaves
-    the parameters as they were.
+    Copying (the default): each tensor's bytes are read once, straight into its parameter when
+    that is a contiguous CPU tensor of the file's dtype; others (CUDA, another dtype) copy from a
+    view of the mapped file (bench/NOTES.md, "Weight sync": `safe_open().get_tensor` made a whole
+    second copy).
+
+    `share` (the Triton model on a CPU): a CPU parameter of the file's dtype becomes a view of a
+    private (copy-on-write) mapping of the file instead, so the swap moves no byte: the pages are
+    the ones the push just wrote into the page cache. Writes into such a parameter stay private
+    to this process (the file is never changed through it), and the mapping lives as long as the
+    parameters that view it: when a later swap replaces them, the previous version's file is
+    unmapped. The rest are copied, as above. The views replace the parameters' data only after
+    every file is mapped, so a failure midway leaves the model as it was.
+
+    Every file's layout is checked before the first byte is used, so a malformed file leaves the
+    parameters as they were. The caller must not overwrite a file that parameters view: the
+    policy's weights store recycles only folders older than the previous version
+    (services/policy/weights.py, `WeightsStore._recyclable`).
     """
     state = model.state_dict()
     layouts = [(Path(path), _checked_layout(Path(path), state)) for path in files]
+    if share:
+        _share_into(model, state, layouts)
+        return
     for path, (base, layout) in layouts:
         with open(path, "rb", buffering=0) as f:
             mapped = None
@@ -463,6 +480,45 @@ def load_into(model, files: list[Path]) -> None:
             finally:
                 if mapped is not None:
                     mapped.close()
+
+
+def _share_into(model, state: dict, layouts: list) -> None:
+    """`load_into(share=True)`: views of the mapped files become the CPU parameters' data."""
+    views, copies = [], []
+    for path, (base, layout) in layouts:
+        with open(path, "rb", buffering=0) as f:
+            # Private and writable, so torch views it without a warning; no explicit close: a
+            # view keeps its mapping alive (torch.frombuffer holds a reference, not an export).
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        for name, (dtype, shape, start, end) in layout.items():
+            torch_dtype = TORCH_DTYPES[dtype]
+            view = (
+                torch.frombuffer(
+                    mapped,
+                    dtype=torch_dtype,
+                    count=(end - start) // torch_dtype.itemsize,
+                    offset=base + start,
+                )
+                if end > start
+                else torch.empty(0, dtype=torch_dtype)
+            )
+            view, target = view.view(shape), state[name]
+            if target.device.type == "cpu" and target.dtype == torch_dtype:
+                views.append((name, view))
+            else:
+                copies.append((target, view))
+    for target, view in copies:
+        target.copy_(view)
+    for name, view in views:
+        _tensor(model, name).data = view
+
+
+def _tensor(model, name: str) -> torch.Tensor:
+    """The parameter or buffer of the state-dict key `name` (a tied key names the shared one)."""
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return model.get_buffer(name)
 
 
 def _checked_layout(path: Path, state: dict) -> tuple[int, dict]:

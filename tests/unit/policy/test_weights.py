@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pytest
 import torch
@@ -114,3 +115,22 @@ def test_staging_never_recycles_what_current_points_at(tmp_path):
     staged = store.staging(5, reuse=["model.safetensors"])
     assert (store.root / "v00000002" / "model.safetensors").read_bytes() == b"v2"
     assert list(staged.iterdir()) == []
+
+
+def test_staging_unlinks_a_hard_linked_file_instead_of_overwriting_it(tmp_path):
+    """LoRA's base shard is one inode linked into every version: written in place, it would
+    change the served version's bytes (which the Triton model's parameters view on a CPU)."""
+    store = WeightsStore(tmp_path / "root")
+    shard = tmp_path / "base-shard.safetensors"
+    shard.write_bytes(b"base bytes")
+    for version in (2, 3, 4):
+        staged = store.staging(version)
+        os.link(shard, staged / "model.safetensors")
+        store.publish(version, staged)
+    staged = store.staging(5, reuse=["model.safetensors"])
+    assert list(staged.iterdir()) == []  # the link went; the next push writes a new file
+    incoming = IncomingFile(staged / "model.safetensors", 5, hashlib.sha256(b"fresh").hexdigest())
+    incoming.write(0, b"fresh")
+    incoming.finish()
+    assert shard.read_bytes() == b"base bytes"
+    assert (store.root / "v00000004" / "model.safetensors").read_bytes() == b"base bytes"
