@@ -13,11 +13,16 @@ One turn, in order:
   6. every `push_every` updates (after its checkpoint): weights version N+1 taken (a copy), then
      written, pushed to every replica and announced on `rlhf.weights.v1` by rank 0, on a
      publisher thread beside the next update (at most one push in flight; the newest wins).
-     The file is written under a temporary name while that step's checkpoint is written; it
-     is renamed into place, pushed and announced only once the checkpoint is on disk.
+     The file is written while that step's checkpoint is written, renamed into place (durably)
+     and pushed at once (`push_before_durable`, the default), or only once the checkpoint is on
+     disk (False).
 Exactly once: the checkpoint stores, per partition, the first offset not yet used and the ids
-already used beyond it; a restart seeks there and skips those ids. Pushing only after a
-checkpoint means a version number is never reused for different weights.
+already used beyond it; a restart seeks there and skips those ids.
+One number, one set of weights: a version's folder is renamed into place before any replica can
+see the number. A restart resumes from the last checkpoint, whose version may be older than
+versions pushed before the crash (their steps are redone); it then serves the checkpoint's
+weights under the next number past every version folder on disk (`resume_version`), never
+under one already pushed.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from services.common.dead_letters import DeadLetters
 from services.common.digest import BLAKE3, SHA256
 from services.common.kafka import make_producer
 from services.common.schema import record_headers
+from services.common.versions import VersionedFolders
 from services.trainer import checkpoint, distributed
 from services.trainer.checkpoint import Checkpoint, ConsumerPosition
 from services.trainer.consumer import (
@@ -81,6 +87,16 @@ def to_sample(rollout) -> RolloutSample:
     )
     sample.validate()
     return sample
+
+
+def resume_version(checkpointed: int, written: int) -> tuple[int, bool]:
+    """(the version to resume as, whether it is a new number) from the checkpoint's version and
+    the highest version folder written (0: none). Folders past the checkpoint hold weights of
+    steps the crash lost, which were pushed and may be served: the checkpoint's weights take the
+    next number after them instead of a number they already had."""
+    if written > checkpointed:
+        return written + 1, True
+    return checkpointed, False
 
 
 def merge_positions(positions: dict[int, ConsumerPosition], mine: list[int]) -> ConsumerPosition:
@@ -176,12 +192,26 @@ class TrainerService:
             self.batcher.restore(position)
             offsets = position.offsets
         start = self.source.seek(offsets)
+        written = 0
+        if self.rank.world == 1:  # multi-rank trainers push only after their checkpoint
+            folders = VersionedFolders(self.settings.weights_dir).folders()
+            written = folders[-1][0] if folders else 0
+        self.version, renumbered = resume_version(self.version, written)
+        if renumbered:
+            log.warning(
+                "versions up to %s were pushed past the checkpoint of step %s: its weights "
+                "resume as version %s",
+                written,
+                self.step,
+                self.version,
+            )
         self.metrics.version.set(self.version)
         self.log.write(
             {
                 "event": "resume",
                 "step": self.step,
                 "weights_version": self.version,
+                "renumbered": renumbered,
                 "offsets": start,
             }
         )
@@ -189,7 +219,9 @@ class TrainerService:
             "trainer ready",
             extra={"fields": {"rank": self.rank.rank, "step": self.step, "offsets": start}},
         )
-        if saved is not None and self.version > self.settings.initial_weights_version:
+        if renumbered or (
+            saved is not None and self.version > self.settings.initial_weights_version
+        ):
             self._publish()  # a crash may have fallen between the checkpoint and its push
 
     # -- the loop -----------------------------------------------------------------------------
@@ -329,7 +361,7 @@ class TrainerService:
         version = self.version
         folder = version_dir(s.weights_dir, version)
         if folder.is_dir():
-            stage = None  # written before a crash (after its checkpoint): pushed again as it is
+            stage = None  # the checkpoint's own version, written before a crash: pushed again
         elif self.learner.lora:  # only the adapter travels
             adapter, *rest = self.learner.adapter_push(base_version=s.initial_weights_version)
             adapter = snapshot(adapter)
@@ -347,13 +379,15 @@ class TrainerService:
     def _push_version(self, job) -> None:
         """The publisher thread's work for one version: write, push to every replica, announce.
         The file is written under its temporary name while the step's checkpoint is still being
-        written, and renamed into place once that is on disk: a crash in between leaves no
-        `v{N}` folder for the restart to take as the same weights."""
+        written, and renamed into place (the rename made durable) before the push: at once with
+        `push_before_durable`, where a restart then numbers past it (`resume_version`), or once
+        the checkpoint is on disk, where a crash in between leaves no `v{N}` folder."""
         version, step, stage = job
         s = self.settings
         started = time.perf_counter()
         staged = stage() if stage is not None else None
-        if self.checkpoints is not None and not self.checkpoints.wait_durable(step):
+        waits = self.checkpoints is not None and not s.push_before_durable
+        if waits and not self.checkpoints.wait_durable(step):
             log.error("version %s not pushed: the checkpoint of step %s failed", version, step)
             if staged is not None:
                 shutil.rmtree(staged, ignore_errors=True)
@@ -385,6 +419,7 @@ class TrainerService:
         self.metrics.push_time.observe(seconds)
         self.log.write({
             "event": "publish", "step": step, "weights_version": version, "time/push_s": seconds,
+            "files/blake3": dict(manifest.file_digest),
             "replicas": [{"address": r.address, "accepted": r.accepted, "reason": r.reason} for r in results],
             "transports": [r.transport for r in results],
         })  # fmt: skip

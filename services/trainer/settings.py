@@ -54,8 +54,16 @@ class TrainerSettings(BaseSettings):
         True,
         description="Single-process trainers: take a copy of the state at the checkpoint and "
         "write it on a thread beside the next update; offsets are committed, and the version "
-        "pushed, only once it is on disk. False (and every multi-rank trainer) writes it on the "
-        "training path, as before.",
+        "pushed, only once it is on disk (unless push_before_durable). False (and every "
+        "multi-rank trainer) writes it on the training path, as before.",
+    )
+    push_before_durable: bool = Field(
+        True,
+        description="With the background checkpoint: push a version as soon as its file is "
+        "written, without waiting for its step's checkpoint. After a crash the trainer resumes "
+        "from its last checkpoint under a number past every version folder already written "
+        "(services/trainer/loop.py, resume_version), so no number names two sets of weights. "
+        "False: a version is pushed only once its checkpoint is on disk.",
     )
     consumer_group: str = Field(
         "rlhf-trainer", description="Kafka consumer group (offsets for lag)."

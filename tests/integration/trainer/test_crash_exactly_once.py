@@ -3,6 +3,8 @@ exactly one update, none is lost, and Kafka's committed offsets reach the end of
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 
 from kafka import KafkaConsumer, TopicPartition
@@ -69,8 +71,13 @@ def test_kill_9_then_every_rollout_used_exactly_once(kafka_settings, tiny_lm_dir
         groups_in = {rid.rsplit("-", 1)[0] for rid in u["rollout_ids"]}
         assert len(u["rollout_ids"]) == GROUP_SIZE * len(groups_in)
 
+    # One number, one set of weights: versions pushed past the checkpoint before the kill (their
+    # steps redone) are numbered past, never pushed again with other bytes.
     final = checkpoint.latest(state / "checkpoints")
-    assert final.step == 8 and final.weights_version == 9
+    resumed = resumes[1]
+    assert final.step == 8
+    assert final.weights_version == resumed["weights_version"] + 8 - resumed["step"]
+    _assert_one_set_of_weights_per_version(records)
     consumer = KafkaConsumer(bootstrap_servers=kafka_settings.servers, group_id=f"trainer-{topic}")
     try:
         tps = [TopicPartition(topic, p) for p in range(4)]
@@ -81,3 +88,52 @@ def test_kill_9_then_every_rollout_used_exactly_once(kafka_settings, tiny_lm_dir
         assert final.positions[0].offsets == {tp.partition: ends[tp] for tp in tps if ends[tp]}
     finally:
         consumer.close()
+
+
+def _assert_one_set_of_weights_per_version(records) -> None:
+    digests: dict[int, set] = {}
+    for r in records:
+        if r.get("event") == "publish":
+            digests.setdefault(r["weights_version"], set()).add(json.dumps(r["files/blake3"]))
+    assert digests and all(len(d) == 1 for d in digests.values()), digests
+
+
+def test_a_restart_behind_pushed_versions_numbers_past_them(kafka_settings, tiny_lm_dir, tmp_path):
+    """Pushed before durable: the newest checkpoint lost (as a crash between a push and its
+    checkpoint leaves it), the restart serves that checkpoint's weights under a new number,
+    and the version folders already written keep their bytes."""
+    topic = private_topic(kafka_settings)
+    state = tmp_path / "trainer"
+    groups = [synthetic_group(f"r{i:02d}", GROUP_SIZE) for i in range(8)]  # 4 updates of 8
+    env = trainer_env(
+        kafka_settings,
+        tiny_lm_dir,
+        state,
+        topic,
+        RLHF_TRAINER_IDLE_EXIT_S="3",
+        RLHF_TRAINER_PUSH_IN_BACKGROUND="false",  # every version pushed (none replaced)
+    )
+    produce_groups(kafka_settings, topic, groups)
+    daemon = start_trainer(state, env)
+    _wait(lambda: daemon.pid is None, 120, daemon, "the first run to drain the topic")
+    weights = state / "weights"
+    pushed = {p.name: (p / "model.safetensors").read_bytes() for p in weights.glob("v*")}
+    assert sorted(pushed) == ["v00000003", "v00000004", "v00000005"]  # the 3 newest kept
+    newest = checkpoint.complete_checkpoints(state / "checkpoints")[0]
+    shutil.rmtree(newest)  # step 4's checkpoint (version 5) never reached the disk
+    behind = checkpoint.latest(state / "checkpoints")
+    assert (behind.step, behind.weights_version) == (3, 4)
+
+    daemon = start_trainer(state, env)
+    _wait(lambda: daemon.pid is None, 120, daemon, "the restart to redo step 4 and exit")
+    records = read_log(state / "metrics.jsonl")
+    resumed = [r for r in records if r.get("event") == "resume"][-1]
+    assert (resumed["step"], resumed["weights_version"], resumed["renumbered"]) == (3, 6, True)
+    republished = [r for r in records if r.get("event") == "publish"][-2:]
+    assert [(r["step"], r["weights_version"]) for r in republished] == [(3, 6), (4, 7)]
+    # Version 6 is step 3's weights (version 4's bytes), under a number never used before.
+    assert (weights / "v00000006" / "model.safetensors").read_bytes() == pushed["v00000004"]
+    assert (weights / "v00000005" / "model.safetensors").read_bytes() == pushed["v00000005"]
+    final = checkpoint.latest(state / "checkpoints")
+    assert (final.step, final.weights_version) == (4, 7)
+    _assert_one_set_of_weights_per_version(records)
