@@ -192,6 +192,10 @@ class TrainerService:
             self.batcher.restore(position)
             offsets = position.offsets
         start = self.source.seek(offsets)
+        if offsets:
+            # Durable in the checkpoint; a kill between its write and the commit (or a restart
+            # with nothing new to train) would otherwise leave Kafka's offsets behind it.
+            self.source.commit(offsets)
         written = 0
         if self.rank.world == 1:  # multi-rank trainers push only after their checkpoint
             folders = VersionedFolders(self.settings.weights_dir).folders()

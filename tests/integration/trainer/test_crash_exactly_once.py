@@ -7,7 +7,7 @@ import json
 import shutil
 import time
 
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 
 from services.trainer import checkpoint
 from services.trainer.metrics import effective_updates, read_log
@@ -137,3 +137,38 @@ def test_a_restart_behind_pushed_versions_numbers_past_them(kafka_settings, tiny
     final = checkpoint.latest(state / "checkpoints")
     assert (final.step, final.weights_version) == (4, 7)
     _assert_one_set_of_weights_per_version(records)
+
+
+def test_a_restart_commits_the_offsets_its_checkpoint_holds(kafka_settings, tiny_lm_dir, tmp_path):
+    """A kill after a checkpoint is on disk but before its offsets reach Kafka: the restart
+    commits them, even with nothing new to train (the group's offsets are set back to stand in
+    for the commit the kill prevented)."""
+    topic = private_topic(kafka_settings)
+    state = tmp_path / "trainer"
+    produce_groups(kafka_settings, topic, [synthetic_group(f"c{i}", GROUP_SIZE) for i in range(4)])
+    env = trainer_env(kafka_settings, tiny_lm_dir, state, topic, RLHF_TRAINER_IDLE_EXIT_S="3")
+    group = f"trainer-{topic}"
+    daemon = start_trainer(state, env)
+    _wait(lambda: daemon.pid is None, 120, daemon, "the first run to drain the topic")
+    tps = [TopicPartition(topic, p) for p in range(4)]
+    consumer = KafkaConsumer(
+        bootstrap_servers=kafka_settings.servers, group_id=group, enable_auto_commit=False
+    )
+    try:
+        ends = consumer.end_offsets(tps)
+        consumer.assign(tps)
+        consumer.commit({tp: OffsetAndMetadata(0, "", -1) for tp in tps})
+        assert {consumer.committed(tp) for tp in tps} == {0}
+    finally:
+        consumer.close()
+
+    daemon = start_trainer(state, env)
+    _wait(lambda: daemon.pid is None, 120, daemon, "the restart to find nothing new and exit")
+    assert len(_updates(state / "metrics.jsonl")) == 2  # 16 rollouts, batch 8: none twice
+    consumer = KafkaConsumer(bootstrap_servers=kafka_settings.servers, group_id=group)
+    try:
+        assert {tp.partition: consumer.committed(tp) or 0 for tp in tps} == {
+            tp.partition: ends[tp] for tp in tps
+        }
+    finally:
+        consumer.close()
