@@ -357,8 +357,9 @@ class TrainerService:
     def _publish(self) -> None:
         """6. Takes this version's tensors now (the next update changes them in place) and hands
         them to the publisher thread, which writes, pushes and announces them beside the next
-        update. The push waits for this step's checkpoint to be on disk (`_push_version`), so a
-        version number never names two sets of weights."""
+        update. With `push_before_durable` off, the push waits for this step's checkpoint to be
+        on disk (`_push_version`); with it on, a restart numbers past what was pushed
+        (`resume_version`): either way a version number never names two sets of weights."""
         if not self.rank.is_leader:
             return
         s = self.settings
