@@ -194,9 +194,14 @@ def ensemble_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, 
     return out
 
 
-def ranked_right(chosen: torch.Tensor, rejected: torch.Tensor) -> list[bool]:
-    """Per pair: the ensemble mean ranks chosen above rejected (a tie counts as wrong)."""
-    return (chosen.mean(dim=-1) > rejected.mean(dim=-1)).tolist()
+def held_out_report(
+    model, tokenizer, pairs: list[PreferencePair], config: RewardConfig, runtime: Runtime
+) -> tuple[dict[str, float], list[bool]]:
+    """`ensemble_metrics` over all held-out pairs, and per pair whether the ensemble mean ranks
+    chosen above rejected (a tie counts as wrong)."""
+    chosen, rejected = held_out_rewards(model, tokenizer, pairs, config, runtime)
+    right = (chosen.mean(dim=-1) > rejected.mean(dim=-1)).tolist()
+    return ensemble_metrics(chosen, rejected), right
 
 
 COHORT_UNKNOWN = "unknown"
@@ -294,8 +299,7 @@ def fit_reward(
     bradley_terry = get_loss(LossName.BRADLEY_TERRY_ENSEMBLE)
     before, correct_before = {}, []
     if held_out:
-        chosen, rejected = held_out_rewards(model, tokenizer, held_out, config, runtime)
-        before, correct_before = ensemble_metrics(chosen, rejected), ranked_right(chosen, rejected)
+        before, correct_before = held_out_report(model, tokenizer, held_out, config, runtime)
     steps, last_loss = 0, None
     for epoch in range(config.epochs):
         # Batches of indices into `train` (the same shuffle as of the pairs), for the weights.
@@ -317,8 +321,7 @@ def fit_reward(
             )
     after, cohorts, correct_after = {}, {}, []
     if held_out:
-        chosen, rejected = held_out_rewards(model, tokenizer, held_out, config, runtime)
-        after, correct_after = ensemble_metrics(chosen, rejected), ranked_right(chosen, rejected)
+        after, correct_after = held_out_report(model, tokenizer, held_out, config, runtime)
         cohorts = cohort_report(train, held_out, correct_after)
     return FittedReward(
         model.eval(),

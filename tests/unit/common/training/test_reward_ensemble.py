@@ -117,6 +117,19 @@ def _without_dropout(model_dir, out_dir):
     return out_dir
 
 
+def _fit_config(model_dir, tmp_path, **fields) -> RewardConfig:
+    """A short, fast fit of the tiny reward model: 3 epochs at 5e-3, 48 tokens."""
+    return RewardConfig(
+        model=model_dir,
+        data=tmp_path,
+        output=tmp_path / "unused",
+        epochs=3,
+        learning_rate=5e-3,
+        max_length=48,
+        **fields,
+    )
+
+
 def test_ai_weight_zero_trains_as_the_human_pairs_alone(tmp_path, tiny_rm_dir):
     """One full batch, so both runs take the same steps: the model after training on human + AI
     pairs with ai_weight 0 is the model trained on the human pairs alone (to float noise)."""
@@ -130,16 +143,7 @@ def test_ai_weight_zero_trains_as_the_human_pairs_alone(tmp_path, tiny_rm_dir):
     held_out = _pairs(reward_rows(10, seed=2, rankings_every=0))
 
     def fit(train, ai_weight):
-        config = RewardConfig(
-            model=model_dir,
-            data=tmp_path,
-            output=tmp_path / "unused",
-            epochs=3,
-            batch_size=64,
-            learning_rate=5e-3,
-            max_length=48,
-            ai_weight=ai_weight,
-        )
+        config = _fit_config(model_dir, tmp_path, batch_size=64, ai_weight=ai_weight)
         return fit_reward(config, train, held_out, make_runtime(config), random.Random(0))
 
     alone, zero, counted = fit(human, 1.0), fit(human + ai, 0.0), fit(human + ai, 1.0)
@@ -182,15 +186,7 @@ def test_fit_reward_reports_which_held_out_pairs_each_version_ranks_right(tmp_pa
     model_dir = _without_dropout(tiny_rm_dir, tmp_path / "rm")
     train = _pairs(reward_rows(16, seed=1, rankings_every=0))
     held_out = _pairs(reward_rows(12, seed=2, rankings_every=0))
-    config = RewardConfig(
-        model=model_dir,
-        data=tmp_path,
-        output=tmp_path / "unused",
-        epochs=3,
-        batch_size=8,
-        learning_rate=5e-3,
-        max_length=48,
-    )
+    config = _fit_config(model_dir, tmp_path, batch_size=8)
     start = load_reward_model(model_dir, torch.device("cpu"), torch.float32).eval()
     expected_before = _ranked_right(start, load_tokenizer(model_dir), held_out)
     fitted = fit_reward(config, train, held_out, make_runtime(config), random.Random(0))
